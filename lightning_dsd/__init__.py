@@ -1,0 +1,14 @@
+"""Dense-Sparse-Dense training (Han et al., ICLR 2017) as a PyTorch Lightning callback.
+
+Example:
+    >>> from lightning_dsd import DSDCallback, Phase
+    >>> DSDCallback(sparsity=0.5, dense_epochs=10, sparse_epochs=10, redense_epochs=10).phase is Phase.DENSE
+    True
+"""
+
+from lightning_dsd.callback import DSDCallback
+from lightning_dsd.phases import Phase
+
+__version__ = "0.1.0"
+
+__all__ = ["DSDCallback", "Phase", "__version__"]

@@ -1,0 +1,97 @@
+"""Argument checks for :class:`~lightning_dsd.DSDCallback`, each raising before anything trains.
+
+Every message names the argument, says what is allowed and shows what was passed.
+
+Example:
+    >>> check_sparsities(0.5)
+    (0.5,)
+    >>> check_sparsities(1.5)
+    Traceback (most recent call last):
+    ...
+    ValueError: `sparsity` must be a float in (0, 1) (the fraction of weights pruned), or a non-empty sequence of them, one per DSD cycle. Found: 1.5.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Real
+from typing import Any, Optional, Sequence
+
+_SPARSITY_RULE = (
+    "`sparsity` must be a float in (0, 1) (the fraction of weights pruned), "
+    "or a non-empty sequence of them, one per DSD cycle."
+)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
+
+
+def check_fraction(value: Any, rule: str) -> float:
+    """``value`` as a float strictly between 0 and 1, else a ``ValueError`` with ``rule``."""
+    if not _is_real(value) or math.isnan(value) or not 0 < value < 1:
+        raise ValueError(f"{rule} Found: {value!r}.")
+    return float(value)
+
+
+def check_sparsities(value: Any) -> tuple[float, ...]:
+    """One sparsity per cycle, from a float or a sequence of floats."""
+    if isinstance(value, (str, bytes)) or (not _is_real(value) and not isinstance(value, Sequence)):
+        raise ValueError(f"{_SPARSITY_RULE} Found: {value!r}.")
+    values = [value] if _is_real(value) else list(value)
+    if not values:
+        raise ValueError(f"{_SPARSITY_RULE} Found an empty sequence: {value!r}.")
+    return tuple(check_fraction(v, _SPARSITY_RULE) for v in values)
+
+
+def check_length(name: str, value: Any) -> Optional[int]:
+    """A phase length: an int >= 0, or ``None`` for "until the monitored metric converges"."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(
+            f"`{name}` must be an int >= 0, or None to run the phase until `monitor` converges. Found: {value!r}."
+        )
+    return value
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}. Found: {value!r}.")
+    return value
+
+
+def check_non_negative_int(name: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise ValueError(f"`{name}` must be an int >= 0. Found: {value!r}.")
+    return value
+
+
+def check_real(name: str, value: Any, *, positive: bool = False) -> float:
+    if not _is_real(value) or math.isnan(value) or math.isinf(value) or (positive and value <= 0):
+        allowed = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"`{name}` must be {allowed}. Found: {value!r}.")
+    return float(value)
+
+
+def check_patterns(name: str, value: Any) -> Optional[tuple[str, ...]]:
+    """Glob patterns: ``None``, one string, or a non-empty sequence of strings."""
+    if value is None:
+        return None
+    patterns = (value,) if isinstance(value, str) else value
+    if (
+        not isinstance(patterns, Sequence)
+        or not patterns
+        or not all(isinstance(p, str) and p for p in patterns)
+    ):
+        raise ValueError(
+            f"`{name}` must be None, a glob pattern string or a non-empty sequence of them"
+            f" (matched against `model.named_parameters()` names, e.g. 'features.0.*'). Found: {value!r}."
+        )
+    return tuple(patterns)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool. Found: {value!r}.")
+    return value

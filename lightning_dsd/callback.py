@@ -1,0 +1,373 @@
+"""``DSDCallback``: Dense-Sparse-Dense training (Han et al., ICLR 2017) for any Lightning ``Trainer``.
+
+The callback only coordinates: the schedule lives in :mod:`lightning_dsd.phases`, the choice of targets in
+:mod:`lightning_dsd.selection`, the masks in :mod:`lightning_dsd.masks`, their enforcement in
+:mod:`lightning_dsd.constraint` and the learning-rate change in :mod:`lightning_dsd.lr`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional, Sequence, Union
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.trainer.states import TrainerFn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from typing_extensions import override
+
+from lightning_dsd.arguments import (
+    check_bool,
+    check_choice,
+    check_length,
+    check_non_negative_int,
+    check_patterns,
+    check_real,
+    check_sparsities,
+)
+from lightning_dsd.constraint import SparseConstraint
+from lightning_dsd.lr import current_learning_rates, scale_learning_rates
+from lightning_dsd.masks import global_magnitude_masks, magnitude_masks, pack_mask, unpack_mask
+from lightning_dsd.phases import ConvergenceTracker, Phase, Schedule, Stage, build_stages
+from lightning_dsd.selection import select_parameters
+
+_STATE_VERSION = 1
+
+
+class DSDCallback(Callback):
+    r"""Train Dense → Sparse → Re-dense, exactly as the DSD paper does, with one line in the ``Trainer``.
+
+    **Dense**: normal training. **Sparse**: at the transition, in every targeted tensor of ``N`` weights
+    the ``round(sparsity * N)`` smallest in magnitude are pruned; the mask is fixed for the phase and
+    pruned weights stay exactly zero after every optimizer step. **Re-dense**: the constraint is lifted,
+    pruned weights restart from zero (with zeroed optimizer state) and every learning rate, scheduler
+    included, becomes ``lr_scale`` times what it would have been. Several sparsities run several cycles
+    (``(0.5, 0.25)`` runs D S D S D); each re-dense multiplies the learning rate by ``lr_scale`` again.
+
+    The model is never reparametrized: its ``state_dict``, parameters and forward pass stay those of the
+    plain model in every phase.
+
+    Args:
+        sparsity: fraction of weights pruned in the sparse phase, in (0, 1), or one per cycle.
+        dense_epochs: length of the first dense phase; ``0`` prunes before the first step (the paper's use
+            on pre-trained models); ``None`` runs it until ``monitor`` converges.
+        sparse_epochs: length of each sparse phase, likewise.
+        redense_epochs: length of each re-dense phase, likewise.
+        interval: ``"epoch"`` or ``"step"``: what the three lengths count (optimizer steps for ``"step"``).
+        monitor: metric that decides convergence for phases given as ``None``.
+        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is an improvement.
+        patience: checks without improvement after which a phase has converged.
+        min_delta: smallest change of ``monitor`` that counts as an improvement.
+        lr_scale: factor applied to every learning rate at each re-dense (paper: 0.1).
+        include: glob patterns over parameter names that replace the default targets.
+        exclude: glob patterns over parameter names never to prune (e.g. ``"conv1.*"``: the paper keeps
+            the first convolution dense).
+        scope: ``"layer"`` (a threshold per tensor, the paper's) or ``"global"`` (one over all targets).
+        stop_at_end: stop the ``Trainer`` when the last phase ends.
+
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> dsd = DSDCallback(sparsity=0.5, dense_epochs=10, sparse_epochs=10, redense_epochs=10)
+        >>> trainer = pl.Trainer(max_epochs=30, callbacks=[dsd], logger=False, enable_progress_bar=False)
+        >>> dsd.phase
+        <Phase.DENSE: 'dense'>
+    """
+
+    def __init__(
+        self,
+        sparsity: Union[float, Sequence[float]],
+        dense_epochs: Optional[int],
+        sparse_epochs: Optional[int],
+        redense_epochs: Optional[int],
+        *,
+        interval: str = "epoch",
+        monitor: Optional[str] = None,
+        mode: str = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        lr_scale: float = 0.1,
+        include: Optional[Union[str, Sequence[str]]] = None,
+        exclude: Optional[Union[str, Sequence[str]]] = None,
+        scope: str = "layer",
+        stop_at_end: bool = True,
+    ) -> None:
+        super().__init__()
+        self.sparsities = check_sparsities(sparsity)
+        lengths = {
+            "dense_epochs": check_length("dense_epochs", dense_epochs),
+            "sparse_epochs": check_length("sparse_epochs", sparse_epochs),
+            "redense_epochs": check_length("redense_epochs", redense_epochs),
+        }
+        self.interval = check_choice("interval", interval, ("epoch", "step"))
+        if monitor is not None and not (isinstance(monitor, str) and monitor):
+            raise ValueError(f"`monitor` must be None or the name of a logged metric. Found: {monitor!r}.")
+        waiting = [name for name, length in lengths.items() if length is None]
+        if waiting and monitor is None:
+            raise ValueError(
+                f"{', '.join(f'`{n}`' for n in waiting)} = None runs a phase until a metric converges, so"
+                " `monitor` must name a logged metric (e.g. monitor='val_loss'). Found: monitor=None."
+            )
+        self.monitor = monitor
+        self.mode = check_choice("mode", mode, ("min", "max"))
+        self.patience = check_non_negative_int("patience", patience)
+        self.min_delta = check_real("min_delta", min_delta)
+        self.lr_scale = check_real("lr_scale", lr_scale, positive=True)
+        self.include = check_patterns("include", include)
+        self.exclude = check_patterns("exclude", exclude)
+        self.scope = check_choice("scope", scope, ("layer", "global"))
+        self.stop_at_end = check_bool("stop_at_end", stop_at_end)
+
+        tracker = ConvergenceTracker(self.mode, self.patience, self.min_delta) if monitor is not None else None
+        self._schedule = Schedule(build_stages(self.sparsities, *lengths.values()), tracker)
+        self._targets: dict[str, nn.Parameter] = {}
+        self._constraint: Optional[SparseConstraint] = None
+        self._restored_masks: Optional[dict[str, Tensor]] = None
+        self._check_on_train_epoch_end = True
+
+    # ------------------------------------------------------------------ read-only state
+
+    @property
+    def phase(self) -> Phase:
+        """The current phase: :attr:`Phase.DENSE`, :attr:`Phase.SPARSE` or :attr:`Phase.REDENSE`."""
+        return self._schedule.stage.phase
+
+    @property
+    def cycle(self) -> int:
+        """The 0-based DSD cycle (one per sparsity)."""
+        return self._schedule.stage.cycle
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Bool masks by parameter name, ``True`` where the weight is kept; empty outside sparse phases."""
+        if self._constraint is not None:
+            return self._constraint.keep_masks()
+        return dict(self._restored_masks or {})
+
+    @property
+    def target_names(self) -> list[str]:
+        """Names of the parameters this callback prunes (known once ``fit`` has set it up)."""
+        return list(self._targets)
+
+    # ------------------------------------------------------------------ set-up checks
+
+    @override
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != TrainerFn.FITTING:
+            return
+        self._check_strategy(trainer)
+        self._targets = self._select_targets(pl_module)
+        self._warn_if_schedule_does_not_fit(trainer)
+        self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+
+    @staticmethod
+    def _check_strategy(trainer: "pl.Trainer") -> None:
+        strategy = trainer.strategy
+        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+            raise ValueError(
+                f"DSDCallback supports single-device training and DDP (`strategy='ddp'`, 'ddp_spawn', ...)."
+                f" Found strategy {type(strategy).__name__}: sharded strategies (FSDP, DeepSpeed, model"
+                " parallel) split or flatten parameters, so per-tensor magnitude thresholds would be wrong."
+            )
+
+    def _select_targets(self, pl_module: "pl.LightningModule") -> dict[str, nn.Parameter]:
+        selection = select_parameters(pl_module, self.include, self.exclude)
+        if not selection.selected:
+            available = [name for name, _ in pl_module.named_parameters()]
+            raise ValueError(
+                "DSDCallback found nothing to prune with include="
+                f"{list(self.include) if self.include else None}, exclude={list(self.exclude or [])}."
+                " By default it prunes the weights of Linear, Conv, RNN/LSTM/GRU, MultiheadAttention and"
+                f" Embedding layers; `include` patterns may name any parameter of 2+ dimensions. The model's"
+                f" parameters are: {available[:20]}{' ...' if len(available) > 20 else ''}."
+            )
+        for name, module in pl_module.named_modules():
+            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
+                if any(p is module.weight for p in selection.selected.values()):
+                    raise ValueError(
+                        f"DSDCallback cannot prune `{name}.weight`: the embedding has `sparse=True`, whose sparse"
+                        " gradients cannot be masked. Use `sparse=False` or `exclude` it."
+                    )
+        if selection.skipped_frozen:
+            rank_zero_info(
+                f"DSDCallback leaves frozen parameters dense: {selection.skipped_frozen}."
+                " Name them in `include` to prune them anyway."
+            )
+        return selection.selected
+
+    def _warn_if_schedule_does_not_fit(self, trainer: "pl.Trainer") -> None:
+        needed = self._schedule.required_length()
+        limit = trainer.max_epochs if self.interval == "epoch" else trainer.max_steps
+        if needed is not None and limit is not None and limit >= 0 and limit < needed:
+            unit = "max_epochs" if self.interval == "epoch" else "max_steps"
+            rank_zero_warn(
+                f"The DSD schedule needs {needed} {self.interval}s"
+                f" ({' + '.join(str(s.length) for s in self._schedule.stages)}), but the Trainer has"
+                f" {unit}={limit}: training will stop in the {self._stage_at(limit).phase.value} phase."
+                f" Set {unit}={needed} to run every phase."
+            )
+
+    def _stage_at(self, now: int) -> Stage:
+        start = 0
+        for stage in self._schedule.stages:
+            start += stage.length or 0
+            if now < start:
+                return stage
+        return self._schedule.stages[-1]
+
+    # ------------------------------------------------------------------ training hooks
+
+    @override
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self.phase is Phase.SPARSE:
+            masks = self._restored_masks if self._restored_masks is not None else self.masks
+            self._enforce(trainer, masks)
+
+    @override
+    def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._advance_if_due(trainer)
+
+    @override
+    def on_train_batch_start(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
+    ) -> None:
+        if self._constraint is not None:
+            self._constraint.forget_masked_gradients()
+        self._advance_if_due(trainer)
+
+    @override
+    def on_before_optimizer_step(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
+    ) -> None:
+        if self._constraint is not None:
+            self._constraint.mask_gradients(optimizer)
+
+    @override
+    def on_train_batch_end(
+        self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any, batch_idx: int
+    ) -> None:
+        if self.interval == "step":
+            self._stop_if_finished(trainer, trainer.global_step)
+
+    @override
+    def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if self._check_on_train_epoch_end and not self._should_skip_check(trainer):
+            self._observe_monitor(trainer)
+        if self.interval == "epoch":
+            self._stop_if_finished(trainer, trainer.current_epoch + 1)
+
+    @override
+    def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if not self._check_on_train_epoch_end and not self._should_skip_check(trainer):
+            self._observe_monitor(trainer)
+            self._stop_if_finished(trainer, self._now(trainer))
+
+    @override
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._release_hooks()
+
+    @override
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self._release_hooks()
+
+    # ------------------------------------------------------------------ phase transitions
+
+    def _now(self, trainer: "pl.Trainer") -> int:
+        return trainer.current_epoch if self.interval == "epoch" else trainer.global_step
+
+    @staticmethod
+    def _should_skip_check(trainer: "pl.Trainer") -> bool:
+        return trainer.state.fn != TrainerFn.FITTING or trainer.sanity_checking
+
+    def _advance_if_due(self, trainer: "pl.Trainer") -> None:
+        now = self._now(trainer)
+        while self._schedule.is_due(now):
+            previous = self._schedule.stage
+            stage = self._schedule.advance(now)
+            if stage.phase is Phase.SPARSE:
+                self._prune(trainer, stage)
+            else:
+                self._redense(trainer, previous)
+        self._stop_if_finished(trainer, now)
+
+    def _prune(self, trainer: "pl.Trainer", stage: Stage) -> None:
+        masks = self._decide_masks(trainer, stage.sparsity)
+        self._enforce(trainer, masks)
+        pruned = sum(int((~m).sum()) for m in masks.values())
+        total = sum(m.numel() for m in masks.values())
+        rank_zero_info(
+            f"DSD cycle {stage.cycle}: sparse phase. Pruned {pruned}/{total} weights ({pruned / total:.1%}) in"
+            f" {len(masks)} tensors, scope={self.scope!r}; the masks stay fixed for this phase."
+        )
+
+    def _decide_masks(self, trainer: "pl.Trainer", sparsity: float) -> dict[str, Tensor]:
+        """Masks from the current weights, decided on rank zero and broadcast, so every rank prunes alike."""
+        packed = None
+        if trainer.is_global_zero:
+            if self.scope == "global":
+                keep = global_magnitude_masks(self._targets, sparsity)
+            else:
+                keep = magnitude_masks(self._targets, {name: sparsity for name in self._targets})
+            packed = {name: pack_mask(mask) for name, mask in keep.items()}
+        packed = trainer.strategy.broadcast(packed, src=0)
+        return {name: unpack_mask(bits, self._targets[name].shape) for name, bits in packed.items()}
+
+    def _enforce(self, trainer: "pl.Trainer", masks: dict[str, Tensor]) -> None:
+        self._release_hooks()
+        self._constraint = SparseConstraint(self._targets, masks)
+        self._constraint.attach(trainer.optimizers)
+        self._restored_masks = None
+
+    def _redense(self, trainer: "pl.Trainer", finished: Stage) -> None:
+        if self._constraint is not None:
+            self._constraint.detach(trainer.optimizers)
+            self._constraint = None
+        before = current_learning_rates(trainer.optimizers)
+        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
+        scale_learning_rates(trainer.optimizers, schedulers, self.lr_scale)
+        rank_zero_info(
+            f"DSD cycle {finished.cycle}: re-dense phase. Pruned weights restart from zero; learning rate"
+            f" x{self.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(current_learning_rates(trainer.optimizers))}."
+        )
+
+    def _observe_monitor(self, trainer: "pl.Trainer") -> None:
+        if self.monitor is None:
+            return
+        value = trainer.callback_metrics.get(self.monitor)
+        if value is None:
+            raise RuntimeError(
+                f"DSDCallback's `monitor={self.monitor!r}` is not among the logged metrics. Log it with"
+                f" `self.log({self.monitor!r}, ...)` or pick one of: {sorted(trainer.callback_metrics)}."
+            )
+        self._schedule.observe(trainer.strategy.broadcast(float(value), src=0))
+
+    def _stop_if_finished(self, trainer: "pl.Trainer", now: int) -> None:
+        if self.stop_at_end and self._schedule.is_last and self._schedule.is_over(now) and not trainer.should_stop:
+            trainer.should_stop = True
+            rank_zero_info(f"DSD finished its last phase ({self.phase.value}, cycle {self.cycle}): stopping.")
+
+    def _release_hooks(self) -> None:
+        if self._constraint is not None:
+            self._constraint.detach()
+
+    # ------------------------------------------------------------------ checkpointing
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        masks = self.masks
+        return {
+            "version": _STATE_VERSION,
+            "schedule": self._schedule.state_dict(),
+            "masks": {name: {"bits": pack_mask(m), "shape": list(m.shape)} for name, m in masks.items()},
+        }
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._schedule.load_state_dict(state_dict.get("schedule", {}))
+        masks = state_dict.get("masks", {})
+        self._restored_masks = {name: unpack_mask(m["bits"], m["shape"]) for name, m in masks.items()} or None
+
+
+def _format_lrs(lrs: list[float]) -> str:
+    return ", ".join(f"{lr:.3g}" for lr in lrs)

@@ -1,0 +1,166 @@
+"""Keeping pruned entries at exactly zero during a sparse phase.
+
+:class:`SparseConstraint` owns the masks of one sparse phase, in the weights' own dtype and device (a
+multiply by a same-dtype mask is several times faster than by a bool mask in stock PyTorch). It
+
+* zeroes the pruned weights, their gradients and their optimizer state when it is attached;
+* zeroes the gradients of pruned entries before every optimizer step (:meth:`mask_gradients`, called by
+  the callback from Lightning's ``on_before_optimizer_step``, which runs after gradient unscaling and
+  before gradient clipping, so clipping sees the sparse network's true gradient);
+* re-zeroes the pruned weights after every optimizer step through
+  ``torch.optim.Optimizer.register_step_post_hook``, which fires once per real step whatever drives it
+  (gradient accumulation, manual optimization, and not at all for steps an AMP scaler skips).
+
+The second pass is skipped for the element-wise optimizers in :data:`ZERO_PRESERVING_OPTIMIZERS` when the
+gradients of this very step were masked: with zero weight, zero gradient and zero state, their update of a
+pruned entry is exactly zero (weight decay, momentum, Nesterov, AMSGrad included), so one masked pass per
+step is enough. Every other optimizer gets the post-step re-mask.
+
+Example:
+    >>> import torch
+    >>> weight = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
+    >>> optimizer = torch.optim.SGD([weight], lr=1.0, momentum=0.9)
+    >>> constraint = SparseConstraint({"w": weight}, {"w": torch.tensor([True, False, True])})
+    >>> constraint.attach([optimizer])
+    >>> weight.grad = torch.ones(3)
+    >>> optimizer.step()
+    >>> weight.data
+    tensor([0., 0., 2.])
+    >>> constraint.detach()
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterable, Mapping
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
+
+ZERO_PRESERVING_OPTIMIZERS: tuple[type[Optimizer], ...] = (
+    torch.optim.SGD,
+    torch.optim.Adam,
+    torch.optim.AdamW,
+    torch.optim.Adamax,
+    torch.optim.NAdam,
+    torch.optim.RAdam,
+    torch.optim.RMSprop,
+    torch.optim.Adagrad,
+    torch.optim.Adadelta,
+    torch.optim.ASGD,
+    torch.optim.Rprop,
+)
+
+
+def keeps_pruned_zeros(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer`` provably leaves an entry at zero when its weight, gradient and state are zero.
+
+    Only the exact torch classes qualify: a subclass may change the update rule.
+    """
+    return type(optimizer) in ZERO_PRESERVING_OPTIMIZERS
+
+
+@dataclass
+class _OptimizerTargets:
+    """The targeted parameters one optimizer owns, with their masks, in foreach-ready lists."""
+
+    params: list[Tensor]
+    masks: list[Tensor]
+    keeps_zeros: bool
+    gradients_masked: bool = False
+    handles: list[RemovableHandle] = field(default_factory=list)
+
+
+class SparseConstraint:
+    """The masks of one sparse phase and the hooks that enforce them (see the module docstring)."""
+
+    def __init__(self, params: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> None:
+        self.names = list(keep)
+        self.params = [params[name] for name in self.names]
+        self.masks = [keep[name].to(device=p.device, dtype=p.dtype) for name, p in zip(self.names, self.params)]
+        self._targets: dict[int, _OptimizerTargets] = {}
+
+    def keep_masks(self) -> dict[str, Tensor]:
+        """The masks as bool tensors (``True`` = kept), by parameter name."""
+        return {name: mask.bool() for name, mask in zip(self.names, self.masks)}
+
+    @torch.no_grad()
+    def apply_to_weights(self) -> None:
+        torch._foreach_mul_(self.params, self.masks)
+
+    def attach(self, optimizers: Iterable[Optimizer]) -> None:
+        """Zero pruned weights, gradients and optimizer state, then hook into every optimizer that owns a target."""
+        self.apply_to_weights()
+        index_of = {id(p): i for i, p in enumerate(self.params)}
+        for optimizer in optimizers:
+            owned = [index_of[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in index_of]
+            if not owned:
+                continue
+            targets = _OptimizerTargets(
+                params=[self.params[i] for i in owned],
+                masks=[self.masks[i] for i in owned],
+                keeps_zeros=keeps_pruned_zeros(optimizer),
+            )
+            self._targets[id(optimizer)] = targets
+            _mask_gradients_of(targets)
+            _mask_optimizer_state(optimizer, targets)
+            targets.handles.append(optimizer.register_step_pre_hook(self._before_step))
+            targets.handles.append(optimizer.register_step_post_hook(self._after_step))
+
+    def detach(self, optimizers: Iterable[Optimizer] = ()) -> None:
+        """Remove the hooks; zero the pruned entries' state in ``optimizers`` so nothing revives them."""
+        for optimizer in optimizers:
+            targets = self._targets.get(id(optimizer))
+            if targets is not None:
+                _mask_optimizer_state(optimizer, targets)
+        for targets in self._targets.values():
+            for handle in targets.handles:
+                handle.remove()
+        self._targets.clear()
+
+    def mask_gradients(self, optimizer: Any) -> None:
+        """Zero the gradients of pruned entries of the parameters ``optimizer`` owns, before its step."""
+        targets = self._targets.get(id(getattr(optimizer, "optimizer", optimizer)))
+        if targets is None:
+            targets = self._targets.get(id(optimizer))
+        if targets is not None:
+            _mask_gradients_of(targets)
+            targets.gradients_masked = True
+
+    def forget_masked_gradients(self) -> None:
+        """Mark every optimizer's gradients as unmasked: a new batch brings new gradients, and a step the
+        AMP scaler skipped must not leave a stale mark for the next one."""
+        for targets in self._targets.values():
+            targets.gradients_masked = False
+
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        targets = self._targets[id(optimizer)]
+        if not targets.gradients_masked:
+            _mask_gradients_of(targets)
+            targets.gradients_masked = True
+
+    @torch.no_grad()
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        targets = self._targets[id(optimizer)]
+        if not (targets.keeps_zeros and targets.gradients_masked):
+            torch._foreach_mul_(targets.params, targets.masks)
+        targets.gradients_masked = False
+
+
+@torch.no_grad()
+def _mask_gradients_of(targets: _OptimizerTargets) -> None:
+    pairs = [(p.grad, m) for p, m in zip(targets.params, targets.masks) if p.grad is not None]
+    if pairs:
+        grads, masks = zip(*pairs)
+        torch._foreach_mul_(list(grads), list(masks))
+
+
+@torch.no_grad()
+def _mask_optimizer_state(optimizer: Optimizer, targets: _OptimizerTargets) -> None:
+    """Zero every per-entry state tensor (momentum, ``exp_avg``, ``exp_avg_sq``, ...) at pruned entries."""
+    for param, mask in zip(targets.params, targets.masks):
+        for value in optimizer.state.get(param, {}).values():
+            if isinstance(value, Tensor) and value.shape == param.shape:
+                value.mul_(mask.to(value.dtype))

@@ -1,0 +1,91 @@
+"""Magnitude masks: which entries to prune, and how to store that compactly.
+
+A mask is a bool tensor of the weight's shape, ``True`` where the weight is kept. In each tensor of ``N``
+entries exactly ``k = round(sparsity * N)`` entries with the smallest ``|w|`` are pruned (Python's
+``round``, so halves go to the even neighbour). Ties at the threshold are broken by position: the entry
+that comes first in the flattened tensor is pruned first, so the result never depends on the backend.
+The threshold is found with ``torch.kthvalue`` (linear time, no size limit, unlike ``torch.quantile``).
+
+Example:
+    >>> import torch
+    >>> w = torch.tensor([[0.3, -0.1], [0.1, 2.0]])
+    >>> magnitude_masks({"w": w}, {"w": 0.5})["w"]
+    tensor([[ True, False],
+            [False,  True]])
+    >>> magnitude_masks({"w": w}, {"w": 0.25})["w"]  # |-0.1| and |0.1| tie: the first one goes
+    tensor([[ True, False],
+            [ True,  True]])
+    >>> unpack_mask(pack_mask(torch.tensor([True, False, True])), (3,))
+    tensor([ True, False,  True])
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+_BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+def pruned_count(numel: int, sparsity: float) -> int:
+    """How many of ``numel`` entries a ``sparsity`` prunes: ``round(sparsity * numel)``."""
+    return round(sparsity * numel)
+
+
+def smallest_entries(scores: Tensor, k: int) -> Tensor:
+    """Bool tensor marking the ``k`` smallest entries of the 1-D ``scores``, ties broken by position."""
+    n = scores.numel()
+    if k <= 0:
+        return torch.zeros(n, dtype=torch.bool, device=scores.device)
+    if k >= n:
+        return torch.ones(n, dtype=torch.bool, device=scores.device)
+    threshold = scores.kthvalue(k).values
+    chosen = scores < threshold
+    missing = k - int(chosen.sum())
+    tied = torch.nonzero(scores == threshold).flatten()[:missing]
+    chosen[tied] = True
+    return chosen
+
+
+def magnitude_masks(weights: Mapping[str, Tensor], sparsities: Mapping[str, float]) -> dict[str, Tensor]:
+    """Per-tensor ("layer") masks: each tensor loses its own ``round(sparsity * N)`` smallest entries."""
+    masks = {}
+    with torch.no_grad():
+        for name, weight in weights.items():
+            scores = weight.detach().abs().flatten().float()
+            pruned = smallest_entries(scores, pruned_count(scores.numel(), sparsities[name]))
+            masks[name] = pruned.logical_not_().view(weight.shape)
+    return masks
+
+
+def global_magnitude_masks(weights: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """One threshold over all tensors: ``round(sparsity * total)`` smallest entries of the lot are pruned.
+
+    Ties are broken by position in the order of ``weights``, then within each flattened tensor.
+    """
+    with torch.no_grad():
+        scores = torch.cat([w.detach().abs().flatten().float().to(_common_device(weights)) for w in weights.values()])
+        keep = smallest_entries(scores, pruned_count(scores.numel(), sparsity)).logical_not_()
+        pieces = keep.split([w.numel() for w in weights.values()])
+        return {name: piece.view(w.shape).to(w.device) for (name, w), piece in zip(weights.items(), pieces)}
+
+
+def _common_device(weights: Mapping[str, Tensor]) -> torch.device:
+    devices = {w.device for w in weights.values()}
+    return devices.pop() if len(devices) == 1 else torch.device("cpu")
+
+
+def pack_mask(mask: Tensor) -> Tensor:
+    """Pack a bool mask into a flat ``uint8`` tensor, 8 entries per byte (on the CPU, for checkpoints)."""
+    flat = mask.detach().flatten().to(device="cpu", dtype=torch.uint8)
+    flat = torch.nn.functional.pad(flat, (0, (-flat.numel()) % 8)).view(-1, 8)
+    return (flat * _BIT_VALUES).sum(dim=1, dtype=torch.uint8)
+
+
+def unpack_mask(packed: Tensor, shape: Sequence[int]) -> Tensor:
+    """Invert :func:`pack_mask`: a bool tensor of ``shape`` on the CPU."""
+    numel = int(torch.Size(shape).numel())
+    bits = packed.to("cpu").unsqueeze(1).bitwise_and(_BIT_VALUES).ne(0).flatten()
+    return bits[:numel].view(*shape)

@@ -1,0 +1,167 @@
+"""The DSD phase schedule: which phase runs, and when the current one is over.
+
+Nothing here knows about Lightning. The schedule is a list of :class:`Stage` objects built once from the
+user's arguments; a :class:`Schedule` walks through it, told the elapsed count (epochs or optimizer steps)
+and the monitored metric by its caller. Its whole state is a handful of plain values, so resuming from a
+checkpoint is a matter of :meth:`Schedule.state_dict` and :meth:`Schedule.load_state_dict`.
+
+Example:
+    >>> schedule = Schedule(build_stages(sparsities=(0.5, 0.25), dense=2, sparse=1, redense=1))
+    >>> [f"{stage.phase.value}:{stage.cycle}" for stage in schedule.stages]
+    ['dense:0', 'sparse:0', 'redense:0', 'sparse:1', 'redense:1']
+    >>> schedule.is_due(now=1), schedule.is_due(now=2)
+    (False, True)
+    >>> schedule.advance(now=2).phase
+    <Phase.SPARSE: 'sparse'>
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Optional, Sequence
+
+
+class Phase(str, Enum):
+    """The three DSD phases. The value is the plain string users see in logs and checkpoints.
+
+    Example:
+        >>> Phase.SPARSE == "sparse"
+        True
+    """
+
+    DENSE = "dense"
+    SPARSE = "sparse"
+    REDENSE = "redense"
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One phase of one cycle: ``length`` epochs or steps, or ``None`` for "until the metric converges"."""
+
+    phase: Phase
+    cycle: int
+    length: Optional[int]
+    sparsity: float
+
+
+def build_stages(
+    sparsities: Sequence[float], dense: Optional[int], sparse: Optional[int], redense: Optional[int]
+) -> tuple[Stage, ...]:
+    """Lay out D S D (S D ...): one dense phase, then a sparse and a re-dense phase per sparsity.
+
+    The re-dense phase of one cycle is the dense phase the next cycle prunes from, as in the paper's
+    DeepSpeech 2 run (50% then 25%).
+
+    Example:
+        >>> [s.phase.value for s in build_stages([0.5], dense=3, sparse=None, redense=3)]
+        ['dense', 'sparse', 'redense']
+    """
+    stages = [Stage(Phase.DENSE, 0, dense, 0.0)]
+    for cycle, sparsity in enumerate(sparsities):
+        stages.append(Stage(Phase.SPARSE, cycle, sparse, float(sparsity)))
+        stages.append(Stage(Phase.REDENSE, cycle, redense, float(sparsity)))
+    return tuple(stages)
+
+
+class ConvergenceTracker:
+    """EarlyStopping's notion of "no longer improving", restarted at every phase.
+
+    A value improves on the best so far when it is better by more than ``min_delta`` in the direction of
+    ``mode``. After ``patience`` checks in a row without improvement the metric has converged.
+
+    Example:
+        >>> tracker = ConvergenceTracker(mode="min", patience=2, min_delta=0.0)
+        >>> [tracker.update(v) for v in (1.0, 0.5, 0.6, 0.7)]
+        [False, False, False, True]
+    """
+
+    def __init__(self, mode: str, patience: int, min_delta: float) -> None:
+        self.mode = mode
+        self.patience = patience
+        self.min_delta = abs(min_delta)
+        self.reset()
+
+    def reset(self) -> None:
+        self.best = math.inf if self.mode == "min" else -math.inf
+        self.wait = 0
+
+    def update(self, value: float) -> bool:
+        """Record one check of the metric; return whether it has converged."""
+        improved = value < self.best - self.min_delta if self.mode == "min" else value > self.best + self.min_delta
+        if improved:
+            self.best, self.wait = value, 0
+        else:
+            self.wait += 1
+        return self.wait >= self.patience and not improved
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"best": self.best, "wait": self.wait}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.best = float(state.get("best", self.best))
+        self.wait = int(state.get("wait", self.wait))
+
+
+class Schedule:
+    """A cursor over the stages: where we are, since when, and whether the stage is over.
+
+    ``now`` is whatever unit the stage lengths are counted in (completed epochs or optimizer steps); the
+    caller passes it in, so the schedule itself holds no clock.
+    """
+
+    def __init__(self, stages: Sequence[Stage], tracker: Optional[ConvergenceTracker] = None) -> None:
+        self.stages = tuple(stages)
+        self.tracker = tracker
+        self.index = 0
+        self.started_at = 0
+        self.converged = False
+
+    @property
+    def stage(self) -> Stage:
+        return self.stages[self.index]
+
+    @property
+    def is_last(self) -> bool:
+        return self.index == len(self.stages) - 1
+
+    def is_due(self, now: int) -> bool:
+        """Whether the current stage has run its course (the last stage is never left)."""
+        return not self.is_last and self.is_over(now)
+
+    def is_over(self, now: int) -> bool:
+        length = self.stage.length
+        return self.converged if length is None else now - self.started_at >= length
+
+    def advance(self, now: int) -> Stage:
+        """Move to the next stage, starting its count at ``now``; return it."""
+        self.index += 1
+        self.started_at = now
+        self.converged = False
+        if self.tracker is not None:
+            self.tracker.reset()
+        return self.stage
+
+    def observe(self, value: float) -> None:
+        """Feed one check of the monitored metric to the current stage's convergence tracker."""
+        if self.tracker is not None and self.tracker.update(value) and self.stage.length is None:
+            self.converged = True
+
+    def required_length(self) -> Optional[int]:
+        """Epochs or steps the whole schedule needs, or ``None`` when a stage waits for convergence."""
+        lengths = [stage.length for stage in self.stages]
+        return None if None in lengths else sum(lengths)  # type: ignore[arg-type]
+
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"index": self.index, "started_at": self.started_at, "converged": self.converged}
+        if self.tracker is not None:
+            state["tracker"] = self.tracker.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.index = int(state.get("index", 0))
+        self.started_at = int(state.get("started_at", 0))
+        self.converged = bool(state.get("converged", False))
+        if self.tracker is not None and "tracker" in state:
+            self.tracker.load_state_dict(state["tracker"])

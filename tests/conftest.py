@@ -1,0 +1,135 @@
+"""Small models and a recorder for real ``lightning.Trainer`` runs on the CPU, seconds each."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import warnings
+from typing import Callable, Iterator, Optional
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dsd import DSDCallback, Phase
+
+warnings.filterwarnings("ignore", ".*does not have many workers.*")
+warnings.filterwarnings("ignore", ".*The number of training batches.*")
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+def make_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    """Sequences of 4 channels x 12 steps, 3 classes; deterministic, never shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 12, generator=generator)
+    y = (x[:, 0].mean(dim=1) > 0).long() + (x[:, 1].mean(dim=1) > 0.3).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+class ConvLSTMNet(pl.LightningModule):
+    """Conv1d + BatchNorm + LSTM + Linear: every kind of layer DSD targets or must leave alone.
+
+    ``optimizer`` builds the optimizer from the parameters; ``scheduler`` (optional) builds a scheduler.
+    """
+
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer] = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
+        scheduler_interval: str = "epoch",
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, kernel_size=3, padding=1)
+        self.norm = nn.BatchNorm1d(8)
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+        self.make_optimizer = optimizer
+        self.make_scheduler = scheduler
+        self.scheduler_interval = scheduler_interval
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.conv(x)))
+        out, _ = self.lstm(h.transpose(1, 2))
+        return self.head(out[:, -1])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        optimizer = self.make_optimizer(self.parameters())
+        if self.make_scheduler is None:
+            return optimizer
+        scheduler = {"scheduler": self.make_scheduler(optimizer), "interval": self.scheduler_interval}
+        if isinstance(scheduler["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler["monitor"] = "train_loss"
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+TARGETS = ["conv.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "head.weight"]
+
+
+def make_trainer(callbacks: list, max_epochs: int = 6, **kwargs) -> pl.Trainer:
+    options = dict(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+class StepRecorder(pl.Callback):
+    """Records, after every real optimizer step, the phase and whether every pruned entry is exactly zero.
+
+    It uses torch's *global* step post-hook, which runs after every optimizer's own hooks, so it sees the
+    weights exactly as the next forward pass will.
+    """
+
+    def __init__(self, dsd: DSDCallback) -> None:
+        self.dsd = dsd
+        self.steps: list[tuple[str, int, bool]] = []
+        self.masks_seen: dict[int, dict[str, torch.Tensor]] = {}
+        self._handle = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._handle = register_optimizer_step_post_hook(self._after_step)
+        self.module = pl_module
+
+    def on_train_end(self, trainer, pl_module):
+        self._handle.remove()
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        masks = self.dsd.masks
+        params = dict(self.module.named_parameters())
+        zeros_hold = all(bool((params[name][~mask] == 0).all()) for name, mask in masks.items())
+        self.steps.append((self.dsd.phase.value, self.dsd.cycle, zeros_hold))
+        if self.dsd.phase is Phase.SPARSE:
+            first = self.masks_seen.setdefault(self.dsd.cycle, {n: m.clone() for n, m in masks.items()})
+            assert all(torch.equal(first[n], masks[n]) for n in first), "masks moved during a sparse phase"
+
+
+@contextlib.contextmanager
+def seeded(seed: int = 0) -> Iterator[None]:
+    pl.seed_everything(seed, verbose=False)
+    yield
+
+
+@pytest.fixture
+def loader() -> DataLoader:
+    return make_loader()
