@@ -1,0 +1,62 @@
+"""Phases given as ``None`` end when the monitored metric stops improving, EarlyStopping-style."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import ConvLSTMNet, StepRecorder, make_loader, make_trainer
+
+from lightning_dsd import DSDCallback
+
+
+class ScriptedMetric(ConvLSTMNet):
+    """Logs ``score`` = ``script[epoch]`` so that convergence happens at known epochs."""
+
+    def __init__(self, script: list[float]) -> None:
+        super().__init__()
+        self.script = script
+
+    def training_step(self, batch, batch_idx):
+        self.log("score", self.script[self.current_epoch], on_epoch=True, on_step=False)
+        return super().training_step(batch, batch_idx)
+
+
+def _epoch_phases(recorder: StepRecorder, batches_per_epoch: int = 4) -> list[str]:
+    return [phase for phase, _, _ in recorder.steps][::batches_per_epoch]
+
+
+def test_each_none_phase_ends_after_patience_checks_without_improvement_and_the_tracker_restarts():
+    # dense: improves at epochs 0-1, then 2 flat checks -> converged after epoch 3
+    # sparse: fixed 1 epoch (epoch 4)
+    # redense: best restarts; 9 at epoch 5 is a new best even though dense saw 1; flat at 6, 7 -> stop
+    script = [3, 1, 1, 1, 5, 9, 9, 9, 0, 0]
+    dsd = DSDCallback(0.5, None, 1, None, monitor="score", mode="min", patience=2)
+    recorder = StepRecorder(dsd)
+    trainer = make_trainer([dsd, recorder], max_epochs=10)
+    trainer.fit(ScriptedMetric(script), make_loader())
+    assert _epoch_phases(recorder) == ["dense"] * 4 + ["sparse"] + ["redense"] * 3
+    assert trainer.current_epoch == 8
+
+
+def test_min_delta_and_mode_max():
+    script = [1.0, 1.05, 1.08, 1.5, 1.52, 1.53, 1.54, 1.55, 1.56, 1.57]
+    dsd = DSDCallback(0.5, None, 1, 1, monitor="score", mode="max", patience=2, min_delta=0.1)
+    recorder = StepRecorder(dsd)
+    make_trainer([dsd, recorder], max_epochs=10).fit(ScriptedMetric(script), make_loader())
+    # 1.0 best; 1.05, 1.08 not > 1.1 -> converged after epoch 2
+    assert _epoch_phases(recorder) == ["dense"] * 3 + ["sparse", "redense"]
+
+
+def test_validation_metrics_drive_convergence():
+    dsd = DSDCallback(0.5, 1, None, 1, monitor="val_loss", patience=0)
+    recorder = StepRecorder(dsd)
+    trainer = make_trainer([dsd, recorder], max_epochs=10)
+    trainer.fit(ConvLSTMNet(optimizer=lambda p: torch.optim.SGD(p, lr=0.0)), make_loader(), make_loader(seed=1))
+    # lr=0: val_loss never improves after the first check, so patience=0 ends sparse after 2 epochs.
+    assert _epoch_phases(recorder) == ["dense", "sparse", "sparse", "redense"]
+
+
+def test_a_monitor_that_is_never_logged_fails_with_the_metrics_that_exist():
+    dsd = DSDCallback(0.5, None, 1, 1, monitor="val_acc")
+    with pytest.raises(RuntimeError, match=r"monitor='val_acc'.*not among the logged metrics.*'train_loss'"):
+        make_trainer([dsd], max_epochs=3).fit(ConvLSTMNet(), make_loader())

@@ -1,0 +1,82 @@
+"""Bad input is refused with a message naming the argument, the value and what is allowed,
+before anything trains or the model changes."""
+
+from __future__ import annotations
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import ConvLSTMNet, make_loader, make_trainer
+from torch import nn
+
+from lightning_dsd import DSDCallback
+
+VALID = dict(sparsity=0.5, dense_epochs=1, sparse_epochs=1, redense_epochs=1)
+
+CONSTRUCTION_ERRORS = [
+    (dict(sparsity=0.0), ValueError, r"`sparsity` must be a float in \(0, 1\).*Found: 0.0"),
+    (dict(sparsity=1.0), ValueError, r"`sparsity`.*Found: 1.0"),
+    (dict(sparsity=-0.2), ValueError, r"`sparsity`.*Found: -0.2"),
+    (dict(sparsity=float("nan")), ValueError, r"`sparsity`.*Found: nan"),
+    (dict(sparsity="0.5"), ValueError, r"`sparsity`.*Found: '0.5'"),
+    (dict(sparsity=True), ValueError, r"`sparsity`.*Found: True"),
+    (dict(sparsity=[]), ValueError, r"`sparsity`.*empty sequence"),
+    (dict(sparsity=(0.5, 1.2)), ValueError, r"`sparsity`.*Found: 1.2"),
+    (dict(dense_epochs=-1), ValueError, r"`dense_epochs` must be an int >= 0, or None.*Found: -1"),
+    (dict(sparse_epochs=2.5), ValueError, r"`sparse_epochs` must be an int >= 0.*Found: 2.5"),
+    (dict(redense_epochs="3"), ValueError, r"`redense_epochs`.*Found: '3'"),
+    (dict(dense_epochs=None), ValueError, r"`dense_epochs` = None.*`monitor` must name a logged metric"),
+    (dict(interval="batch"), ValueError, r"`interval` must be one of \['epoch', 'step'\]. Found: 'batch'"),
+    (dict(mode="maximize"), ValueError, r"`mode` must be one of \['min', 'max'\]. Found: 'maximize'"),
+    (dict(scope="model"), ValueError, r"`scope` must be one of \['layer', 'global'\]. Found: 'model'"),
+    (dict(patience=-1), ValueError, r"`patience` must be an int >= 0. Found: -1"),
+    (dict(min_delta=float("inf")), ValueError, r"`min_delta` must be a finite number. Found: inf"),
+    (dict(lr_scale=0), ValueError, r"`lr_scale` must be a finite number > 0. Found: 0"),
+    (dict(lr_scale=-0.1), ValueError, r"`lr_scale`.*Found: -0.1"),
+    (dict(include=[]), ValueError, r"`include` must be None, a glob pattern string.*Found: \[\]"),
+    (dict(exclude=[3]), ValueError, r"`exclude`.*Found: \[3\]"),
+    (dict(monitor=""), ValueError, r"`monitor` must be None or the name of a logged metric. Found: ''"),
+    (dict(stop_at_end="yes"), TypeError, r"`stop_at_end` must be a bool. Found: 'yes'"),
+]
+
+
+@pytest.mark.parametrize("overrides, error, message", CONSTRUCTION_ERRORS, ids=[str(c[0]) for c in CONSTRUCTION_ERRORS])
+def test_bad_arguments_are_refused_at_construction(overrides, error, message):
+    with pytest.raises(error, match=message):
+        DSDCallback(**{**VALID, **overrides})
+
+
+class NothingToPrune(pl.LightningModule):
+    def __init__(self) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(4)
+        self.bias = nn.Parameter(torch.zeros(4))
+
+    def training_step(self, batch, batch_idx):
+        return self.norm(batch[0].mean(-1)).sum() + self.bias.sum()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+class SparseEmbedding(ConvLSTMNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(5, 4, sparse=True)
+
+
+SETUP_ERRORS = [
+    (ConvLSTMNet, dict(include=["encoder.*"]), r"nothing to prune with include=\['encoder.\*'\].*'conv.weight'"),
+    (ConvLSTMNet, dict(exclude=["*"]), r"nothing to prune.*exclude=\['\*'\]"),
+    (NothingToPrune, dict(), r"nothing to prune.*parameters are: \['bias', 'norm.weight', 'norm.bias'\]"),
+    (SparseEmbedding, dict(), r"cannot prune `embed.weight`: the embedding has `sparse=True`"),
+]
+
+
+@pytest.mark.parametrize("model_class, overrides, message", SETUP_ERRORS, ids=[str(c[1]) or c[0].__name__ for c in SETUP_ERRORS])
+def test_models_with_nothing_to_prune_are_refused_before_training_changes_them(model_class, overrides, message):
+    model = model_class()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=message):
+        make_trainer([DSDCallback(**{**VALID, **overrides})]).fit(model, make_loader())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
