@@ -95,3 +95,23 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"`{name}` must be a bool. Found: {value!r}.")
     return value
+
+
+def check_every_n(name: str, value: Any) -> Optional[int]:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"`{name}` must be None or an int >= 1. Found: {value!r}.")
+    return value
+
+
+def check_figure_layers(value: Any) -> "int | tuple[str, ...]":
+    """How many of the largest layers get the figure (an int >= 0), or glob patterns picking them."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value < 0:
+            raise ValueError(f"`figure_layers` must be an int >= 0 or glob patterns. Found: {value!r}.")
+        return value
+    patterns = check_patterns("figure_layers", value)
+    if patterns is None:
+        raise ValueError(f"`figure_layers` must be an int >= 0 or glob patterns. Found: {value!r}.")
+    return patterns

@@ -21,6 +21,8 @@ from typing_extensions import override
 from lightning_dsd.arguments import (
     check_bool,
     check_choice,
+    check_every_n,
+    check_figure_layers,
     check_length,
     check_non_negative_int,
     check_patterns,
@@ -31,6 +33,7 @@ from lightning_dsd.constraint import SparseConstraint
 from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import global_magnitude_masks, magnitude_masks, pack_mask, unpack_mask
 from lightning_dsd.phases import ConvergenceTracker, Phase, Schedule, Stage, build_stages
+from lightning_dsd.reporting import Moment, PhaseReporter
 from lightning_dsd.selection import select_parameters
 
 _STATE_VERSION = 1
@@ -66,6 +69,15 @@ class DSDCallback(Callback):
             the first convolution dense).
         scope: ``"layer"`` (a threshold per tensor, the paper's) or ``"global"`` (one over all targets).
         stop_at_end: stop the ``Trainer`` when the last phase ends.
+        log_histograms: log weight histograms to TensorBoard at the five moments of every cycle.
+        histogram_every_n_epochs: also log a histogram timeline every this many epochs (``None``: never).
+        histogram_layers: glob patterns picking the targeted layers that get histograms (``None``: all).
+        log_scalars: log phase, cycle, measured sparsity and transition learning rates to every logger.
+        figure_layers: the five-panel figure is drawn for this many of the largest targeted layers, or for
+            the targeted layers matching these glob patterns; ``0`` turns it off.
+
+    The current phase is shown in the progress bar as ``dsd=<phase>``. See :mod:`lightning_dsd.reporting`
+    for every TensorBoard tag.
 
     Example:
         >>> import lightning.pytorch as pl
@@ -92,6 +104,11 @@ class DSDCallback(Callback):
         exclude: Optional[Union[str, Sequence[str]]] = None,
         scope: str = "layer",
         stop_at_end: bool = True,
+        log_histograms: bool = True,
+        histogram_every_n_epochs: Optional[int] = None,
+        histogram_layers: Optional[Union[str, Sequence[str]]] = None,
+        log_scalars: bool = True,
+        figure_layers: Union[int, Sequence[str]] = 2,
     ) -> None:
         super().__init__()
         self.sparsities = check_sparsities(sparsity)
@@ -118,10 +135,18 @@ class DSDCallback(Callback):
         self.exclude = check_patterns("exclude", exclude)
         self.scope = check_choice("scope", scope, ("layer", "global"))
         self.stop_at_end = check_bool("stop_at_end", stop_at_end)
+        self.histogram_every_n_epochs = check_every_n("histogram_every_n_epochs", histogram_every_n_epochs)
+        self.histogram_layers = check_patterns("histogram_layers", histogram_layers)
+        self._reporter = PhaseReporter(
+            histograms=check_bool("log_histograms", log_histograms),
+            scalars=check_bool("log_scalars", log_scalars),
+            figure_layers=check_figure_layers(figure_layers),
+        )
 
         tracker = ConvergenceTracker(self.mode, self.patience, self.min_delta) if monitor is not None else None
         self._schedule = Schedule(build_stages(self.sparsities, *lengths.values()), tracker)
         self._targets: dict[str, nn.Parameter] = {}
+        self._histogram_targets: dict[str, nn.Parameter] = {}
         self._constraint: Optional[SparseConstraint] = None
         self._restored_masks: Optional[dict[str, Tensor]] = None
         self._check_on_train_epoch_end = True
@@ -158,6 +183,14 @@ class DSDCallback(Callback):
             return
         self._check_strategy(trainer)
         self._targets = self._select_targets(pl_module)
+        self._histogram_targets = (
+            self._targets
+            if self.histogram_layers is None
+            else select_parameters(pl_module, self.histogram_layers).selected.keys() & self._targets.keys()
+        )
+        self._histogram_targets = {name: self._targets[name] for name in self._targets if name in self._histogram_targets}
+        self._reporter.choose_figure_layers(self._targets)
+        self._reporter.check_loggers(trainer)
         self._warn_if_schedule_does_not_fit(trainer)
         self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
 
@@ -249,6 +282,7 @@ class DSDCallback(Callback):
     ) -> None:
         if self.interval == "step":
             self._stop_if_finished(trainer, trainer.global_step)
+        self._show_phase(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -256,6 +290,10 @@ class DSDCallback(Callback):
             self._observe_monitor(trainer)
         if self.interval == "epoch":
             self._stop_if_finished(trainer, trainer.current_epoch + 1)
+        self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets)
+        every = self.histogram_every_n_epochs
+        if every and self._reporter.histograms and (trainer.current_epoch + 1) % every == 0:
+            self._reporter.log_timeline(trainer, self._histogram_targets)
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -266,6 +304,10 @@ class DSDCallback(Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._release_hooks()
+        final_moment = {Phase.DENSE: Moment.END_OF_DENSE, Phase.SPARSE: Moment.END_OF_SPARSE}
+        self._record(trainer, final_moment.get(self.phase, Moment.END_OF_REDENSE), self.cycle)
+        if self.phase is not Phase.DENSE:
+            self._reporter.draw_figure(trainer, self.cycle)
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -291,9 +333,27 @@ class DSDCallback(Callback):
                 self._redense(trainer, previous)
         self._stop_if_finished(trainer, now)
 
+    def _record(self, trainer: "pl.Trainer", moment: Moment, cycle: int) -> None:
+        self._reporter.record(trainer, moment, cycle, self._histogram_targets)
+
+    def _show_phase(self, trainer: "pl.Trainer") -> None:
+        """Put the phase in the progress bar's metrics (``dsd=sparse``, or ``dsd=sparse 2/3`` over cycles).
+
+        Called at batch end, just before the progress bar reads the same metrics itself.
+        """
+        cycles = len(self.sparsities)
+        shown = self.phase.value if cycles == 1 else f"{self.phase.value} {self.cycle + 1}/{cycles}"
+        trainer.progress_bar_metrics["dsd"] = shown
+
     def _prune(self, trainer: "pl.Trainer", stage: Stage) -> None:
+        if stage.cycle > 0:
+            self._record(trainer, Moment.END_OF_REDENSE, stage.cycle - 1)
+            self._reporter.draw_figure(trainer, stage.cycle - 1)
+        self._record(trainer, Moment.END_OF_DENSE, stage.cycle)
         masks = self._decide_masks(trainer, stage.sparsity)
         self._enforce(trainer, masks)
+        self._record(trainer, Moment.AFTER_PRUNING, stage.cycle)
+        self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, self._learning_rates(trainer))
         pruned = sum(int((~m).sum()) for m in masks.values())
         total = sum(m.numel() for m in masks.values())
         rank_zero_info(
@@ -320,6 +380,7 @@ class DSDCallback(Callback):
         self._restored_masks = None
 
     def _redense(self, trainer: "pl.Trainer", finished: Stage) -> None:
+        self._record(trainer, Moment.END_OF_SPARSE, finished.cycle)
         if self._constraint is not None:
             self._constraint.detach(trainer.optimizers)
             self._constraint = None
@@ -330,6 +391,12 @@ class DSDCallback(Callback):
             f"DSD cycle {finished.cycle}: re-dense phase. Pruned weights restart from zero; learning rate"
             f" x{self.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(current_learning_rates(trainer.optimizers))}."
         )
+        self._record(trainer, Moment.START_OF_REDENSE, finished.cycle)
+        self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, self._learning_rates(trainer))
+
+    @staticmethod
+    def _learning_rates(trainer: "pl.Trainer") -> list[list[float]]:
+        return [[float(group["lr"]) for group in optimizer.param_groups] for optimizer in trainer.optimizers]
 
     def _observe_monitor(self, trainer: "pl.Trainer") -> None:
         if self.monitor is None:

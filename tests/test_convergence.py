@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from conftest import ConvLSTMNet, StepRecorder, make_loader, make_trainer
 
 from lightning_dsd import DSDCallback
 
 
 class ScriptedMetric(ConvLSTMNet):
-    """Logs ``score`` = ``script[epoch]`` so that convergence happens at known epochs."""
+    """Logs ``score`` (training) and ``val_score`` = ``script[epoch]``: convergence happens at known epochs."""
 
     def __init__(self, script: list[float]) -> None:
         super().__init__()
@@ -19,6 +18,9 @@ class ScriptedMetric(ConvLSTMNet):
     def training_step(self, batch, batch_idx):
         self.log("score", self.script[self.current_epoch], on_epoch=True, on_step=False)
         return super().training_step(batch, batch_idx)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_score", self.script[self.current_epoch])
 
 
 def _epoch_phases(recorder: StepRecorder, batches_per_epoch: int = 4) -> list[str]:
@@ -47,13 +49,18 @@ def test_min_delta_and_mode_max():
     assert _epoch_phases(recorder) == ["dense"] * 3 + ["sparse", "redense"]
 
 
-def test_validation_metrics_drive_convergence():
-    dsd = DSDCallback(0.5, 1, None, 1, monitor="val_loss", patience=0)
+@pytest.mark.parametrize("check_val_every_n_epoch", [1, 2])
+def test_validation_metrics_drive_convergence(check_val_every_n_epoch):
+    # sparse starts at epoch 1; with validation every epoch the checks are 5 (best), 6 -> converged after
+    # epoch 2; with validation every 2 epochs the checks are at epochs 1 (5: best), 3 (4: best), 5 (9) ->
+    # converged after epoch 5. Metrics from epochs without validation are never counted as checks.
+    script = [0, 5, 6, 4, 7, 9, 9, 9, 9, 9]
+    dsd = DSDCallback(0.5, 1, None, 1, monitor="val_score", patience=0)
     recorder = StepRecorder(dsd)
-    trainer = make_trainer([dsd, recorder], max_epochs=10)
-    trainer.fit(ConvLSTMNet(optimizer=lambda p: torch.optim.SGD(p, lr=0.0)), make_loader(), make_loader(seed=1))
-    # lr=0: val_loss never improves after the first check, so patience=0 ends sparse after 2 epochs.
-    assert _epoch_phases(recorder) == ["dense", "sparse", "sparse", "redense"]
+    trainer = make_trainer([dsd, recorder], max_epochs=10, check_val_every_n_epoch=check_val_every_n_epoch)
+    trainer.fit(ScriptedMetric(script), make_loader(), make_loader(seed=1))
+    sparse_epochs = 2 if check_val_every_n_epoch == 1 else 5
+    assert _epoch_phases(recorder) == ["dense"] + ["sparse"] * sparse_epochs + ["redense"]
 
 
 def test_a_monitor_that_is_never_logged_fails_with_the_metrics_that_exist():

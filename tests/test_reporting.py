@@ -1,0 +1,232 @@
+"""What DSD shows, read back the way a user sees it: TensorBoard's own reader, its server, the PNG, the bar."""
+
+from __future__ import annotations
+
+import csv
+import glob
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+import urllib.request
+
+import lightning.pytorch as pl
+import matplotlib.image
+import numpy as np
+import pytest
+import torch
+from conftest import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
+from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_dsd import DSDCallback
+from lightning_dsd.reporting import Moment
+
+MOMENT_STEPS = {  # dense 2, sparse 2, re-dense 2 epochs of 4 steps
+    Moment.END_OF_DENSE: 8,
+    Moment.AFTER_PRUNING: 8,
+    Moment.END_OF_SPARSE: 16,
+    Moment.START_OF_REDENSE: 16,
+    Moment.END_OF_REDENSE: 24,
+}
+
+
+def _run(tmp_path, loggers, **dsd_options):
+    pruned_weights = {}
+
+    class AtPruning(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            if dsd.masks and not pruned_weights:
+                pruned_weights.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
+
+    with seeded():
+        model = ConvLSTMNet()
+    dsd = DSDCallback(0.5, 2, 2, 2, **dsd_options)
+    recorder = StepRecorder(dsd)
+    trainer = make_trainer([dsd, AtPruning(), recorder], logger=loggers, default_root_dir=tmp_path)
+    trainer.fit(model, make_loader())
+    return dsd, recorder, pruned_weights
+
+
+def _accumulator(log_dir: str) -> EventAccumulator:
+    accumulator = EventAccumulator(log_dir, size_guidance={"histograms": 0, "scalars": 0, "images": 0})
+    accumulator.Reload()
+    return accumulator
+
+
+def test_histograms_for_every_layer_and_moment_at_the_moments_global_step(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    dsd, recorder, pruned = _run(tmp_path, logger)
+    accumulator = _accumulator(logger.log_dir)
+    tags = set(accumulator.Tags()["histograms"])
+    for layer in TARGETS:
+        for moment, step in MOMENT_STEPS.items():
+            for kind in ("dsd_weights", "dsd_weights_nonzero"):
+                events = accumulator.Histograms(f"{kind}/{layer}/{moment.value}")
+                assert [e.step for e in events] == [step], (kind, layer, moment)
+    assert not any(tag.startswith("dsd_weights_timeline") for tag in tags)
+
+    masks = recorder.masks_seen[0]
+    for layer in TARGETS:
+        keep = masks[layer]
+        threshold = float(pruned[layer].abs()[keep].min())
+        everything = accumulator.Histograms(f"dsd_weights/{layer}/{Moment.AFTER_PRUNING.value}")[0].histogram_value
+        nonzero = accumulator.Histograms(f"dsd_weights_nonzero/{layer}/{Moment.AFTER_PRUNING.value}")[0].histogram_value
+        assert everything.num == keep.numel()
+        assert nonzero.num == int(keep.sum()) == keep.numel() - round(0.5 * keep.numel())
+        # No mass strictly inside the threshold: buckets [low, high) inside (-t, t) are empty.
+        lower_limits = [-np.inf, *nonzero.bucket_limit[:-1]]
+        for low, high, count in zip(lower_limits, nonzero.bucket_limit, nonzero.bucket):
+            if -threshold < low and high < threshold:
+                assert count == 0, (layer, low, high, count)
+        assert min(abs(nonzero.min), abs(nonzero.max)) >= threshold * (1 - 1e-6)
+        restored = accumulator.Histograms(f"dsd_weights/{layer}/{Moment.START_OF_REDENSE.value}")[0].histogram_value
+        restored_lower = [-np.inf, *restored.bucket_limit[:-1]]
+        zero_bucket = [c for low, high, c in zip(restored_lower, restored.bucket_limit, restored.bucket) if low <= 0 < high]
+        assert zero_bucket == [round(0.5 * keep.numel())], "the restored zeros form a spike at re-dense"
+
+
+def test_phase_and_measured_sparsity_scalars(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    dsd, recorder, _ = _run(tmp_path, logger)
+    accumulator = _accumulator(logger.log_dir)
+
+    def scalar(tag):
+        return {e.step: e.value for e in accumulator.Scalars(tag)}
+
+    # epoch ends at steps 4, 8 (dense), 12, 16 (sparse), 20, 24 (re-dense); transitions at 8 and 16.
+    phase = scalar("dsd/phase")
+    assert phase[4] == 0 and phase[12] == 1 and phase[20] == 2 and phase[24] == 2
+    masks = recorder.masks_seen[0]
+    expected_global = sum(round(0.5 * m.numel()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+    sparsity = scalar("dsd/sparsity")
+    assert sparsity[12] == pytest.approx(expected_global, abs=1e-7)
+    assert sparsity[4] == 0.0 and sparsity[24] < 0.01
+    for layer, mask in masks.items():
+        assert scalar(f"dsd_sparsity/{layer}")[12] == pytest.approx(round(0.5 * mask.numel()) / mask.numel())
+    lr = scalar("dsd_lr/optimizer0_group0")
+    assert lr[8] == pytest.approx(0.1) and lr[16] == pytest.approx(0.01)
+
+
+def test_the_five_panel_figure_is_logged_and_saved_as_png(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    _run(tmp_path, logger, figure_layers=["lstm.*", "head.weight"])
+    accumulator = _accumulator(logger.log_dir)
+    assert set(accumulator.Tags()["images"]) == {
+        "dsd_figure/lstm.weight_ih_l0", "dsd_figure/lstm.weight_hh_l0", "dsd_figure/head.weight"
+    }
+    paths = sorted(glob.glob(os.path.join(logger.log_dir, "dsd_figures", "*.png")))
+    assert [os.path.basename(p) for p in paths] == [
+        "cycle0_head.weight.png", "cycle0_lstm.weight_hh_l0.png", "cycle0_lstm.weight_ih_l0.png"
+    ]
+    image = matplotlib.image.imread(paths[0])
+    height, width = image.shape[:2]
+    assert width > 3 * height
+    bar_colour = np.array([0x2A, 0x6F, 0xB0]) / 255
+    is_bar = (np.abs(image[..., :3] - bar_colour) < 0.02).all(axis=-1)
+    columns_with_bars = is_bar.any(axis=0)
+    fifths = np.array_split(columns_with_bars, 5)
+    assert all(f.any() for f in fifths), "each of the five panels has a histogram drawn in it"
+
+
+def test_default_figure_layers_are_the_largest_two(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    _run(tmp_path, logger, log_histograms=False)
+    accumulator = _accumulator(logger.log_dir)
+    assert set(accumulator.Tags()["images"]) == {"dsd_figure/lstm.weight_hh_l0", "dsd_figure/lstm.weight_ih_l0"}
+    assert accumulator.Tags()["histograms"] == []
+
+
+def test_options_turn_each_kind_of_logging_off_and_pick_layers(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    _run(tmp_path, logger, log_scalars=False, figure_layers=0, histogram_layers="head.*", histogram_every_n_epochs=2)
+    accumulator = _accumulator(logger.log_dir)
+    tags = accumulator.Tags()
+    assert not any(t.startswith("dsd") for t in tags["scalars"])
+    assert tags["images"] == []
+    assert {t.split("/")[1] for t in tags["histograms"]} == {"head.weight"}
+    assert [e.step for e in accumulator.Histograms("dsd_weights_timeline/head.weight")] == [8, 16, 24]
+    assert not os.path.exists(os.path.join(logger.log_dir, "dsd_figures"))
+
+
+def test_with_csv_and_tensorboard_loggers_scalars_go_to_both(tmp_path):
+    tensorboard, csv_logger = TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path, name="csv")
+    _run(tmp_path, [csv_logger, tensorboard])
+    assert "dsd_weights/head.weight/2_after_pruning" in _accumulator(tensorboard.log_dir).Tags()["histograms"]
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as handle:
+        rows = list(csv.DictReader(handle))
+    assert {"dsd/phase", "dsd/sparsity", "dsd_sparsity/head.weight"} <= set(rows[0])
+
+
+def test_a_csv_logger_alone_gets_scalars_and_pngs_and_one_clear_warning(tmp_path):
+    csv_logger = CSVLogger(tmp_path, name="csv")
+    with pytest.warns(UserWarning, match="skips weight histograms.*TensorBoardLogger.*CSVLogger") as caught:
+        _run(tmp_path, csv_logger)
+    assert sum("DSDCallback" in str(w.message) for w in caught) == 1
+    with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as handle:
+        assert "dsd/phase" in next(csv.reader(handle))
+    assert len(glob.glob(os.path.join(csv_logger.log_dir, "dsd_figures", "*.png"))) == 2
+
+
+def test_without_any_logger_training_runs_and_nothing_is_written(tmp_path):
+    with pytest.warns(UserWarning, match="logs nothing: the Trainer has no logger"):
+        dsd, recorder, _ = _run(tmp_path, False)
+    assert all(zeros for _, _, zeros in recorder.steps)
+    assert os.listdir(tmp_path) == []
+
+
+def test_the_progress_bar_shows_the_phase(capfd):
+    dsd = DSDCallback((0.5, 0.3), 1, 1, 1)
+    make_trainer([dsd], max_epochs=5, enable_progress_bar=True).fit(ConvLSTMNet(), make_loader())
+    captured = capfd.readouterr()
+    shown = captured.out + captured.err
+    for text in ("dsd=dense 1/2", "dsd=sparse 1/2", "dsd=redense 1/2", "dsd=sparse 2/2", "dsd=redense 2/2"):
+        assert text in shown
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get_json(url: str):
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.loads(response.read())
+
+
+@pytest.mark.slow
+def test_the_real_tensorboard_server_serves_the_histograms(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run", version=0)
+    _run(tmp_path, logger)
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1",
+         "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/data/plugin/histograms"
+    try:
+        deadline, tags = time.monotonic() + 60, {}
+        while time.monotonic() < deadline:
+            try:
+                tags = _get_json(f"{base}/tags")
+                if tags.get("run/version_0"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.5)
+        run_tags = tags["run/version_0"]
+        for layer in TARGETS:
+            assert f"dsd_weights_nonzero/{layer}/3_end_of_sparse" in run_tags
+        query = urllib.parse.urlencode({"run": "run/version_0", "tag": "dsd_weights/head.weight/2_after_pruning"})
+        data = _get_json(f"{base}/histograms?{query}")
+        (wall_time, step, buckets), = data
+        assert step == 8
+        assert sum(count for _, _, count in buckets) == pytest.approx(torch.Size([3, 16]).numel())
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
