@@ -1,0 +1,67 @@
+"""The newcomer path: the demo command, the walkthrough notebook and the accuracy study, run for real."""
+
+from __future__ import annotations
+
+import glob
+import os
+import runpy
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import nbformat
+import pytest
+from nbclient import NotebookClient
+
+from lightning_dsd.demo import run_demo
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_demo_trains_dsd_and_a_baseline_and_tells_how_to_open_tensorboard(tmp_path, capsys):
+    rows = run_demo(["--dataset", "digits", "--model", "mlp", "--epochs", "3", "2", "2", "--output", str(tmp_path)])
+    assert list(rows) == ["after dense", "after sparse", "after re-dense (DSD)", "dense baseline (7 epochs)"]
+    assert all(0.8 < accuracy <= 1.0 for accuracy in rows.values()), rows
+    printed = capsys.readouterr().out
+    assert f"tensorboard --logdir {tmp_path}" in printed
+    assert "dsd=sparse" in printed  # the progress bar shows the phase
+    assert glob.glob(str(tmp_path / "dsd" / "version_0" / "events.out.tfevents.*"))
+    assert len(glob.glob(str(tmp_path / "dsd" / "version_0" / "dsd_figures" / "*.png"))) == 2
+
+
+@pytest.mark.slow
+def test_the_demo_default_dataset_is_mnist1d_generated_locally(tmp_path):
+    rows = run_demo(["--model", "cnn", "--epochs", "2", "1", "1", "--output", str(tmp_path)])
+    assert all(0.3 < accuracy <= 1.0 for accuracy in rows.values()), rows
+
+
+def test_the_console_script_is_installed():
+    script = shutil.which("lightning-dsd-demo", path=os.path.dirname(sys.executable))
+    assert script is not None
+    result = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
+    for option in ("--dataset", "--model", "--sparsity", "--epochs", "--seed", "--output"):
+        assert option in result.stdout
+
+
+@pytest.mark.slow
+def test_the_walkthrough_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
+    monkeypatch.setenv("DSD_NOTEBOOK_EPOCHS", "2")
+    monkeypatch.setenv("DSD_NOTEBOOK_LOGDIR", str(tmp_path))
+    notebook = nbformat.read(ROOT / "notebooks" / "dsd_walkthrough.ipynb", as_version=4)
+    assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit it stripped"
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
+    assert len(images) == 2, "the five-panel figures are shown inline"
+    printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))
+    assert "dense baseline" in printed and "tensorboard --logdir" in printed
+
+
+@pytest.mark.slow
+def test_the_accuracy_study_smoke_run_prints_its_table(capsys):
+    study = runpy.run_path(str(ROOT / "benchmarks" / "accuracy_study.py"))
+    table = study["main"](["--seeds", "1", "--epochs", "2", "1", "1", "--configs", "digits:mlp"])
+    header, _, row = table.splitlines()
+    assert header.split(" | ")[1:5] == ["dense", "LLR", "sparse", "DSD"]
+    assert row.startswith("| digits MLP |")
+    assert "->" in row
