@@ -7,8 +7,9 @@ Example:
 """
 
 from lightning_dsd.callback import DSDCallback
+from lightning_dsd.checkpoint import FinalPhaseCheckpoint
 from lightning_dsd.phases import Phase
 
 __version__ = "0.1.0"
 
-__all__ = ["DSDCallback", "Phase", "__version__"]
+__all__ = ["DSDCallback", "FinalPhaseCheckpoint", "Phase", "__version__"]

@@ -11,7 +11,7 @@ from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, EarlyStopping, StochasticWeightAveraging
 from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -171,6 +171,11 @@ class DSDCallback(Callback):
         return dict(self._restored_masks or {})
 
     @property
+    def in_last_phase(self) -> bool:
+        """Whether the schedule has reached its last phase (the final re-dense)."""
+        return self._schedule.is_last
+
+    @property
     def target_names(self) -> list[str]:
         """Names of the parameters this callback prunes (known once ``fit`` has set it up)."""
         return list(self._targets)
@@ -182,6 +187,7 @@ class DSDCallback(Callback):
         if stage != TrainerFn.FITTING:
             return
         self._check_strategy(trainer)
+        self._check_other_callbacks(trainer)
         self._targets = self._select_targets(pl_module)
         self._histogram_targets = (
             self._targets
@@ -202,6 +208,20 @@ class DSDCallback(Callback):
                 f"DSDCallback supports single-device training and DDP (`strategy='ddp'`, 'ddp_spawn', ...)."
                 f" Found strategy {type(strategy).__name__}: sharded strategies (FSDP, DeepSpeed, model"
                 " parallel) split or flatten parameters, so per-tensor magnitude thresholds would be wrong."
+            )
+
+    def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
+        if any(isinstance(cb, StochasticWeightAveraging) for cb in trainer.callbacks):
+            raise ValueError(
+                "DSDCallback cannot run with StochasticWeightAveraging: SWA replaces the learning-rate schedule"
+                " that re-dense scales and, at the end, overwrites the weights with an average taken across"
+                " phases (sparse ones included). Run SWA in a separate `fit` after DSD has finished."
+            )
+        if any(isinstance(cb, EarlyStopping) for cb in trainer.callbacks):
+            rank_zero_warn(
+                "EarlyStopping may end training before DSD's last phase (e.g. while the pruned model recovers)."
+                " To stop each phase when a metric stops improving, give DSDCallback `monitor=` and pass `None`"
+                " as that phase's length; keep EarlyStopping only if stopping in the middle of DSD is intended."
             )
 
     def _select_targets(self, pl_module: "pl.LightningModule") -> dict[str, nn.Parameter]:

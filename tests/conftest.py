@@ -29,6 +29,14 @@ def make_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
     return DataLoader(TensorDataset(x, y), batch_size=batch_size)
 
 
+def sgd_momentum(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05)
+
+
 class ConvLSTMNet(pl.LightningModule):
     """Conv1d + BatchNorm + LSTM + Linear: every kind of layer DSD targets or must leave alone.
 
@@ -37,7 +45,7 @@ class ConvLSTMNet(pl.LightningModule):
 
     def __init__(
         self,
-        optimizer: Callable[..., torch.optim.Optimizer] = lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9),
+        optimizer: Callable[..., torch.optim.Optimizer] = sgd_momentum,
         scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
         scheduler_interval: str = "epoch",
     ) -> None:

@@ -1,0 +1,69 @@
+"""DSD under real DDP (gloo, 2 CPU processes), run by test_compatibility.py in a fresh interpreter.
+
+``strategy="ddp"`` re-executes the launching command for rank 1, so it cannot run inside pytest itself.
+Each rank writes what it saw to ``<out>/rank<r>.pt``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import lightning.pytorch as pl
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from conftest import ConvLSTMNet, StepRecorder, adamw, make_loader, make_trainer, seeded  # noqa: E402
+from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
+from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
+
+from lightning_dsd import DSDCallback  # noqa: E402
+
+
+class DumpPerRank(pl.Callback):
+    def __init__(self, out: str, recorder: StepRecorder) -> None:
+        self.out, self.recorder = out, recorder
+
+    def on_train_end(self, trainer, pl_module):
+        torch.save(
+            {
+                "steps": self.recorder.steps,
+                "masks": self.recorder.masks_seen,
+                "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
+                "params": {k: v.detach().cpu() for k, v in pl_module.named_parameters()},
+                "world_size": trainer.world_size,
+            },
+            os.path.join(self.out, f"rank{trainer.global_rank}.pt"),
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--strategy", default="ddp")
+    parser.add_argument("--scope", default="layer")
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--resume", default=None)
+    args = parser.parse_args()
+    with seeded(3):
+        model = ConvLSTMNet(optimizer=adamw)
+    dsd = DSDCallback(0.5, 1, 2, 1, scope=args.scope)
+    recorder = StepRecorder(dsd)
+    callbacks = [dsd, recorder, DumpPerRank(args.out, recorder)]
+    if args.resume is None:
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_top_k=-1, filename="{epoch}"))
+    trainer = make_trainer(
+        callbacks,
+        max_epochs=4,
+        strategy=args.strategy,
+        devices=2,
+        accumulate_grad_batches=2,
+        gradient_clip_val=0.5,
+        enable_checkpointing=args.resume is None,
+        logger=TensorBoardLogger(args.out, name="tb", version=0),
+    )
+    trainer.fit(model, make_loader(n=128), ckpt_path=args.resume)
+
+
+if __name__ == "__main__":
+    main()
