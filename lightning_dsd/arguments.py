@@ -8,18 +8,20 @@ Example:
     >>> check_sparsities(1.5)
     Traceback (most recent call last):
     ...
-    ValueError: `sparsity` must be a float in (0, 1) (the fraction of weights pruned), or a non-empty sequence of them, one per DSD cycle. Found: 1.5.
+    ValueError: `sparsity` must be a float in (0, 1) (the fraction of weights pruned) or an 'N:M' pattern such as '2:4', or a non-empty sequence of them, one per DSD cycle. Found: 1.5.
 """
 
 from __future__ import annotations
 
 import math
 from numbers import Real
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
+
+from lightning_dsd.masks import NMPattern, Sparsity
 
 _SPARSITY_RULE = (
-    "`sparsity` must be a float in (0, 1) (the fraction of weights pruned), "
-    "or a non-empty sequence of them, one per DSD cycle."
+    "`sparsity` must be a float in (0, 1) (the fraction of weights pruned) or an 'N:M' pattern such as '2:4',"
+    " or a non-empty sequence of them, one per DSD cycle."
 )
 
 
@@ -34,14 +36,37 @@ def check_fraction(value: Any, rule: str) -> float:
     return float(value)
 
 
-def check_sparsities(value: Any) -> tuple[float, ...]:
-    """One sparsity per cycle, from a float or a sequence of floats."""
-    if isinstance(value, (str, bytes)) or (not _is_real(value) and not isinstance(value, Sequence)):
+def check_sparsity(value: Any, rule: str = _SPARSITY_RULE) -> Sparsity:
+    """One sparsity: a float in (0, 1) or an ``"N:M"`` pattern."""
+    if isinstance(value, str):
+        try:
+            return NMPattern.parse(value)
+        except ValueError as error:
+            raise ValueError(f"{rule} Found: {value!r} ({error})") from None
+    return check_fraction(value, rule)
+
+
+def check_sparsities(value: Any) -> tuple[Sparsity, ...]:
+    """One sparsity per cycle, from a float, an ``"N:M"`` string, or a sequence of them."""
+    if isinstance(value, bytes) or (not _is_real(value) and not isinstance(value, (str, Sequence))):
         raise ValueError(f"{_SPARSITY_RULE} Found: {value!r}.")
-    values = [value] if _is_real(value) else list(value)
+    values = [value] if _is_real(value) or isinstance(value, str) else list(value)
     if not values:
         raise ValueError(f"{_SPARSITY_RULE} Found an empty sequence: {value!r}.")
-    return tuple(check_fraction(v, _SPARSITY_RULE) for v in values)
+    return tuple(check_sparsity(v) for v in values)
+
+
+def check_layer_sparsity(value: Any) -> Optional[dict[str, Sparsity]]:
+    """Per-layer overrides: a mapping from parameter-name glob to a sparsity (float or ``"N:M"``)."""
+    if value is None:
+        return None
+    rule = (
+        "`layer_sparsity` must map parameter-name glob patterns to a sparsity (a float in (0, 1) or 'N:M'),"
+        " e.g. {'lstm.*': 0.8}."
+    )
+    if not isinstance(value, Mapping) or not value or not all(isinstance(k, str) and k for k in value):
+        raise ValueError(f"{rule} Found: {value!r}.")
+    return {pattern: check_sparsity(sparsity, rule) for pattern, sparsity in value.items()}
 
 
 def check_length(name: str, value: Any) -> Optional[int]:

@@ -7,7 +7,8 @@ The callback only coordinates: the schedule lives in :mod:`lightning_dsd.phases`
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from fnmatch import fnmatchcase
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -23,6 +24,7 @@ from lightning_dsd.arguments import (
     check_choice,
     check_every_n,
     check_figure_layers,
+    check_layer_sparsity,
     check_length,
     check_non_negative_int,
     check_patterns,
@@ -31,7 +33,9 @@ from lightning_dsd.arguments import (
 )
 from lightning_dsd.constraint import SparseConstraint
 from lightning_dsd.lr import current_learning_rates, scale_learning_rates
-from lightning_dsd.masks import global_magnitude_masks, magnitude_masks, pack_mask, unpack_mask
+from lightning_dsd.export import export_sparse_model
+from lightning_dsd.masks import NMPattern, Sparsity, global_magnitude_masks, magnitude_masks, pack_mask, unpack_mask
+from lightning_dsd.redense import REDENSE_INITS, reinitialize_pruned
 from lightning_dsd.phases import ConvergenceTracker, Phase, Schedule, Stage, build_stages
 from lightning_dsd.reporting import Moment, PhaseReporter
 from lightning_dsd.selection import select_parameters
@@ -53,7 +57,8 @@ class DSDCallback(Callback):
     plain model in every phase.
 
     Args:
-        sparsity: fraction of weights pruned in the sparse phase, in (0, 1), or one per cycle.
+        sparsity: fraction of weights pruned in the sparse phase, in (0, 1), or an ``"N:M"`` pattern (keep
+            the N largest of every M consecutive weights along the input dimension), or one per cycle.
         dense_epochs: length of the first dense phase; ``0`` prunes before the first step (the paper's use
             on pre-trained models); ``None`` runs it until ``monitor`` converges.
         sparse_epochs: length of each sparse phase, likewise.
@@ -75,6 +80,15 @@ class DSDCallback(Callback):
         log_scalars: log phase, cycle, measured sparsity and transition learning rates to every logger.
         figure_layers: the five-panel figure is drawn for this many of the largest targeted layers, or for
             the targeted layers matching these glob patterns; ``0`` turns it off.
+        layer_sparsity: per-layer overrides, a mapping from parameter-name glob to a sparsity (float or
+            ``"N:M"``) used in every cycle; the first matching pattern wins. Needs ``scope="layer"``.
+        export_sparse: at the end of each sparse phase, save the sparse model under
+            ``<log_dir>/dsd_sparse/``: ``"checkpoint"`` (a normal Lightning checkpoint) or ``"sparse"``
+            (that, plus a ``state_dict`` whose pruned tensors are torch sparse tensors).
+        redense_init: how pruned weights restart at re-dense: ``"zero"`` (the paper's) or
+            ``"small_normal"`` (normal noise with a tenth of the standard deviation of the layer's
+            surviving weights, drawn from a generator seeded with ``seed`` and the cycle).
+        seed: seed of the random re-dense initialisation.
 
     The current phase is shown in the progress bar as ``dsd=<phase>``. See :mod:`lightning_dsd.reporting`
     for every TensorBoard tag.
@@ -89,7 +103,7 @@ class DSDCallback(Callback):
 
     def __init__(
         self,
-        sparsity: Union[float, Sequence[float]],
+        sparsity: Union[float, str, Sequence[Union[float, str]]],
         dense_epochs: Optional[int],
         sparse_epochs: Optional[int],
         redense_epochs: Optional[int],
@@ -109,6 +123,10 @@ class DSDCallback(Callback):
         histogram_layers: Optional[Union[str, Sequence[str]]] = None,
         log_scalars: bool = True,
         figure_layers: Union[int, Sequence[str]] = 2,
+        layer_sparsity: Optional[Mapping[str, Union[float, str]]] = None,
+        export_sparse: Optional[str] = None,
+        redense_init: str = "zero",
+        seed: int = 0,
     ) -> None:
         super().__init__()
         self.sparsities = check_sparsities(sparsity)
@@ -134,6 +152,19 @@ class DSDCallback(Callback):
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude)
         self.scope = check_choice("scope", scope, ("layer", "global"))
+        self.layer_sparsity = check_layer_sparsity(layer_sparsity)
+        uses_patterns = any(isinstance(s, NMPattern) for s in self.sparsities)
+        if self.scope == "global" and (self.layer_sparsity or uses_patterns):
+            raise ValueError(
+                "`scope='global'` sets one threshold over all targets, so it takes neither `layer_sparsity` nor"
+                f" 'N:M' patterns. Found: layer_sparsity={layer_sparsity!r}, sparsity={sparsity!r}."
+            )
+        self.export_sparse = None if export_sparse is None else check_choice(
+            "export_sparse", export_sparse, ("checkpoint", "sparse")
+        )
+        self.redense_init = check_choice("redense_init", redense_init, REDENSE_INITS)
+        self.seed = check_non_negative_int("seed", seed)
+        self.exported_sparse_models: list[dict[str, Any]] = []
         self.stop_at_end = check_bool("stop_at_end", stop_at_end)
         self.histogram_every_n_epochs = check_every_n("histogram_every_n_epochs", histogram_every_n_epochs)
         self.histogram_layers = check_patterns("histogram_layers", histogram_layers)
@@ -171,6 +202,19 @@ class DSDCallback(Callback):
         return dict(self._restored_masks or {})
 
     @property
+    def layer_sparsities(self) -> dict[str, list[Union[float, str]]]:
+        """The sparsity each targeted parameter gets in each cycle, after ``layer_sparsity`` overrides."""
+        cycles = [self._resolve(sparsity) for sparsity in self.sparsities]
+        return {name: [_shown(cycle[name]) for cycle in cycles] for name in self._targets}
+
+    def _resolve(self, default: Sparsity) -> dict[str, Sparsity]:
+        resolved = {}
+        for name in self._targets:
+            matches = (value for pattern, value in (self.layer_sparsity or {}).items() if fnmatchcase(name, pattern))
+            resolved[name] = next(matches, default)
+        return resolved
+
+    @property
     def in_last_phase(self) -> bool:
         """Whether the schedule has reached its last phase (the final re-dense)."""
         return self._schedule.is_last
@@ -189,6 +233,7 @@ class DSDCallback(Callback):
         self._check_strategy(trainer)
         self._check_other_callbacks(trainer)
         self._targets = self._select_targets(pl_module)
+        self._check_patterns_fit()
         self._histogram_targets = (
             self._targets
             if self.histogram_layers is None
@@ -248,6 +293,19 @@ class DSDCallback(Callback):
                 " Name them in `include` to prune them anyway."
             )
         return selection.selected
+
+    def _check_patterns_fit(self) -> None:
+        for sparsity in self.sparsities:
+            for name, resolved in self._resolve(sparsity).items():
+                if not isinstance(resolved, NMPattern):
+                    continue
+                shape = tuple(self._targets[name].shape)
+                if shape[1] % resolved.m:
+                    raise ValueError(
+                        f"`sparsity='{resolved}'` groups {resolved.m} consecutive weights along the input dimension,"
+                        f" but `{name}` has shape {shape}: input size {shape[1]} does not divide by {resolved.m}."
+                        " `exclude` it or give it a float in `layer_sparsity`."
+                    )
 
     def _warn_if_schedule_does_not_fit(self, trainer: "pl.Trainer") -> None:
         needed = self._schedule.required_length()
@@ -345,12 +403,14 @@ class DSDCallback(Callback):
     def _advance_if_due(self, trainer: "pl.Trainer") -> None:
         now = self._now(trainer)
         while self._schedule.is_due(now):
-            previous = self._schedule.stage
+            finished = self._schedule.stage
+            if finished.phase is Phase.SPARSE:
+                self._finish_sparse(trainer, finished)
             stage = self._schedule.advance(now)
             if stage.phase is Phase.SPARSE:
                 self._prune(trainer, stage)
             else:
-                self._redense(trainer, previous)
+                self._redense(trainer, finished)
         self._stop_if_finished(trainer, now)
 
     def _record(self, trainer: "pl.Trainer", moment: Moment, cycle: int) -> None:
@@ -370,6 +430,8 @@ class DSDCallback(Callback):
             self._record(trainer, Moment.END_OF_REDENSE, stage.cycle - 1)
             self._reporter.draw_figure(trainer, stage.cycle - 1)
         self._record(trainer, Moment.END_OF_DENSE, stage.cycle)
+        if stage.cycle == 0 and self.layer_sparsity:
+            rank_zero_info(f"DSD sparsity per parameter, one value per cycle: {self.layer_sparsities}")
         masks = self._decide_masks(trainer, stage.sparsity)
         self._enforce(trainer, masks)
         self._record(trainer, Moment.AFTER_PRUNING, stage.cycle)
@@ -381,14 +443,14 @@ class DSDCallback(Callback):
             f" {len(masks)} tensors, scope={self.scope!r}; the masks stay fixed for this phase."
         )
 
-    def _decide_masks(self, trainer: "pl.Trainer", sparsity: float) -> dict[str, Tensor]:
+    def _decide_masks(self, trainer: "pl.Trainer", sparsity: Sparsity) -> dict[str, Tensor]:
         """Masks from the current weights, decided on rank zero and broadcast, so every rank prunes alike."""
         packed = None
         if trainer.is_global_zero:
             if self.scope == "global":
                 keep = global_magnitude_masks(self._targets, sparsity)
             else:
-                keep = magnitude_masks(self._targets, {name: sparsity for name in self._targets})
+                keep = magnitude_masks(self._targets, self._resolve(sparsity))
             packed = {name: pack_mask(mask) for name, mask in keep.items()}
         packed = trainer.strategy.broadcast(packed, src=0)
         return {name: unpack_mask(bits, self._targets[name].shape) for name, bits in packed.items()}
@@ -399,11 +461,21 @@ class DSDCallback(Callback):
         self._constraint.attach(trainer.optimizers)
         self._restored_masks = None
 
-    def _redense(self, trainer: "pl.Trainer", finished: Stage) -> None:
+    def _finish_sparse(self, trainer: "pl.Trainer", finished: Stage) -> None:
+        """The sparse phase's last look: its histograms, and the exported sparse model (saved while the
+        schedule still says "sparse", so its callback state is that of the sparse phase)."""
         self._record(trainer, Moment.END_OF_SPARSE, finished.cycle)
+        if self.export_sparse is not None:
+            self.exported_sparse_models.append(
+                export_sparse_model(trainer, self._targets, finished.cycle, sparse_tensors=self.export_sparse == "sparse")
+            )
+
+    def _redense(self, trainer: "pl.Trainer", finished: Stage) -> None:
         if self._constraint is not None:
+            keep = self._constraint.keep_masks()
             self._constraint.detach(trainer.optimizers)
             self._constraint = None
+            reinitialize_pruned(self._targets, keep, self.redense_init, seed=self.seed + finished.cycle)
         before = current_learning_rates(trainer.optimizers)
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         scale_learning_rates(trainer.optimizers, schedulers, self.lr_scale)
@@ -442,7 +514,7 @@ class DSDCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        masks = self.masks
+        masks = self.masks if self.phase is Phase.SPARSE else {}
         return {
             "version": _STATE_VERSION,
             "schedule": self._schedule.state_dict(),
@@ -454,6 +526,10 @@ class DSDCallback(Callback):
         self._schedule.load_state_dict(state_dict.get("schedule", {}))
         masks = state_dict.get("masks", {})
         self._restored_masks = {name: unpack_mask(m["bits"], m["shape"]) for name, m in masks.items()} or None
+
+
+def _shown(sparsity: Sparsity) -> Union[float, str]:
+    return str(sparsity) if isinstance(sparsity, NMPattern) else sparsity
 
 
 def _format_lrs(lrs: list[float]) -> str:

@@ -21,12 +21,69 @@ Example:
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Mapping, Sequence, Union
 
 import torch
 from torch import Tensor
 
 _BIT_VALUES = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8)
+
+
+@dataclass(frozen=True)
+class NMPattern:
+    """Structured N:M sparsity: in every group of ``m`` consecutive weights along the input dimension,
+    the ``n`` largest in magnitude are kept (``2:4`` is the pattern sparse tensor cores accelerate).
+
+    Example:
+        >>> NMPattern.parse("2:4"), NMPattern(2, 4).sparsity
+        (NMPattern(n=2, m=4), 0.5)
+    """
+
+    n: int
+    m: int
+
+    @classmethod
+    def parse(cls, text: str) -> "NMPattern":
+        n, sep, m = text.partition(":")
+        if not (sep and n.strip().isdigit() and m.strip().isdigit() and 0 < int(n) < int(m)):
+            raise ValueError(f"an N:M pattern needs integers 0 < N < M, as in '2:4'. Found: {text!r}.")
+        return cls(int(n), int(m))
+
+    @property
+    def sparsity(self) -> float:
+        return 1 - self.n / self.m
+
+    def __str__(self) -> str:
+        return f"{self.n}:{self.m}"
+
+
+Sparsity = Union[float, NMPattern]
+
+
+def input_dimension_last(weight: Tensor) -> Tensor:
+    """``weight`` viewed with its input dimension last: dim 1 of (out, in, *kernel) goes to the end."""
+    return weight.movedim(1, -1) if weight.dim() > 2 else weight
+
+
+def nm_mask(weight: Tensor, pattern: NMPattern) -> Tensor:
+    """Keep the ``n`` largest |w| of every ``m`` consecutive entries along the input dimension.
+
+    Ties are broken by position (the earlier entry is pruned first). The input size must divide by ``m``.
+
+    Example:
+        >>> nm_mask(torch.tensor([[0.1, -0.9, 0.3, 0.2, 5.0, 4.0, -3.0, 0.0]]), NMPattern(2, 4))
+        tensor([[False,  True,  True, False,  True,  True, False, False]])
+    """
+    moved = input_dimension_last(weight.detach())
+    if moved.shape[-1] % pattern.m:
+        raise ValueError(f"input size {moved.shape[-1]} does not divide by {pattern.m}")
+    groups = moved.abs().float().reshape(-1, pattern.m)
+    order = torch.sort(groups, dim=1, stable=True).indices
+    keep = torch.ones_like(groups, dtype=torch.bool)
+    keep.scatter_(1, order[:, : pattern.m - pattern.n], False)
+    keep = keep.reshape(moved.shape)
+    return keep.movedim(-1, 1) if weight.dim() > 2 else keep
 
 
 def pruned_count(numel: int, sparsity: float) -> int:
@@ -49,13 +106,18 @@ def smallest_entries(scores: Tensor, k: int) -> Tensor:
     return chosen
 
 
-def magnitude_masks(weights: Mapping[str, Tensor], sparsities: Mapping[str, float]) -> dict[str, Tensor]:
-    """Per-tensor ("layer") masks: each tensor loses its own ``round(sparsity * N)`` smallest entries."""
+def magnitude_masks(weights: Mapping[str, Tensor], sparsities: Mapping[str, Sparsity]) -> dict[str, Tensor]:
+    """Per-tensor ("layer") masks: each tensor loses its own ``round(sparsity * N)`` smallest entries, or
+    follows its :class:`NMPattern`."""
     masks = {}
     with torch.no_grad():
         for name, weight in weights.items():
+            sparsity = sparsities[name]
+            if isinstance(sparsity, NMPattern):
+                masks[name] = nm_mask(weight, sparsity)
+                continue
             scores = weight.detach().abs().flatten().float()
-            pruned = smallest_entries(scores, pruned_count(scores.numel(), sparsities[name]))
+            pruned = smallest_entries(scores, pruned_count(scores.numel(), sparsity))
             masks[name] = pruned.logical_not_().view(weight.shape)
     return masks
 

@@ -43,11 +43,11 @@ class Stage:
     phase: Phase
     cycle: int
     length: Optional[int]
-    sparsity: float
+    sparsity: Any  # a float, or an N:M pattern (lightning_dsd.masks.NMPattern)
 
 
 def build_stages(
-    sparsities: Sequence[float], dense: Optional[int], sparse: Optional[int], redense: Optional[int]
+    sparsities: Sequence[Any], dense: Optional[int], sparse: Optional[int], redense: Optional[int]
 ) -> tuple[Stage, ...]:
     """Lay out D S D (S D ...): one dense phase, then a sparse and a re-dense phase per sparsity.
 
@@ -60,8 +60,8 @@ def build_stages(
     """
     stages = [Stage(Phase.DENSE, 0, dense, 0.0)]
     for cycle, sparsity in enumerate(sparsities):
-        stages.append(Stage(Phase.SPARSE, cycle, sparse, float(sparsity)))
-        stages.append(Stage(Phase.REDENSE, cycle, redense, float(sparsity)))
+        stages.append(Stage(Phase.SPARSE, cycle, sparse, sparsity))
+        stages.append(Stage(Phase.REDENSE, cycle, redense, sparsity))
     return tuple(stages)
 
 

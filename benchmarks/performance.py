@@ -1,0 +1,305 @@
+"""How much DSD costs, measured side by side in one process (these machines are noisy).
+
+    python benchmarks/performance.py            # everything, CPU (and CUDA when a GPU is present)
+    python benchmarks/performance.py --quick    # fewer rounds and sizes
+
+Sections:
+
+1. **Mask application**: the choices tried for the per-step masked pass (float vs bool masks, ``mul_`` vs
+   ``masked_fill_`` vs ``where``, foreach vs a loop), against a plain ``copy_`` of the same tensors, the
+   memory-bandwidth yardstick.
+2. **Training step**: real ``lightning.Trainer`` steps on three workloads (MLP 3x1024, small CNN, LSTM;
+   batch 64) for plain training, DSD in a dense phase, DSD in a sparse phase and Lightning's
+   ``ModelPruning`` at the same sparsity. Variants run in alternation, round after round; each ratio is
+   the median over rounds of (variant step time / plain step time) in the same round.
+3. **Mask building** for 1M to 100M targeted parameters (per-layer and global thresholds).
+4. **Growth**: sparse-phase overhead as the MLP grows from 1M to 50M parameters.
+5. **Memory**: bytes per targeted parameter kept during the sparse phase and in the checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import logging
+import os
+import platform
+import statistics
+import time
+import warnings
+from typing import Callable, Sequence
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import ModelPruning
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dsd import DSDCallback
+from lightning_dsd.constraint import SparseConstraint
+from lightning_dsd.masks import global_magnitude_masks, magnitude_masks, pack_mask
+
+warnings.filterwarnings("ignore")
+logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def median_ms(fn: Callable[[], object], device: torch.device, repeat: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(repeat):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return 1e3 * statistics.median(times)
+
+
+def table(title: str, header: Sequence[str], rows: Sequence[Sequence[object]]) -> None:
+    print(f"\n### {title}\n")
+    print("| " + " | ".join(header) + " |")
+    print("|" + "---|" * len(header))
+    for row in rows:
+        print("| " + " | ".join(f"{v:.3g}" if isinstance(v, float) else str(v) for v in row) + " |")
+
+
+# --------------------------------------------------------------------------- 1. mask application
+
+
+def mask_application(device: torch.device, numel: int) -> None:
+    generator = torch.Generator().manual_seed(0)
+    shapes = [(1024, numel // (4 * 1024))] * 4
+    weights = [torch.randn(s, generator=generator).to(device) for s in shapes]
+    keep_bool = [(torch.rand(s, generator=generator) > 0.5).to(device) for s in shapes]
+    keep_float = [m.float() for m in keep_bool]
+    pruned_bool = [~m for m in keep_bool]
+    scratch = [torch.empty_like(w) for w in weights]
+    zero = torch.zeros((), device=device)
+    total_bytes = sum(w.numel() * w.element_size() for w in weights)
+    choices = {
+        "copy_ (yardstick), foreach": lambda: torch._foreach_copy_(scratch, weights),
+        "mul_ float mask, foreach": lambda: torch._foreach_mul_(weights, keep_float),
+        "mul_ float mask, loop": lambda: [w.mul_(m) for w, m in zip(weights, keep_float)],
+        "mul_ bool mask, loop": lambda: [w.mul_(m) for w, m in zip(weights, keep_bool)],
+        "masked_fill_ bool mask, loop": lambda: [w.masked_fill_(m, 0.0) for w, m in zip(weights, pruned_bool)],
+        "where(out=) bool mask, loop": lambda: [torch.where(m, w, zero, out=w) for w, m in zip(weights, keep_bool)],
+    }
+    times = {name: median_ms(fn, device) for name, fn in choices.items()}
+    copy_ms = times["copy_ (yardstick), foreach"]
+    rows = []
+    for name, ms in times.items():
+        mask_bytes = 0 if name.startswith("copy") else (4 if "float" in name else 1)
+        rows.append((name, ms, f"{copy_ms / ms:.2f}", mask_bytes))
+    table(
+        f"Mask application on {device.type}: {sum(w.numel() for w in weights) / 1e6:.0f}M float32 weights"
+        f" ({total_bytes / 2**20:.0f} MiB)",
+        ["choice", "ms", "speed vs copy_", "mask bytes/param"],
+        rows,
+    )
+
+
+# --------------------------------------------------------------------------- 2. training steps
+
+
+def mlp(width: int = 1024, depth: int = 3, inputs: int = 784) -> nn.Module:
+    layers: list[nn.Module] = []
+    for i in range(depth):
+        layers += [nn.Linear(inputs if i == 0 else width, width), nn.ReLU()]
+    return nn.Sequential(*layers, nn.Linear(width, 10))
+
+
+def small_cnn() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(32, 64, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(64, 128, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Flatten(), nn.Linear(128 * 4 * 4, 256), nn.ReLU(), nn.Linear(256, 10),
+    )
+
+
+class LSTMClassifier(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(64, 256, num_layers=2, batch_first=True)
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+WORKLOADS = {
+    "MLP 3x1024": (lambda: mlp(), (784,)),
+    "small CNN": (small_cnn, (3, 32, 32)),
+    "LSTM 2x256": (LSTMClassifier, (32, 64)),
+}
+
+
+class Module(pl.LightningModule):
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.network(x), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01, momentum=0.9)
+
+
+class BatchTimer(pl.Callback):
+    """Wall time of every training batch (forward, backward, optimizer step and every callback hook)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.device, self.times = device, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        _sync(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        _sync(self.device)
+        self.times.append(time.perf_counter() - self._start)
+
+
+def _variant_callbacks(name: str) -> list[pl.Callback]:
+    if name == "plain":
+        return []
+    if name == "DSD dense phase":
+        return [DSDCallback(0.5, 10**6, 1, 1, log_histograms=False, log_scalars=False, figure_layers=0)]
+    if name == "DSD sparse phase":
+        return [DSDCallback(0.5, 0, 10**6, 1, log_histograms=False, log_scalars=False, figure_layers=0)]
+    if name == "ModelPruning":
+        # Prunes once, after the warm-up epoch; every later forward pays weight = weight_orig * weight_mask.
+        return [ModelPruning("l1_unstructured", amount=0.5, apply_pruning=lambda epoch: epoch == 0,
+                             make_pruning_permanent=False, verbose=0)]
+    raise ValueError(name)
+
+
+VARIANTS = ("plain", "DSD dense phase", "DSD sparse phase", "ModelPruning")
+
+
+def step_overheads(device: torch.device, rounds: int, steps: int, workloads: dict, batch: int = 64) -> dict:
+    results = {}
+    for workload, (build, shape) in workloads.items():
+        x = torch.randn(batch * steps, *shape)
+        y = torch.randint(0, 10, (batch * steps,))
+        loader = DataLoader(TensorDataset(x, y), batch_size=batch)
+        per_round: dict[str, list[float]] = {v: [] for v in VARIANTS}
+        modules = {}
+        for variant in VARIANTS:
+            torch.manual_seed(0)
+            modules[variant] = Module(build())
+        for r in range(rounds):
+            order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+            for variant in order:
+                timer = BatchTimer(device)
+                trainer = pl.Trainer(
+                    max_epochs=2, accelerator=device.type, devices=1, logger=False, enable_checkpointing=False,
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=[*_variant_callbacks(variant), timer],
+                )
+                trainer.fit(modules[variant], loader)
+                per_round[variant].append(statistics.median(timer.times[steps + 2:]))  # second epoch, warm
+                for callback in trainer.callbacks:
+                    if isinstance(callback, ModelPruning):  # ModelPruning left hooks: undo for the next round
+                        callback.make_pruning_permanent(modules[variant])
+        plain = per_round["plain"]
+        results[workload] = {
+            "plain ms": 1e3 * statistics.median(plain),
+            **{v: statistics.median(t / p for t, p in zip(per_round[v], plain)) for v in VARIANTS[1:]},
+        }
+    return results
+
+
+def print_step_table(device: torch.device, results: dict) -> None:
+    rows = []
+    for workload, r in results.items():
+        dsd_over = r["DSD sparse phase"] - 1
+        mp_over = r["ModelPruning"] - 1
+        ratio = f"{mp_over / dsd_over:.1f}" if dsd_over > 0 else "inf (DSD overhead <= 0)"
+        rows.append((workload, r["plain ms"], f"{r['DSD dense phase']:.3f}", f"{r['DSD sparse phase']:.3f}",
+                     f"{r['ModelPruning']:.3f}", ratio))
+    table(
+        f"Training step on {device.type}, batch 64, SGD momentum, sparsity 0.5 (median of per-round ratios to plain)",
+        ["workload", "plain step ms", "DSD dense / plain", "DSD sparse / plain", "ModelPruning / plain",
+         "ModelPruning overhead / DSD overhead"],
+        rows,
+    )
+
+
+# --------------------------------------------------------------------------- 3. mask building
+
+
+def mask_building(device: torch.device, sizes_m: Sequence[int]) -> None:
+    rows = []
+    for size in sizes_m:
+        numel = size * 1_000_000
+        layer = 2_500_000  # ResNet-50's largest tensors hold about 2.4M weights
+        generator = torch.Generator().manual_seed(0)
+        weights = {f"w{i}": torch.randn(min(layer, numel - start), generator=generator).to(device)
+                   for i, start in enumerate(range(0, numel, layer))}
+        sparsities = dict.fromkeys(weights, 0.5)
+        layer_ms = median_ms(lambda: magnitude_masks(weights, sparsities), device, repeat=3)
+        global_ms = median_ms(lambda: global_magnitude_masks(weights, 0.5), device, repeat=3)
+        rows.append((f"{size}M", len(weights), layer_ms / 1e3, global_ms / 1e3))
+        del weights
+        gc.collect()
+    table(f"Mask building on {device.type} (tensors of 2.5M weights, sparsity 0.5)",
+          ["targeted params", "tensors", "per-layer s", "global s"], rows)
+
+
+# --------------------------------------------------------------------------- 4. growth, 5. memory
+
+
+def growth(device: torch.device, rounds: int) -> None:
+    widths = {"1M": 512, "5M": 1200, "20M": 2500, "50M": 4000}
+    workloads = {f"MLP {label} (width {w})": ((lambda w=w: mlp(width=w)), (784,)) for label, w in widths.items()}
+    results = step_overheads(device, rounds, steps=6, workloads=workloads)
+    rows = [(name, r["plain ms"], f"{r['DSD sparse phase']:.3f}", f"{r['ModelPruning']:.3f}")
+            for name, r in results.items()]
+    table(f"Growth on {device.type}: sparse-phase step / plain step as the model grows",
+          ["model", "plain step ms", "DSD sparse / plain", "ModelPruning / plain"], rows)
+
+
+def memory() -> None:
+    network = mlp()
+    params = {n: p for n, p in network.named_parameters() if n.endswith("weight")}
+    keep = magnitude_masks(params, dict.fromkeys(params, 0.5))
+    constraint = SparseConstraint(params, keep)
+    targeted = sum(p.numel() for p in params.values())
+    live = sum(m.numel() * m.element_size() for m in constraint.masks)
+    packed = sum(pack_mask(m).numel() for m in keep.values())
+    table("Memory per targeted float32 parameter (MLP 3x1024)", ["what", "bytes/param"], [
+        ("DSD masks during a sparse phase", live / targeted),
+        ("DSD masks outside sparse phases", 0.0),
+        ("DSD masks in the checkpoint (packed bits)", packed / targeted),
+        ("ModelPruning: weight_orig + float weight_mask, all training long", 8.0),
+    ])
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--quick", action="store_true", help="fewer rounds and sizes")
+    parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda if present)")
+    args = parser.parse_args(argv)
+    devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
+    print(f"torch {torch.__version__}, lightning {pl.__version__}, {platform.processor() or platform.machine()},"
+          f" {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
+          + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+    for name in devices:
+        device = torch.device(name)
+        mask_application(device, 4_000_000 if args.quick else 16_000_000)
+        print_step_table(device, step_overheads(device, rounds=3 if args.quick else 9, steps=10, workloads=WORKLOADS))
+        mask_building(device, [1, 10] if args.quick else [1, 10, 25, 50, 100])
+        growth(device, rounds=2 if args.quick else 5)
+    memory()
+
+
+if __name__ == "__main__":
+    main()

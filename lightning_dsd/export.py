@@ -1,0 +1,53 @@
+"""Saving the model at the end of a sparse phase: a compressed model with the paper's "Sparse" accuracy.
+
+Files go to ``<log_dir>/dsd_sparse/``: ``cycle<c>.ckpt`` is a normal Lightning checkpoint (load its
+``state_dict`` into the plain module); with ``sparse_tensors=True``, ``cycle<c>_sparse_state_dict.pt`` also
+holds the model's ``state_dict`` with every pruned tensor as a torch sparse tensor (CSR for matrices, COO
+otherwise; ``tensor.to_dense()`` restores it). Sparse formats store an index per kept weight, so they only
+get smaller than dense storage at high sparsity: the sizes on disk are reported, whatever they are.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch import Tensor
+
+
+def to_sparse_tensor(tensor: Tensor) -> Tensor:
+    """CSR for 2-D tensors, COO for the rest.
+
+    Example:
+        >>> to_sparse_tensor(torch.tensor([[0.0, 1.0], [2.0, 0.0]])).layout
+        torch.sparse_csr
+    """
+    return tensor.to_sparse_csr() if tensor.dim() == 2 else tensor.to_sparse()
+
+
+def export_sparse_model(
+    trainer: "pl.Trainer", targets: Mapping[str, Tensor], cycle: int, sparse_tensors: bool
+) -> dict[str, Any]:
+    """Save the current (sparse) model; return the paths and their sizes in bytes."""
+    directory = os.path.join(trainer.log_dir or trainer.default_root_dir, "dsd_sparse")
+    checkpoint = os.path.join(directory, f"cycle{cycle}.ckpt")
+    trainer.save_checkpoint(checkpoint)  # collective under DDP: every rank calls it, rank zero writes
+    exported: dict[str, Any] = {"cycle": cycle, "checkpoint": checkpoint}
+    if trainer.is_global_zero:
+        exported["checkpoint_bytes"] = os.path.getsize(checkpoint)
+        if sparse_tensors:
+            names = {id(p): name for name, p in trainer.lightning_module.named_parameters()}
+            state = {}
+            for key, value in trainer.lightning_module.state_dict(keep_vars=True).items():
+                dense = value.detach().cpu()
+                state[key] = to_sparse_tensor(dense) if names.get(id(value)) in targets else dense
+            path = os.path.join(directory, f"cycle{cycle}_sparse_state_dict.pt")
+            torch.save(state, path)
+            exported["sparse_state_dict"] = path
+            exported["sparse_state_dict_bytes"] = os.path.getsize(path)
+        sizes = ", ".join(f"{k.removesuffix('_bytes')} {v / 2**20:.2f} MiB" for k, v in exported.items() if k.endswith("_bytes"))
+        rank_zero_info(f"DSD cycle {cycle}: saved the sparse model under {directory} ({sizes}).")
+    return exported
