@@ -8,10 +8,12 @@ Sections:
 1. **Mask application**: the choices tried for the per-step masked pass (float vs bool masks, ``mul_`` vs
    ``masked_fill_`` vs ``where``, foreach vs a loop), against a plain ``copy_`` of the same tensors, the
    memory-bandwidth yardstick.
-2. **Training step**: real ``lightning.Trainer`` steps on three workloads (MLP 3x1024, small CNN, LSTM;
+2. **Training step**, bare: the model's forward, backward and optimizer step alone, for plain training,
+   DSD's sparse phase and ModelPruning's reparametrization, interleaved a few steps at a time.
+   Then the same inside real ``lightning.Trainer`` runs on three workloads (MLP 3x1024, small CNN, LSTM;
    batch 64) for plain training, DSD in a dense phase, DSD in a sparse phase and Lightning's
-   ``ModelPruning`` at the same sparsity. Variants run in alternation, round after round; each ratio is
-   the median over rounds of (variant step time / plain step time) in the same round.
+   ``ModelPruning`` at the same sparsity, pruning the same parameters. Variants run in alternation, round
+   after round; each ratio is the median over rounds of (variant step time / plain step time).
 3. **Mask building** for 1M to 100M targeted parameters (per-layer and global thresholds).
 4. **Growth**: sparse-phase overhead as the MLP grows from 1M to 50M parameters.
 5. **Memory**: bytes per targeted parameter kept during the sparse phase and in the checkpoint.
@@ -38,6 +40,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dsd import DSDCallback
 from lightning_dsd.constraint import SparseConstraint
 from lightning_dsd.masks import global_magnitude_masks, magnitude_masks, pack_mask
+from lightning_dsd.selection import select_parameters
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -168,7 +171,13 @@ class BatchTimer(pl.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
-def _variant_callbacks(name: str) -> list[pl.Callback]:
+def _dsd_targets(module: nn.Module) -> list[tuple[nn.Module, str]]:
+    """The (module, parameter name) pairs DSD prunes by default, so ModelPruning prunes exactly the same."""
+    targets = set(select_parameters(module).selected.values())
+    return [(m, n) for m in module.modules() for n, p in m.named_parameters(recurse=False) if p in targets]
+
+
+def _variant_callbacks(name: str, module: nn.Module) -> list[pl.Callback]:
     if name == "plain":
         return []
     if name == "DSD dense phase":
@@ -177,8 +186,8 @@ def _variant_callbacks(name: str) -> list[pl.Callback]:
         return [DSDCallback(0.5, 0, 10**6, 1, log_histograms=False, log_scalars=False, figure_layers=0)]
     if name == "ModelPruning":
         # Prunes once, after the warm-up epoch; every later forward pays weight = weight_orig * weight_mask.
-        return [ModelPruning("l1_unstructured", amount=0.5, apply_pruning=lambda epoch: epoch == 0,
-                             make_pruning_permanent=False, verbose=0)]
+        return [ModelPruning("l1_unstructured", parameters_to_prune=_dsd_targets(module), amount=0.5,
+                             apply_pruning=lambda epoch: epoch == 0, make_pruning_permanent=False, verbose=0)]
     raise ValueError(name)
 
 
@@ -202,7 +211,7 @@ def step_overheads(device: torch.device, rounds: int, steps: int, workloads: dic
                 timer = BatchTimer(device)
                 trainer = pl.Trainer(
                     max_epochs=2, accelerator=device.type, devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, callbacks=[*_variant_callbacks(variant), timer],
+                    enable_progress_bar=False, enable_model_summary=False, callbacks=[*_variant_callbacks(variant, modules[variant]), timer],
                 )
                 trainer.fit(modules[variant], loader)
                 per_round[variant].append(statistics.median(timer.times[steps + 2:]))  # second epoch, warm
@@ -228,6 +237,60 @@ def print_step_table(device: torch.device, results: dict) -> None:
     table(
         f"Training step on {device.type}, batch 64, SGD momentum, sparsity 0.5 (median of per-round ratios to plain)",
         ["workload", "plain step ms", "DSD dense / plain", "DSD sparse / plain", "ModelPruning / plain",
+         "ModelPruning overhead / DSD overhead"],
+        rows,
+    )
+
+
+def bare_step_overheads(device: torch.device, repeats: int, workloads: dict, batch: int = 64) -> None:
+    """The same comparison without Lightning around it: three copies of the model step in turn, a few
+    steps each, many times over, so machine noise hits all of them alike. DSD's per-step work here is
+    exactly the callback's (the gradient mask before the step, the re-mask after it if needed);
+    ``torch.nn.utils.prune.l1_unstructured`` is what ModelPruning applies."""
+    from torch.nn.utils import prune
+
+    rows = []
+    for workload, (build, shape) in workloads.items():
+        x = torch.randn(batch, *shape, device=device)
+        y = torch.randint(0, 10, (batch,), device=device)
+        models, optimizers = {}, {}
+        for variant in ("plain", "DSD sparse phase", "ModelPruning"):
+            torch.manual_seed(0)
+            model = build().to(device)
+            optimizers[variant] = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+            targets = select_parameters(model).selected
+            if variant == "DSD sparse phase":
+                SparseConstraint(targets, magnitude_masks(targets, dict.fromkeys(targets, 0.5))).attach(
+                    [optimizers[variant]]
+                )
+            elif variant == "ModelPruning":
+                for module, name in _dsd_targets(model):
+                    prune.l1_unstructured(module, name, amount=0.5)
+            models[variant] = model
+
+        def step(variant: str) -> None:
+            optimizers[variant].zero_grad()
+            nn.functional.cross_entropy(models[variant](x), y).backward()
+            optimizers[variant].step()
+
+        times: dict[str, list[float]] = {v: [] for v in models}
+        for _ in range(repeats):
+            for variant in models:
+                for i in range(4):
+                    _sync(device)
+                    start = time.perf_counter()
+                    step(variant)
+                    _sync(device)
+                    if i:  # the first step after a switch warms caches for this copy
+                        times[variant].append(time.perf_counter() - start)
+        plain = statistics.median(times["plain"])
+        dsd = statistics.median(times["DSD sparse phase"]) / plain
+        pruning = statistics.median(times["ModelPruning"]) / plain
+        ratio = f"{(pruning - 1) / (dsd - 1):.1f}" if dsd > 1 else "inf (DSD overhead <= 0)"
+        rows.append((workload, 1e3 * plain, f"{dsd:.3f}", f"{pruning:.3f}", ratio))
+    table(
+        f"Bare training step on {device.type}, batch 64, SGD momentum, sparsity 0.5 (medians over {repeats}x3 steps)",
+        ["workload", "plain step ms", "DSD sparse / plain", "ModelPruning / plain",
          "ModelPruning overhead / DSD overhead"],
         rows,
     )
@@ -288,6 +351,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and sizes")
     parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda if present)")
     args = parser.parse_args(argv)
+    torch.set_flush_denormal(True)  # the variants' weights drift apart; keep denormal slow paths out of it
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(f"torch {torch.__version__}, lightning {pl.__version__}, {platform.processor() or platform.machine()},"
           f" {os.cpu_count()} CPUs, {torch.get_num_threads()} threads"
@@ -295,6 +359,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for name in devices:
         device = torch.device(name)
         mask_application(device, 4_000_000 if args.quick else 16_000_000)
+        bare_step_overheads(device, repeats=10 if args.quick else 60, workloads=WORKLOADS)
         print_step_table(device, step_overheads(device, rounds=3 if args.quick else 9, steps=10, workloads=WORKLOADS))
         mask_building(device, [1, 10] if args.quick else [1, 10, 25, 50, 100])
         growth(device, rounds=2 if args.quick else 5)

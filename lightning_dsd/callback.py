@@ -421,6 +421,8 @@ class DSDCallback(Callback):
 
         Called at batch end, just before the progress bar reads the same metrics itself.
         """
+        if trainer.progress_bar_callback is None:
+            return
         cycles = len(self.sparsities)
         shown = self.phase.value if cycles == 1 else f"{self.phase.value} {self.cycle + 1}/{cycles}"
         trainer.progress_bar_metrics["dsd"] = shown

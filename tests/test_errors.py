@@ -37,6 +37,18 @@ CONSTRUCTION_ERRORS = [
     (dict(exclude=[3]), ValueError, r"`exclude`.*Found: \[3\]"),
     (dict(monitor=""), ValueError, r"`monitor` must be None or the name of a logged metric. Found: ''"),
     (dict(stop_at_end="yes"), TypeError, r"`stop_at_end` must be a bool. Found: 'yes'"),
+    (dict(sparsity="4:2"), ValueError, r"`sparsity`.*'N:M' pattern.*Found: '4:2' \(an N:M pattern needs integers 0 < N < M"),
+    (dict(sparsity="2-4"), ValueError, r"`sparsity`.*Found: '2-4'"),
+    (dict(layer_sparsity={"lstm.*": 1.5}), ValueError, r"`layer_sparsity` must map.*Found: 1.5"),
+    (dict(layer_sparsity=[0.5]), ValueError, r"`layer_sparsity` must map.*Found: \[0.5\]"),
+    (dict(layer_sparsity={"a.*": 0.5}, scope="global"), ValueError, r"`scope='global'`.*neither `layer_sparsity`"),
+    (dict(sparsity="2:4", scope="global"), ValueError, r"`scope='global'`.*nor 'N:M' patterns"),
+    (dict(export_sparse="onnx"), ValueError, r"`export_sparse` must be one of \['checkpoint', 'sparse'\]. Found: 'onnx'"),
+    (dict(redense_init="he"), ValueError, r"`redense_init` must be one of \['zero', 'small_normal'\]. Found: 'he'"),
+    (dict(seed=-1), ValueError, r"`seed` must be an int >= 0. Found: -1"),
+    (dict(histogram_every_n_epochs=0), ValueError, r"`histogram_every_n_epochs` must be None or an int >= 1"),
+    (dict(figure_layers=-1), ValueError, r"`figure_layers` must be an int >= 0 or glob patterns. Found: -1"),
+    (dict(log_histograms=1), TypeError, r"`log_histograms` must be a bool. Found: 1"),
 ]
 
 
