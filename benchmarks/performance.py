@@ -260,9 +260,8 @@ def bare_step_overheads(device: torch.device, repeats: int, workloads: dict, bat
             optimizers[variant] = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
             targets = select_parameters(model).selected
             if variant == "DSD sparse phase":
-                SparseConstraint(targets, magnitude_masks(targets, dict.fromkeys(targets, 0.5))).attach(
-                    [optimizers[variant]]
-                )
+                constraint = SparseConstraint(targets, magnitude_masks(targets, dict.fromkeys(targets, 0.5)))
+                constraint.attach([optimizers[variant]])
             elif variant == "ModelPruning":
                 for module, name in _dsd_targets(model):
                     prune.l1_unstructured(module, name, amount=0.5)
@@ -271,6 +270,8 @@ def bare_step_overheads(device: torch.device, repeats: int, workloads: dict, bat
         def step(variant: str) -> None:
             optimizers[variant].zero_grad()
             nn.functional.cross_entropy(models[variant](x), y).backward()
+            if variant == "DSD sparse phase":
+                constraint.mask_gradients(optimizers[variant])  # what on_before_optimizer_step does
             optimizers[variant].step()
 
         times: dict[str, list[float]] = {v: [] for v in models}

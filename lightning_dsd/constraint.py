@@ -5,14 +5,15 @@ multiply by a same-dtype mask is several times faster than by a bool mask in sto
 
 * zeroes the pruned weights, their gradients and their optimizer state when it is attached;
 * zeroes the gradients of pruned entries before every optimizer step (:meth:`mask_gradients`, called by
-  the callback from Lightning's ``on_before_optimizer_step``, which runs after gradient unscaling and
-  before gradient clipping, so clipping sees the sparse network's true gradient);
+  the callback from Lightning's ``on_before_optimizer_step``, which runs after backward and gradient
+  unscaling and before gradient clipping, so clipping sees the sparse network's true gradient; a step
+  that bypasses Lightning gets its gradients masked by a torch step pre-hook instead);
 * re-zeroes the pruned weights after every optimizer step through
   ``torch.optim.Optimizer.register_step_post_hook``, which fires once per real step whatever drives it
   (gradient accumulation, manual optimization, and not at all for steps an AMP scaler skips).
 
-The second pass is skipped for the element-wise optimizers in :data:`ZERO_PRESERVING_OPTIMIZERS` when the
-gradients of this very step were masked: with zero weight, zero gradient and zero state, their update of a
+The second pass is skipped for the element-wise optimizers in :data:`ZERO_PRESERVING_OPTIMIZERS` when
+:meth:`mask_gradients` masked the gradients of this very step: with zero weight, zero gradient and zero state, their update of a
 pruned entry is exactly zero (weight decay, momentum, Nesterov, AMSGrad included), so one masked pass per
 step is enough. Every other optimizer gets the post-step re-mask.
 
@@ -136,10 +137,11 @@ class SparseConstraint:
             targets.gradients_masked = False
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        # Without Lightning's hook (a plain loop, a raw optimizer), mask here. This does not count as
+        # "masked for this step": with a closure, torch runs this hook before the closure's backward.
         targets = self._targets[id(optimizer)]
         if not targets.gradients_masked:
             _mask_gradients_of(targets)
-            targets.gradients_masked = True
 
     @torch.no_grad()
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:

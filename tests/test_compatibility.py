@@ -167,6 +167,35 @@ def test_manual_optimization_with_two_optimizers_param_groups_and_a_frozen_layer
     assert lrs[Phase.DENSE] == pytest.approx([1e-3, 2e-3, 0.01])
 
 
+class RawClosureSteps(ConvLSTMNet):
+    """Manual optimization that steps the raw torch optimizer with a closure, bypassing Lightning's hooks:
+    torch runs step pre-hooks before the closure's backward, so only the post-step re-mask can help."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.automatic_optimization = False
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        optimizer = self.optimizers().optimizer
+
+        def closure():
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(self(x), y)
+            loss.backward()
+            return loss
+
+        optimizer.step(closure)
+
+
+def test_a_raw_optimizer_stepped_with_a_closure_outside_lightning_keeps_zeros():
+    dsd = DSDCallback(0.5, 1, 1, 1)
+    recorder = StepRecorder(dsd)
+    make_trainer([dsd, recorder]).fit(RawClosureSteps(), make_loader())
+    assert [p for p, _, _ in recorder.steps] == ["dense"] * 4 + ["sparse"] * 4 + ["redense"] * 4
+    assert all(zeros for _, _, zeros in recorder.steps)
+
+
 class CLIModel(ConvLSTMNet):
     def __init__(self, learning_rate: float = 0.1) -> None:
         super().__init__()
