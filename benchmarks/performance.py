@@ -15,7 +15,7 @@ Sections:
    ``ModelPruning`` at the same sparsity, pruning the same parameters. Variants run in alternation, round
    after round; each ratio is the median over rounds of (variant step time / plain step time).
 3. **Mask building** for 1M to 100M targeted parameters (per-layer and global thresholds).
-4. **Growth**: sparse-phase overhead as the MLP grows from 1M to 50M parameters.
+4. **Growth**: the bare comparison as the MLP grows from 1M to 50M parameters.
 5. **Memory**: bytes per targeted parameter kept during the sparse phase and in the checkpoint.
 """
 
@@ -321,14 +321,11 @@ def mask_building(device: torch.device, sizes_m: Sequence[int]) -> None:
 # --------------------------------------------------------------------------- 4. growth, 5. memory
 
 
-def growth(device: torch.device, rounds: int) -> None:
+def growth(device: torch.device, repeats: int) -> None:
     widths = {"1M": 512, "5M": 1200, "20M": 2500, "50M": 4000}
     workloads = {f"MLP {label} (width {w})": ((lambda w=w: mlp(width=w)), (784,)) for label, w in widths.items()}
-    results = step_overheads(device, rounds, steps=6, workloads=workloads)
-    rows = [(name, r["plain ms"], f"{r['DSD sparse phase']:.3f}", f"{r['ModelPruning']:.3f}")
-            for name, r in results.items()]
-    table(f"Growth on {device.type}: sparse-phase step / plain step as the model grows",
-          ["model", "plain step ms", "DSD sparse / plain", "ModelPruning / plain"], rows)
+    print("\nGrowth: the same bare comparison as the MLP grows from 1M to 50M parameters.")
+    bare_step_overheads(device, repeats, workloads)
 
 
 def memory() -> None:
@@ -363,7 +360,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         bare_step_overheads(device, repeats=10 if args.quick else 60, workloads=WORKLOADS)
         print_step_table(device, step_overheads(device, rounds=3 if args.quick else 9, steps=10, workloads=WORKLOADS))
         mask_building(device, [1, 10] if args.quick else [1, 10, 25, 50, 100])
-        growth(device, rounds=2 if args.quick else 5)
+        growth(device, repeats=5 if args.quick else 15)
     memory()
 
 

@@ -234,12 +234,11 @@ class DSDCallback(Callback):
         self._check_other_callbacks(trainer)
         self._targets = self._select_targets(pl_module)
         self._check_patterns_fit()
-        self._histogram_targets = (
-            self._targets
-            if self.histogram_layers is None
-            else select_parameters(pl_module, self.histogram_layers).selected.keys() & self._targets.keys()
-        )
-        self._histogram_targets = {name: self._targets[name] for name in self._targets if name in self._histogram_targets}
+        self._histogram_targets = {
+            name: param
+            for name, param in self._targets.items()
+            if self.histogram_layers is None or any(fnmatchcase(name, p) for p in self.histogram_layers)
+        }
         self._reporter.choose_figure_layers(self._targets)
         self._reporter.check_loggers(trainer)
         self._warn_if_schedule_does_not_fit(trainer)
@@ -333,6 +332,11 @@ class DSDCallback(Callback):
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if self.phase is Phase.SPARSE:
             masks = self._restored_masks if self._restored_masks is not None else self.masks
+            if set(masks) != set(self._targets):
+                raise ValueError(
+                    f"The checkpoint's DSD masks are for {sorted(masks)}, but this DSDCallback targets"
+                    f" {sorted(self._targets)}: resume with the same model, `include` and `exclude`."
+                )
             self._enforce(trainer, masks)
 
     @override

@@ -7,7 +7,7 @@ multiply by a same-dtype mask is several times faster than by a bool mask in sto
 * zeroes the gradients of pruned entries before every optimizer step (:meth:`mask_gradients`, called by
   the callback from Lightning's ``on_before_optimizer_step``, which runs after backward and gradient
   unscaling and before gradient clipping, so clipping sees the sparse network's true gradient; a step
-  that bypasses Lightning gets its gradients masked by a torch step pre-hook instead);
+  called after backward outside Lightning gets its gradients masked by a torch step pre-hook instead);
 * re-zeroes the pruned weights after every optimizer step through
   ``torch.optim.Optimizer.register_step_post_hook``, which fires once per real step whatever drives it
   (gradient accumulation, manual optimization, and not at all for steps an AMP scaler skips).
@@ -137,10 +137,13 @@ class SparseConstraint:
             targets.gradients_masked = False
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        # Without Lightning's hook (a plain loop, a raw optimizer), mask here. This does not count as
-        # "masked for this step": with a closure, torch runs this hook before the closure's backward.
+        # A step called after backward without Lightning's hook (a plain loop): mask the gradients here.
+        # With a closure (Lightning's automatic optimization, LBFGS) this hook runs *before* the closure's
+        # zero_grad and backward, so the gradients here are stale: leave them, and leave the mark unset so
+        # the post-step re-mask runs unless on_before_optimizer_step masked the fresh ones.
         targets = self._targets[id(optimizer)]
-        if not targets.gradients_masked:
+        has_closure = kwargs.get("closure") is not None or any(callable(arg) for arg in args)  # args[0] is the optimizer
+        if not (has_closure or targets.gradients_masked):
             _mask_gradients_of(targets)
 
     @torch.no_grad()

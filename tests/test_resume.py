@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from conftest import ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -62,3 +63,12 @@ def test_a_checkpoint_from_the_dense_phase_resumes_into_pruning_at_the_right_epo
     make_trainer([resumed_dsd], max_epochs=10).fit(resumed, make_loader(), ckpt_path=tmp_path / "epoch=0.ckpt")
     for a, b in zip(uninterrupted.state_dict().values(), resumed.state_dict().values()):
         assert torch.equal(a, b)
+
+
+def test_resuming_with_other_targets_is_refused_with_both_lists(tmp_path):
+    dsd = _dsd()
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
+    make_trainer([dsd, checkpoints], max_epochs=10, enable_checkpointing=True).fit(_model(), make_loader())
+    other = DSDCallback(0.5, dense_epochs=2, sparse_epochs=3, redense_epochs=2, exclude=["conv.*"])
+    with pytest.raises(ValueError, match=r"masks are for \['conv.weight', .*targets \['head.weight'"):
+        make_trainer([other], max_epochs=10).fit(_model(), make_loader(), ckpt_path=tmp_path / "epoch=3.ckpt")
