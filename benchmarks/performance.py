@@ -332,12 +332,16 @@ def memory() -> None:
     network = mlp()
     params = {n: p for n, p in network.named_parameters() if n.endswith("weight")}
     keep = magnitude_masks(params, dict.fromkeys(params, 0.5))
-    constraint = SparseConstraint(params, keep)
     targeted = sum(p.numel() for p in params.values())
-    live = sum(m.numel() * m.element_size() for m in constraint.masks)
+
+    def live_bytes(storage: str) -> float:
+        masks = SparseConstraint(params, keep, storage).masks
+        return sum(m.numel() * m.element_size() for m in masks) / targeted
+
     packed = sum(pack_mask(m).numel() for m in keep.values())
     table("Memory per targeted float32 parameter (MLP 3x1024)", ["what", "bytes/param"], [
-        ("DSD masks during a sparse phase", live / targeted),
+        ("DSD masks during a sparse phase, mask_storage='weight_dtype' (the CPU default)", live_bytes("weight_dtype")),
+        ("DSD masks during a sparse phase, mask_storage='bool' (the CUDA default)", live_bytes("bool")),
         ("DSD masks outside sparse phases", 0.0),
         ("DSD masks in the checkpoint (packed bits)", packed / targeted),
         ("ModelPruning: weight_orig + float weight_mask, all training long", 8.0),

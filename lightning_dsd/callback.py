@@ -31,7 +31,7 @@ from lightning_dsd.arguments import (
     check_real,
     check_sparsities,
 )
-from lightning_dsd.constraint import SparseConstraint
+from lightning_dsd.constraint import MASK_STORAGES, SparseConstraint
 from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.export import export_sparse_model
 from lightning_dsd.masks import NMPattern, Sparsity, global_magnitude_masks, magnitude_masks, pack_mask, unpack_mask
@@ -89,6 +89,8 @@ class DSDCallback(Callback):
             ``"small_normal"`` (normal noise with a tenth of the standard deviation of the layer's
             surviving weights, drawn from a generator seeded with ``seed`` and the cycle).
         seed: seed of the random re-dense initialisation.
+        mask_storage: how masks are kept during sparse phases: ``"auto"`` (1-byte bool masks on CUDA,
+            weight-dtype masks on the CPU: the fastest measured on each), ``"weight_dtype"`` or ``"bool"``.
 
     The current phase is shown in the progress bar as ``dsd=<phase>``. See :mod:`lightning_dsd.reporting`
     for every TensorBoard tag.
@@ -127,6 +129,7 @@ class DSDCallback(Callback):
         export_sparse: Optional[str] = None,
         redense_init: str = "zero",
         seed: int = 0,
+        mask_storage: str = "auto",
     ) -> None:
         super().__init__()
         self.sparsities = check_sparsities(sparsity)
@@ -164,6 +167,7 @@ class DSDCallback(Callback):
         )
         self.redense_init = check_choice("redense_init", redense_init, REDENSE_INITS)
         self.seed = check_non_negative_int("seed", seed)
+        self.mask_storage = check_choice("mask_storage", mask_storage, MASK_STORAGES)
         self.exported_sparse_models: list[dict[str, Any]] = []
         self.stop_at_end = check_bool("stop_at_end", stop_at_end)
         self.histogram_every_n_epochs = check_every_n("histogram_every_n_epochs", histogram_every_n_epochs)
@@ -463,7 +467,7 @@ class DSDCallback(Callback):
 
     def _enforce(self, trainer: "pl.Trainer", masks: dict[str, Tensor]) -> None:
         self._release_hooks()
-        self._constraint = SparseConstraint(self._targets, masks)
+        self._constraint = SparseConstraint(self._targets, masks, self.mask_storage)
         self._constraint.attach(trainer.optimizers)
         self._restored_masks = None
 

@@ -1,7 +1,9 @@
 """Keeping pruned entries at exactly zero during a sparse phase.
 
-:class:`SparseConstraint` owns the masks of one sparse phase, in the weights' own dtype and device (a
-multiply by a same-dtype mask is several times faster than by a bool mask in stock PyTorch). It
+:class:`SparseConstraint` owns the masks of one sparse phase, on the weights' device, stored as measured
+fastest there (:func:`uses_bool_masks`): in the weights' dtype on the CPU, where a multiply by a
+same-dtype mask runs at copy speed and bool kernels are several times slower; as 1-byte bool masks on
+CUDA, where ``masked_fill_`` is the fastest choice. It
 
 * zeroes the pruned weights, their gradients and their optimizer state when it is attached;
 * zeroes the gradients of pruned entries before every optimizer step (:meth:`mask_gradients`, called by
@@ -40,6 +42,26 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+MASK_STORAGES = ("auto", "weight_dtype", "bool")
+
+
+def uses_bool_masks(storage: str, device: torch.device) -> bool:
+    """``"auto"`` picks what measured fastest per device: bool masks with ``masked_fill_`` on CUDA (1 byte a
+    weight), weight-dtype masks with ``mul_`` on the CPU, where stock bool kernels run 2-7x slower."""
+    return storage == "bool" or (storage == "auto" and device.type == "cuda")
+
+
+@torch.no_grad()
+def zero_pruned(tensors: list[Tensor], masks: list[Tensor]) -> None:
+    """Zero the pruned entries in place: ``masks`` are bool *pruned* masks (``masked_fill_``) or keep masks
+    in the tensors' dtype (one fused ``torch._foreach_mul_``)."""
+    if masks and masks[0].dtype == torch.bool:
+        for tensor, pruned in zip(tensors, masks):
+            tensor.masked_fill_(pruned, 0)
+    else:
+        torch._foreach_mul_(tensors, masks)
+
+
 ZERO_PRESERVING_OPTIMIZERS: tuple[type[Optimizer], ...] = (
     torch.optim.SGD,
     torch.optim.Adam,
@@ -77,19 +99,22 @@ class _OptimizerTargets:
 class SparseConstraint:
     """The masks of one sparse phase and the hooks that enforce them (see the module docstring)."""
 
-    def __init__(self, params: Mapping[str, Tensor], keep: Mapping[str, Tensor]) -> None:
+    def __init__(self, params: Mapping[str, Tensor], keep: Mapping[str, Tensor], storage: str = "auto") -> None:
         self.names = list(keep)
         self.params = [params[name] for name in self.names]
-        self.masks = [keep[name].to(device=p.device, dtype=p.dtype) for name, p in zip(self.names, self.params)]
+        self.bool_masks = bool(self.params) and uses_bool_masks(storage, self.params[0].device)
+        self.masks = [
+            keep[name].to(p.device).logical_not() if self.bool_masks else keep[name].to(device=p.device, dtype=p.dtype)
+            for name, p in zip(self.names, self.params)
+        ]
         self._targets: dict[int, _OptimizerTargets] = {}
 
     def keep_masks(self) -> dict[str, Tensor]:
         """The masks as bool tensors (``True`` = kept), by parameter name."""
-        return {name: mask.bool() for name, mask in zip(self.names, self.masks)}
+        return {name: ~mask if self.bool_masks else mask.bool() for name, mask in zip(self.names, self.masks)}
 
-    @torch.no_grad()
     def apply_to_weights(self) -> None:
-        torch._foreach_mul_(self.params, self.masks)
+        zero_pruned(self.params, self.masks)
 
     def attach(self, optimizers: Iterable[Optimizer]) -> None:
         """Zero pruned weights, gradients and optimizer state, then hook into every optimizer that owns a target."""
@@ -150,7 +175,7 @@ class SparseConstraint:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         targets = self._targets[id(optimizer)]
         if not (targets.keeps_zeros and targets.gradients_masked):
-            torch._foreach_mul_(targets.params, targets.masks)
+            zero_pruned(targets.params, targets.masks)
         targets.gradients_masked = False
 
 
@@ -159,7 +184,7 @@ def _mask_gradients_of(targets: _OptimizerTargets) -> None:
     pairs = [(p.grad, m) for p, m in zip(targets.params, targets.masks) if p.grad is not None]
     if pairs:
         grads, masks = zip(*pairs)
-        torch._foreach_mul_(list(grads), list(masks))
+        zero_pruned(list(grads), list(masks))
 
 
 @torch.no_grad()
@@ -168,4 +193,4 @@ def _mask_optimizer_state(optimizer: Optimizer, targets: _OptimizerTargets) -> N
     for param, mask in zip(targets.params, targets.masks):
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
-                value.mul_(mask.to(value.dtype))
+                zero_pruned([value], [mask if mask.dtype == torch.bool else mask.to(value.dtype)])

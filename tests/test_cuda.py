@@ -6,6 +6,7 @@ with ``pytest -m cuda`` on a machine with a GPU (the README says when they last 
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
 import pytest
 import torch
 from conftest import ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
@@ -40,6 +41,7 @@ def test_fused_optimizers_on_cuda_keep_pruned_entries_zero(make_optimizer):
     assert [p for p, _, _ in recorder.steps] == ["dense"] * 4 + ["sparse"] * 4 + ["redense"] * 4
     assert all(zeros for _, _, zeros in recorder.steps)
     assert all(m.device.type == "cuda" for m in recorder.masks_seen[0].values()), "masks live beside the weights"
+    assert dsd.mask_storage == "auto"
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach-adam", "fused-adam"])
@@ -51,6 +53,21 @@ def test_16_mixed_on_cuda_with_skipped_steps(fused):
     assert len(model.skipped) == 3
     # The scaler skips a plain optimizer's step; a fused one is still called and skips the update inside.
     assert len(recorder.steps) == (12 if fused else 9)
+    assert all(zeros for _, _, zeros in recorder.steps)
+
+
+def test_auto_mask_storage_is_one_byte_bool_on_cuda():
+    dsd = DSDCallback(0.5, 1, 2, 1)
+    dtypes = set()
+
+    class Probe(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if dsd._constraint is not None:
+                dtypes.update(m.dtype for m in dsd._constraint.masks)
+
+    recorder = StepRecorder(dsd)
+    _gpu_trainer([dsd, Probe(), recorder]).fit(ConvLSTMNet(), make_loader())
+    assert dtypes == {torch.bool}
     assert all(zeros for _, _, zeros in recorder.steps)
 
 

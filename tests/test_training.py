@@ -57,6 +57,27 @@ def test_pruned_entries_are_exactly_zero_after_every_optimizer_step(make_optimiz
         assert int((~mask).sum()) == round(0.5 * mask.numel()), name
 
 
+@pytest.mark.parametrize("make_optimizer", [OPTIMIZERS["adamw-amsgrad"], OPTIMIZERS["drifting-custom-optimizer"]],
+                         ids=["adamw-amsgrad", "drifting-custom-optimizer"])
+@pytest.mark.parametrize("storage, dtype", [("bool", torch.bool), ("weight_dtype", torch.float32)])
+def test_each_mask_storage_keeps_the_same_invariants(make_optimizer, storage, dtype):
+    with seeded():
+        model = ConvLSTMNet(optimizer=make_optimizer)
+    dsd = DSDCallback(0.5, dense_epochs=1, sparse_epochs=2, redense_epochs=1, mask_storage=storage)
+    recorder = StepRecorder(dsd)
+
+    class MaskDtype(pl.Callback):
+        def on_train_epoch_end(self, trainer, pl_module):
+            if dsd.phase is Phase.SPARSE:
+                assert {m.dtype for m in dsd._constraint.masks} == {dtype}
+
+    make_trainer([dsd, MaskDtype(), recorder], max_epochs=4).fit(model, make_loader())
+    assert [phase for phase, _, _ in recorder.steps] == ["dense"] * 4 + ["sparse"] * 8 + ["redense"] * 4
+    assert all(zeros for _, _, zeros in recorder.steps)
+    for name, mask in recorder.masks_seen[0].items():
+        assert int((~mask).sum()) == round(0.5 * mask.numel())
+
+
 def test_gradient_accumulation_and_clipping_keep_pruned_entries_zero():
     gradients_seen_by_clipping_are_masked = []
 
