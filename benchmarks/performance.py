@@ -340,8 +340,8 @@ def memory() -> None:
 
     packed = sum(pack_mask(m).numel() for m in keep.values())
     table("Memory per targeted float32 parameter (MLP 3x1024)", ["what", "bytes/param"], [
-        ("DSD masks during a sparse phase, mask_storage='weight_dtype' (the CPU default)", live_bytes("weight_dtype")),
-        ("DSD masks during a sparse phase, mask_storage='bool' (the CUDA default)", live_bytes("bool")),
+        ("DSD masks during a sparse phase (default mask_storage='weight_dtype')", live_bytes("weight_dtype")),
+        ("DSD masks during a sparse phase, mask_storage='bool'", live_bytes("bool")),
         ("DSD masks outside sparse phases", 0.0),
         ("DSD masks in the checkpoint (packed bits)", packed / targeted),
         ("ModelPruning: weight_orig + float weight_mask, all training long", 8.0),

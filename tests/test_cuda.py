@@ -41,7 +41,6 @@ def test_fused_optimizers_on_cuda_keep_pruned_entries_zero(make_optimizer):
     assert [p for p, _, _ in recorder.steps] == ["dense"] * 4 + ["sparse"] * 4 + ["redense"] * 4
     assert all(zeros for _, _, zeros in recorder.steps)
     assert all(m.device.type == "cuda" for m in recorder.masks_seen[0].values()), "masks live beside the weights"
-    assert dsd.mask_storage == "auto"
 
 
 @pytest.mark.parametrize("fused", [False, True], ids=["foreach-adam", "fused-adam"])
@@ -56,8 +55,8 @@ def test_16_mixed_on_cuda_with_skipped_steps(fused):
     assert all(zeros for _, _, zeros in recorder.steps)
 
 
-def test_auto_mask_storage_is_one_byte_bool_on_cuda():
-    dsd = DSDCallback(0.5, 1, 2, 1)
+def test_bool_mask_storage_on_cuda():
+    dsd = DSDCallback(0.5, 1, 2, 1, mask_storage="bool")
     dtypes = set()
 
     class Probe(pl.Callback):

@@ -48,7 +48,7 @@ CONSTRUCTION_ERRORS = [
     (dict(seed=-1), ValueError, r"`seed` must be an int >= 0. Found: -1"),
     (dict(histogram_every_n_epochs=0), ValueError, r"`histogram_every_n_epochs` must be None or an int >= 1"),
     (dict(figure_layers=-1), ValueError, r"`figure_layers` must be an int >= 0 or glob patterns. Found: -1"),
-    (dict(mask_storage="uint8"), ValueError, r"`mask_storage` must be one of \['auto', 'weight_dtype', 'bool'\]"),
+    (dict(mask_storage="uint8"), ValueError, r"`mask_storage` must be one of \['weight_dtype', 'bool'\]"),
     (dict(log_histograms=1), TypeError, r"`log_histograms` must be a bool. Found: 1"),
 ]
 
