@@ -57,7 +57,9 @@ def run_study(configs: Sequence[str], seeds: int, epochs: Sequence[int], sparsit
             **{arm: _mean_std(values) for arm, values in arms.items()},
             "DSD - dense": f"{100 * (statistics.mean(arms['DSD']) - statistics.mean(arms['dense'])):+.2f}",
             "DSD - LLR": f"{100 * (statistics.mean(arms['DSD']) - statistics.mean(arms['LLR'])):+.2f}",
-            "mean abs(w) dense -> DSD": f"{statistics.mean(mean_abs_before):.4f} -> {statistics.mean(mean_abs_after):.4f}",
+            "mean abs(w) dense -> DSD": (
+                f"{statistics.mean(mean_abs_before):.4f} -> {statistics.mean(mean_abs_after):.4f}"
+            ),
         })
     return rows
 

@@ -211,7 +211,8 @@ def step_overheads(device: torch.device, rounds: int, steps: int, workloads: dic
                 timer = BatchTimer(device)
                 trainer = pl.Trainer(
                     max_epochs=2, accelerator=device.type, devices=1, logger=False, enable_checkpointing=False,
-                    enable_progress_bar=False, enable_model_summary=False, callbacks=[*_variant_callbacks(variant, modules[variant]), timer],
+                    enable_progress_bar=False, enable_model_summary=False,
+                    callbacks=[*_variant_callbacks(variant, modules[variant]), timer],
                 )
                 trainer.fit(modules[variant], loader)
                 per_round[variant].append(statistics.median(timer.times[steps + 2:]))  # second epoch, warm

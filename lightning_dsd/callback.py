@@ -7,7 +7,6 @@ The callback only coordinates: the schedule lives in :mod:`lightning_dsd.phases`
 
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -32,13 +31,13 @@ from lightning_dsd.arguments import (
     check_sparsities,
 )
 from lightning_dsd.constraint import MASK_STORAGES, SparseConstraint
-from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.export import export_sparse_model
+from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import NMPattern, Sparsity, global_magnitude_masks, magnitude_masks, pack_mask, unpack_mask
-from lightning_dsd.redense import REDENSE_INITS, reinitialize_pruned
 from lightning_dsd.phases import ConvergenceTracker, Phase, Schedule, Stage, build_stages
+from lightning_dsd.redense import REDENSE_INITS, reinitialize_pruned
 from lightning_dsd.reporting import Moment, PhaseReporter
-from lightning_dsd.selection import select_parameters
+from lightning_dsd.selection import matches_any, select_parameters
 
 _STATE_VERSION = 1
 
@@ -215,7 +214,7 @@ class DSDCallback(Callback):
     def _resolve(self, default: Sparsity) -> dict[str, Sparsity]:
         resolved = {}
         for name in self._targets:
-            matches = (value for pattern, value in (self.layer_sparsity or {}).items() if fnmatchcase(name, pattern))
+            matches = (value for pattern, value in (self.layer_sparsity or {}).items() if matches_any(name, [pattern]))
             resolved[name] = next(matches, default)
         return resolved
 
@@ -242,7 +241,7 @@ class DSDCallback(Callback):
         self._histogram_targets = {
             name: param
             for name, param in self._targets.items()
-            if self.histogram_layers is None or any(fnmatchcase(name, p) for p in self.histogram_layers)
+            if self.histogram_layers is None or matches_any(name, self.histogram_layers)
         }
         self._reporter.choose_figure_layers(self._targets)
         self._reporter.check_loggers(trainer)
@@ -477,8 +476,9 @@ class DSDCallback(Callback):
         schedule still says "sparse", so its callback state is that of the sparse phase)."""
         self._record(trainer, Moment.END_OF_SPARSE, finished.cycle)
         if self.export_sparse is not None:
+            as_sparse_tensors = self.export_sparse == "sparse"
             self.exported_sparse_models.append(
-                export_sparse_model(trainer, self._targets, finished.cycle, sparse_tensors=self.export_sparse == "sparse")
+                export_sparse_model(trainer, self._targets, finished.cycle, sparse_tensors=as_sparse_tensors)
             )
 
     def _redense(self, trainer: "pl.Trainer", finished: Stage) -> None:

@@ -15,7 +15,8 @@ tensor on small steps. ``storage="bool"`` keeps 1-byte masks applied with ``mask
   (gradient accumulation, manual optimization, and not at all for steps an AMP scaler skips).
 
 The second pass is skipped for the element-wise optimizers in :data:`ZERO_PRESERVING_OPTIMIZERS` when
-:meth:`mask_gradients` masked the gradients of this very step: with zero weight, zero gradient and zero state, their update of a
+:meth:`mask_gradients` masked the gradients of this very step: with zero weight, zero gradient and zero
+state, their update of a
 pruned entry is exactly zero (weight decay, momentum, Nesterov, AMSGrad included), so one masked pass per
 step is enough. Every other optimizer gets the post-step re-mask.
 
@@ -163,7 +164,8 @@ class SparseConstraint:
         # zero_grad and backward, so the gradients here are stale: leave them, and leave the mark unset so
         # the post-step re-mask runs unless on_before_optimizer_step masked the fresh ones.
         targets = self._targets[id(optimizer)]
-        has_closure = kwargs.get("closure") is not None or any(callable(arg) for arg in args)  # args[0] is the optimizer
+        # args[0] is the optimizer itself; a closure, if any, is the callable after it or the keyword.
+        has_closure = kwargs.get("closure") is not None or any(callable(arg) for arg in args)
         if not (has_closure or targets.gradients_masked):
             _mask_gradients_of(targets)
 

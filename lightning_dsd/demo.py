@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dsd.callback import DSDCallback
+from lightning_dsd.lr import scale_learning_rates
 from lightning_dsd.phases import Phase
 
 DATASETS = ("mnist1d", "digits")
@@ -61,7 +62,8 @@ def load_data(name: str) -> Data:
     def as_dataset(inputs, labels) -> TensorDataset:
         return TensorDataset(torch.as_tensor(inputs, dtype=torch.float32), torch.as_tensor(labels, dtype=torch.long))
 
-    return Data(as_dataset(x, y), as_dataset(x_test, y_test), length=x.shape[1], classes=int(max(y.max(), y_test.max())) + 1)
+    classes = int(max(y.max(), y_test.max())) + 1
+    return Data(as_dataset(x, y), as_dataset(x_test, y_test), length=x.shape[1], classes=classes)
 
 
 def build_network(model: str, length: int, classes: int) -> nn.Module:
@@ -179,8 +181,6 @@ class LearningRateDrop(pl.Callback):
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.current_epoch == self.at_epoch:
-            from lightning_dsd.lr import scale_learning_rates
-
             scale_learning_rates(trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs], self.factor)
 
 

@@ -48,6 +48,10 @@ def export_sparse_model(
             torch.save(state, path)
             exported["sparse_state_dict"] = path
             exported["sparse_state_dict_bytes"] = os.path.getsize(path)
-        sizes = ", ".join(f"{k.removesuffix('_bytes')} {v / 2**20:.2f} MiB" for k, v in exported.items() if k.endswith("_bytes"))
+        sizes = ", ".join(
+            f"{key.removesuffix('_bytes')} {size / 2**20:.2f} MiB"
+            for key, size in exported.items()
+            if key.endswith("_bytes")
+        )
         rank_zero_info(f"DSD cycle {cycle}: saved the sparse model under {directory} ({sizes}).")
     return exported

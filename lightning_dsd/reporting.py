@@ -32,6 +32,7 @@ from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor
 
 from lightning_dsd.phases import Phase
+from lightning_dsd.selection import matches_any
 
 _MATPLOTLIB_AVAILABLE = RequirementCache("matplotlib")
 FIGURE_SAMPLE_SIZE = 200_000
@@ -97,14 +98,11 @@ class PhaseReporter:
 
     def choose_figure_layers(self, weights: Mapping[str, Tensor]) -> None:
         """The layers drawn in figures: the ``figure_layers`` largest, or those matching its patterns."""
-        from fnmatch import fnmatchcase
-
         if isinstance(self.figure_layers, int):
             by_size = sorted(weights, key=lambda name: -weights[name].numel())
             self._figure_names = by_size[: self.figure_layers]
         else:
-            patterns = self.figure_layers
-            self._figure_names = [name for name in weights if any(fnmatchcase(name, p) for p in patterns)]
+            self._figure_names = [name for name in weights if matches_any(name, self.figure_layers)]
 
     @torch.no_grad()
     def record(self, trainer: "pl.Trainer", moment: Moment, cycle: int, weights: Mapping[str, Tensor]) -> None:

@@ -68,7 +68,8 @@ def _is_default_weight(module: nn.Module, name: str) -> bool:
     return False
 
 
-def _matches(name: str, patterns: Sequence[str]) -> bool:
+def matches_any(name: str, patterns: Sequence[str]) -> bool:
+    """Whether ``name`` matches one of the glob ``patterns`` (case-sensitive, as parameter names are)."""
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
@@ -87,8 +88,8 @@ def select_parameters(
         if include is None:
             wanted = id(param) in defaults
         else:
-            wanted = param.dim() >= 2 and _matches(name, include)
-        if not wanted or (exclude and _matches(name, exclude)):
+            wanted = param.dim() >= 2 and matches_any(name, include)
+        if not wanted or (exclude and matches_any(name, exclude)):
             continue
         if include is None and not param.requires_grad:
             skipped_frozen.append(name)

@@ -10,8 +10,8 @@ from typing import Callable, Iterator, Optional
 import lightning.pytorch as pl
 import pytest
 import torch
-from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dsd import DSDCallback, Phase

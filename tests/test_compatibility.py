@@ -140,7 +140,10 @@ class TwoOptimizerGAN(pl.LightningModule):
 
     def configure_optimizers(self):
         g_opt = torch.optim.Adam(
-            [{"params": self.generator[0].parameters(), "lr": 1e-3}, {"params": self.generator[2].parameters(), "lr": 2e-3}]
+            [
+                {"params": self.generator[0].parameters(), "lr": 1e-3},
+                {"params": self.generator[2].parameters(), "lr": 2e-3},
+            ]
         )
         d_opt = torch.optim.SGD(self.discriminator.parameters(), lr=0.01, momentum=0.5)
         return g_opt, d_opt
@@ -284,7 +287,9 @@ def test_torch_compile_trains_through_all_three_phases():
 def test_final_phase_checkpoint_keeps_the_best_model_of_the_last_phase(tmp_path):
     dsd = DSDCallback(0.5, 2, 2, 2)
     anywhere = ModelCheckpoint(dirpath=tmp_path / "any", monitor="train_loss", filename="{epoch}")
-    final = FinalPhaseCheckpoint(dsd, dirpath=tmp_path / "final", monitor="train_loss", filename="{epoch}", save_top_k=-1)
+    final = FinalPhaseCheckpoint(
+        dsd, dirpath=tmp_path / "final", monitor="train_loss", filename="{epoch}", save_top_k=-1
+    )
     make_trainer([dsd, anywhere, final], enable_checkpointing=True).fit(ConvLSTMNet(), make_loader())
     saved = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "final" / "*.ckpt")))
     assert saved == ["epoch=4.ckpt", "epoch=5.ckpt"]

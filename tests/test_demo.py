@@ -50,7 +50,8 @@ def test_the_walkthrough_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     monkeypatch.setenv("DSD_NOTEBOOK_LOGDIR", str(tmp_path))
     notebook = nbformat.read(ROOT / "notebooks" / "dsd_walkthrough.ipynb", as_version=4)
     assert all(not cell.get("outputs") for cell in notebook.cells if cell.cell_type == "code"), "commit it stripped"
-    NotebookClient(notebook, timeout=600, kernel_name="python3", resources={"metadata": {"path": str(tmp_path)}}).execute()
+    resources = {"metadata": {"path": str(tmp_path)}}
+    NotebookClient(notebook, timeout=600, kernel_name="python3", resources=resources).execute()
     images = [o for cell in notebook.cells for o in cell.get("outputs", []) if "image/png" in o.get("data", {})]
     assert len(images) == 2, "the five-panel figures are shown inline"
     printed = "".join(o.get("text", "") for cell in notebook.cells for o in cell.get("outputs", []))

@@ -85,7 +85,8 @@ def test_histograms_for_every_layer_and_moment_at_the_moments_global_step(tmp_pa
         assert min(abs(nonzero.min), abs(nonzero.max)) >= threshold * (1 - 1e-6)
         restored = accumulator.Histograms(f"dsd_weights/{layer}/{Moment.START_OF_REDENSE.value}")[0].histogram_value
         restored_lower = [-np.inf, *restored.bucket_limit[:-1]]
-        zero_bucket = [c for low, high, c in zip(restored_lower, restored.bucket_limit, restored.bucket) if low <= 0 < high]
+        buckets = zip(restored_lower, restored.bucket_limit, restored.bucket)
+        zero_bucket = [count for low, high, count in buckets if low <= 0 < high]
         assert zero_bucket == [round(0.5 * keep.numel())], "the restored zeros form a spike at re-dense"
 
 

@@ -27,7 +27,12 @@ class Zoo(nn.Module):
 
 def test_default_targets_are_the_weight_matrices_and_kernels_only():
     names = set(select_parameters(Zoo()).selected)
-    gru = {f"gru.weight_{kind}_l{layer}{suffix}" for kind in ("ih", "hh") for layer in (0, 1) for suffix in ("", "_reverse")}
+    gru = {
+        f"gru.weight_{kind}_l{layer}{suffix}"
+        for kind in ("ih", "hh")
+        for layer in (0, 1)
+        for suffix in ("", "_reverse")
+    }
     expected = {
         "embed.weight", "conv1.weight", "conv3d.weight", "deconv.weight",
         "lstm.weight_ih_l0", "lstm.weight_hh_l0", "lstm.weight_hr_l0",

@@ -74,7 +74,7 @@ def test_each_mask_storage_keeps_the_same_invariants(make_optimizer, storage, dt
     make_trainer([dsd, MaskDtype(), recorder], max_epochs=4).fit(model, make_loader())
     assert [phase for phase, _, _ in recorder.steps] == ["dense"] * 4 + ["sparse"] * 8 + ["redense"] * 4
     assert all(zeros for _, _, zeros in recorder.steps)
-    for name, mask in recorder.masks_seen[0].items():
+    for mask in recorder.masks_seen[0].values():
         assert int((~mask).sum()) == round(0.5 * mask.numel())
 
 
@@ -195,7 +195,7 @@ def test_two_cycles_run_d_s_d_s_d_with_each_cycles_sparsity_and_a_compounding_lr
     ] * 4
     assert all(zeros for _, _, zeros in recorder.steps)
     for cycle, sparsity in enumerate((0.5, 0.25)):
-        for name, mask in recorder.masks_seen[cycle].items():
+        for mask in recorder.masks_seen[cycle].values():
             assert int((~mask).sum()) == round(sparsity * mask.numel())
     assert lrs[("sparse", 0)] == pytest.approx(0.1)
     assert lrs[("redense", 0)] == pytest.approx(0.01)
