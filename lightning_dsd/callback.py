@@ -318,17 +318,9 @@ class DSDCallback(Callback):
             rank_zero_warn(
                 f"The DSD schedule needs {needed} {self.interval}s"
                 f" ({' + '.join(str(s.length) for s in self._schedule.stages)}), but the Trainer has"
-                f" {unit}={limit}: training will stop in the {self._stage_at(limit).phase.value} phase."
+                f" {unit}={limit}: training will stop in the {self._schedule.stage_at(limit).phase.value} phase."
                 f" Set {unit}={needed} to run every phase."
             )
-
-    def _stage_at(self, now: int) -> Stage:
-        start = 0
-        for stage in self._schedule.stages:
-            start += stage.length or 0
-            if now < start:
-                return stage
-        return self._schedule.stages[-1]
 
     # ------------------------------------------------------------------ training hooks
 
@@ -454,16 +446,20 @@ class DSDCallback(Callback):
         )
 
     def _decide_masks(self, trainer: "pl.Trainer", sparsity: Sparsity) -> dict[str, Tensor]:
-        """Masks from the current weights, decided on rank zero and broadcast, so every rank prunes alike."""
+        """Masks from the current weights, decided on rank zero and broadcast (as packed bits) so every rank
+        prunes alike; a single process keeps them as they are."""
+        if trainer.world_size == 1:
+            return self._magnitude_masks(sparsity)
         packed = None
         if trainer.is_global_zero:
-            if self.scope == "global":
-                keep = global_magnitude_masks(self._targets, sparsity)
-            else:
-                keep = magnitude_masks(self._targets, self._resolve(sparsity))
-            packed = {name: pack_mask(mask) for name, mask in keep.items()}
+            packed = {name: pack_mask(mask) for name, mask in self._magnitude_masks(sparsity).items()}
         packed = trainer.strategy.broadcast(packed, src=0)
         return {name: unpack_mask(bits, self._targets[name].shape) for name, bits in packed.items()}
+
+    def _magnitude_masks(self, sparsity: Sparsity) -> dict[str, Tensor]:
+        if self.scope == "global":
+            return global_magnitude_masks(self._targets, sparsity)
+        return magnitude_masks(self._targets, self._resolve(sparsity))
 
     def _enforce(self, trainer: "pl.Trainer", masks: dict[str, Tensor]) -> None:
         self._release_hooks()

@@ -153,6 +153,20 @@ class Schedule:
         lengths = [stage.length for stage in self.stages]
         return None if None in lengths else sum(lengths)  # type: ignore[arg-type]
 
+    def stage_at(self, elapsed: int) -> Stage:
+        """The stage a fixed-length schedule is in after ``elapsed`` epochs or steps from its start.
+
+        Example:
+            >>> Schedule(build_stages([0.5], dense=2, sparse=3, redense=1)).stage_at(4).phase
+            <Phase.SPARSE: 'sparse'>
+        """
+        end = 0
+        for stage in self.stages:
+            end += stage.length or 0
+            if elapsed < end:
+                return stage
+        return self.stages[-1]
+
     def state_dict(self) -> dict[str, Any]:
         state: dict[str, Any] = {"index": self.index, "started_at": self.started_at, "converged": self.converged}
         if self.tracker is not None:
