@@ -9,8 +9,17 @@ Example:
 from lightning_dsd.callback import DSDCallback
 from lightning_dsd.checkpoint import FinalPhaseCheckpoint
 from lightning_dsd.phases import Phase
+from lightning_dsd.selection import LayerSpec
 from lightning_dsd.sensitivity import SensitivityTable, sensitivity_scan
 
 __version__ = "0.1.0"
 
-__all__ = ["DSDCallback", "FinalPhaseCheckpoint", "Phase", "SensitivityTable", "__version__", "sensitivity_scan"]
+__all__ = [
+    "DSDCallback",
+    "FinalPhaseCheckpoint",
+    "LayerSpec",
+    "Phase",
+    "SensitivityTable",
+    "__version__",
+    "sensitivity_scan",
+]

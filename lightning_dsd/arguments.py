@@ -17,7 +17,10 @@ import math
 from numbers import Real
 from typing import Any, Mapping, Optional, Sequence
 
+from torch import nn
+
 from lightning_dsd.masks import NMPattern, Sparsity
+from lightning_dsd.selection import LayerSpec
 
 _SPARSITY_RULE = (
     "`sparsity` must be a float in (0, 1) (the fraction of weights pruned) or an 'N:M' pattern such as '2:4',"
@@ -140,3 +143,21 @@ def check_figure_layers(value: Any) -> "int | tuple[str, ...]":
     if patterns is None:
         raise ValueError(f"`figure_layers` must be an int >= 0 or glob patterns. Found: {value!r}.")
     return patterns
+
+
+def check_layer_types(value: Any) -> Optional[dict[Any, Any]]:
+    """Declared linear-like layers: a mapping from a module class (or its ``"module.QualName"``) to a
+    :class:`~lightning_dsd.selection.LayerSpec`."""
+    if value is None:
+        return None
+    rule = (
+        "`layer_types` must map nn.Module subclasses (or their 'module.QualName' strings) to a LayerSpec,"
+        " e.g. {MyLinear: LayerSpec(weights=('weight',), input_dim=0)}."
+    )
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{rule} Found: {value!r}.")
+    for key, spec in value.items():
+        is_module_type = isinstance(key, type) and issubclass(key, nn.Module)
+        if not (is_module_type or (isinstance(key, str) and "." in key)) or not isinstance(spec, LayerSpec):
+            raise ValueError(f"{rule} Found the entry {key!r}: {spec!r}.")
+    return dict(value)

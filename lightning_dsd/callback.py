@@ -24,6 +24,7 @@ from lightning_dsd.arguments import (
     check_every_n,
     check_figure_layers,
     check_layer_sparsity,
+    check_layer_types,
     check_length,
     check_non_negative_int,
     check_patterns,
@@ -33,11 +34,21 @@ from lightning_dsd.arguments import (
 from lightning_dsd.constraint import MASK_STORAGES, SparseConstraint
 from lightning_dsd.export import export_sparse_model
 from lightning_dsd.lr import current_learning_rates, scale_learning_rates
-from lightning_dsd.masks import NMPattern, Sparsity, global_magnitude_masks, magnitude_masks, pack_mask, unpack_mask
+from lightning_dsd.masks import NMPattern, pack_mask, unpack_mask
 from lightning_dsd.phases import ConvergenceTracker, Phase, Schedule, Stage, build_stages
+from lightning_dsd.plan import SCOPES, MaskPlan, pruned_fraction
 from lightning_dsd.redense import REDENSE_INITS, reinitialize_pruned
 from lightning_dsd.reporting import Moment, PhaseReporter
-from lightning_dsd.selection import matches_any, select_parameters
+from lightning_dsd.selection import (
+    LayerSpec,
+    LayerType,
+    Selection,
+    matches_any,
+    select_parameters,
+    sparse_gradient_targets,
+    uninitialized_parameters,
+    unmatched_patterns,
+)
 
 _STATE_VERSION = 1
 
@@ -68,9 +79,14 @@ class DSDCallback(Callback):
         patience: checks without improvement after which a phase has converged.
         min_delta: smallest change of ``monitor`` that counts as an improvement.
         lr_scale: factor applied to every learning rate at each re-dense (paper: 0.1).
-        include: glob patterns over parameter names that replace the default targets.
+        include: glob patterns over parameter names that replace the default targets (the connection
+            weights of linear-like layers, see :mod:`lightning_dsd.selection`; embeddings are left dense
+            unless tied to an output layer).
         exclude: glob patterns over parameter names never to prune (e.g. ``"conv1.*"``: the paper keeps
             the first convolution dense).
+        layer_types: your own linear-like modules: a mapping from the module class (or its
+            ``"module.QualName"``) to a :class:`~lightning_dsd.selection.LayerSpec` naming its connection
+            weights and their input dimension, e.g. ``{MyLinear: LayerSpec(input_dim=0)}``.
         scope: ``"layer"`` (a threshold per tensor, the paper's) or ``"global"`` (one over all targets).
         stop_at_end: stop the ``Trainer`` when the last phase ends.
         log_histograms: log weight histograms to TensorBoard at the five moments of every cycle.
@@ -118,6 +134,7 @@ class DSDCallback(Callback):
         lr_scale: float = 0.1,
         include: Optional[Union[str, Sequence[str]]] = None,
         exclude: Optional[Union[str, Sequence[str]]] = None,
+        layer_types: Optional[Mapping[LayerType, LayerSpec]] = None,
         scope: str = "layer",
         stop_at_end: bool = True,
         log_histograms: bool = True,
@@ -154,7 +171,8 @@ class DSDCallback(Callback):
         self.lr_scale = check_real("lr_scale", lr_scale, positive=True)
         self.include = check_patterns("include", include)
         self.exclude = check_patterns("exclude", exclude)
-        self.scope = check_choice("scope", scope, ("layer", "global"))
+        self.layer_types = check_layer_types(layer_types)
+        self.scope = check_choice("scope", scope, SCOPES)
         self.layer_sparsity = check_layer_sparsity(layer_sparsity)
         uses_patterns = any(isinstance(s, NMPattern) for s in self.sparsities)
         if self.scope == "global" and (self.layer_sparsity or uses_patterns):
@@ -180,11 +198,13 @@ class DSDCallback(Callback):
 
         tracker = ConvergenceTracker(self.mode, self.patience, self.min_delta) if monitor is not None else None
         self._schedule = Schedule(build_stages(self.sparsities, *lengths.values()), tracker)
-        self._targets: dict[str, nn.Parameter] = {}
+        self._selection = Selection(selected={})
+        self._plan = MaskPlan(self.sparsities, self.scope, self.layer_sparsity)
         self._histogram_targets: dict[str, nn.Parameter] = {}
         self._constraint: Optional[SparseConstraint] = None
         self._restored_masks: Optional[dict[str, Tensor]] = None
         self._check_on_train_epoch_end = True
+        self._schedule_completed = False
 
     # ------------------------------------------------------------------ read-only state
 
@@ -208,15 +228,22 @@ class DSDCallback(Callback):
     @property
     def layer_sparsities(self) -> dict[str, list[Union[float, str]]]:
         """The sparsity each targeted parameter gets in each cycle, after ``layer_sparsity`` overrides."""
-        cycles = [self._resolve(sparsity) for sparsity in self.sparsities]
-        return {name: [_shown(cycle[name]) for cycle in cycles] for name in self._targets}
+        return self._plan.per_layer(list(self._targets))
 
-    def _resolve(self, default: Sparsity) -> dict[str, Sparsity]:
-        resolved = {}
-        for name in self._targets:
-            matches = (value for pattern, value in (self.layer_sparsity or {}).items() if matches_any(name, [pattern]))
-            resolved[name] = next(matches, default)
-        return resolved
+    @property
+    def selection(self) -> Selection:
+        """What ``setup`` chose to prune, with input dimensions, tied names and what it left dense."""
+        return self._selection
+
+    @property
+    def _targets(self) -> dict[str, nn.Parameter]:
+        return self._selection.selected
+
+    @property
+    def phase_label(self) -> str:
+        """The phase as the progress bar shows it: ``"sparse"``, or ``"sparse 2/3"`` over several cycles."""
+        cycles = len(self.sparsities)
+        return self.phase.value if cycles == 1 else f"{self.phase.value} {self.cycle + 1}/{cycles}"
 
     @property
     def in_last_phase(self) -> bool:
@@ -235,9 +262,13 @@ class DSDCallback(Callback):
         if stage != TrainerFn.FITTING:
             return
         self._check_strategy(trainer)
+        self._check_not_finished(trainer)
         self._check_other_callbacks(trainer)
-        self._targets = self._select_targets(pl_module)
-        self._check_patterns_fit()
+        _materialize_lazy_modules(pl_module)
+        self._selection = self._select_targets(pl_module)
+        self._plan = MaskPlan(self.sparsities, self.scope, self.layer_sparsity, self._selection.input_dims)
+        self._plan.check_fits(self._targets)
+        self._warn_about_unmatched_patterns(pl_module)
         self._histogram_targets = {
             name: param
             for name, param in self._targets.items()
@@ -245,6 +276,7 @@ class DSDCallback(Callback):
         }
         self._reporter.choose_figure_layers(self._targets)
         self._reporter.check_loggers(trainer)
+        self._show_phase_in_progress_bar(trainer)
         self._warn_if_schedule_does_not_fit(trainer)
         self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
 
@@ -256,6 +288,27 @@ class DSDCallback(Callback):
                 f"DSDCallback supports single-device training and DDP (`strategy='ddp'`, 'ddp_spawn', ...)."
                 f" Found strategy {type(strategy).__name__}: sharded strategies (FSDP, DeepSpeed, model"
                 " parallel) split or flatten parameters, so per-tensor magnitude thresholds would be wrong."
+            )
+
+    def _show_phase_in_progress_bar(self, trainer: "pl.Trainer") -> None:
+        """Add ``dsd=<phase>`` to what the progress bar's public ``get_metrics`` returns, until teardown."""
+        bar = trainer.progress_bar_callback
+        if bar is None or "get_metrics" in vars(bar):
+            return
+        metrics_of_bar = bar.get_metrics
+
+        def get_metrics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Union[int, str, float]]:
+            return {**metrics_of_bar(trainer, pl_module), "dsd": self.phase_label}
+
+        bar.get_metrics = get_metrics  # type: ignore[method-assign]
+
+    def _check_not_finished(self, trainer: "pl.Trainer") -> None:
+        if self._schedule_completed and trainer.ckpt_path is None:
+            raise RuntimeError(
+                "This DSDCallback already ran its whole schedule in an earlier `fit`"
+                f" ({' -> '.join(f'{s.phase.value}' for s in self._schedule.stages)}), so another `fit` with it"
+                " would train without DSD. To run DSD again, give the Trainer a new DSDCallback(...); to go on"
+                " from a saved run, resume with `trainer.fit(model, ckpt_path=...)`."
             )
 
     def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
@@ -272,43 +325,38 @@ class DSDCallback(Callback):
                 " as that phase's length; keep EarlyStopping only if stopping in the middle of DSD is intended."
             )
 
-    def _select_targets(self, pl_module: "pl.LightningModule") -> dict[str, nn.Parameter]:
-        selection = select_parameters(pl_module, self.include, self.exclude)
+    def _select_targets(self, pl_module: "pl.LightningModule") -> Selection:
+        selection = select_parameters(pl_module, self.include, self.exclude, self.layer_types)
         if not selection.selected:
             available = [name for name, _ in pl_module.named_parameters()]
             raise ValueError(
                 "DSDCallback found nothing to prune with include="
                 f"{list(self.include) if self.include else None}, exclude={list(self.exclude or [])}."
-                " By default it prunes the weights of Linear, Conv, RNN/LSTM/GRU, MultiheadAttention and"
-                f" Embedding layers; `include` patterns may name any parameter of 2+ dimensions. The model's"
-                f" parameters are: {available[:20]}{' ...' if len(available) > 20 else ''}."
+                " By default it prunes the connection weights of Linear, Conv, RNN/LSTM/GRU, MultiheadAttention"
+                " and transformers' Conv1D layers (declare others with `layer_types`); `include` patterns may"
+                f" name any parameter of 2+ dimensions. The model's parameters are:"
+                f" {available[:20]}{' ...' if len(available) > 20 else ''}."
             )
-        for name, module in pl_module.named_modules():
-            if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse:
-                if any(p is module.weight for p in selection.selected.values()):
-                    raise ValueError(
-                        f"DSDCallback cannot prune `{name}.weight`: the embedding has `sparse=True`, whose sparse"
-                        " gradients cannot be masked. Use `sparse=False` or `exclude` it."
-                    )
-        if selection.skipped_frozen:
-            rank_zero_info(
-                f"DSDCallback leaves frozen parameters dense: {selection.skipped_frozen}."
-                " Name them in `include` to prune them anyway."
+        sparse = sparse_gradient_targets(pl_module, selection.selected)
+        if sparse:
+            raise ValueError(
+                f"DSDCallback cannot prune {sparse}: the embedding has `sparse=True`, whose sparse gradients"
+                " cannot be masked. Use `sparse=False` or `exclude` it."
             )
-        return selection.selected
+        return selection
 
-    def _check_patterns_fit(self) -> None:
-        for sparsity in self.sparsities:
-            for name, resolved in self._resolve(sparsity).items():
-                if not isinstance(resolved, NMPattern):
-                    continue
-                shape = tuple(self._targets[name].shape)
-                if shape[1] % resolved.m:
-                    raise ValueError(
-                        f"`sparsity='{resolved}'` groups {resolved.m} consecutive weights along the input dimension,"
-                        f" but `{name}` has shape {shape}: input size {shape[1]} does not divide by {resolved.m}."
-                        " `exclude` it or give it a float in `layer_sparsity`."
-                    )
+    def _warn_about_unmatched_patterns(self, pl_module: "pl.LightningModule") -> None:
+        every_name = [name for name, _ in pl_module.named_parameters(remove_duplicate=False)]
+        figure_patterns = None if isinstance(self._reporter.figure_layers, int) else self._reporter.figure_layers
+        messages = [
+            *unmatched_patterns("include", self.include, every_name),
+            *unmatched_patterns("exclude", self.exclude, every_name),
+            *unmatched_patterns("layer_sparsity", list(self.layer_sparsity or ()), list(self._targets)),
+            *unmatched_patterns("histogram_layers", self.histogram_layers, list(self._targets)),
+            *unmatched_patterns("figure_layers", figure_patterns, list(self._targets)),
+        ]
+        for message in messages:
+            rank_zero_warn(f"DSDCallback: {message} Check the pattern against `model.named_parameters()`.")
 
     def _warn_if_schedule_does_not_fit(self, trainer: "pl.Trainer") -> None:
         needed = self._schedule.required_length()
@@ -360,7 +408,6 @@ class DSDCallback(Callback):
     ) -> None:
         if self.interval == "step":
             self._stop_if_finished(trainer, trainer.global_step)
-        self._show_phase(trainer)
 
     @override
     def on_train_epoch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -381,6 +428,7 @@ class DSDCallback(Callback):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._schedule_completed = self._schedule.is_last and self._schedule.is_over(self._now(trainer))
         self._release_hooks()
         final_moment = {Phase.DENSE: Moment.END_OF_DENSE, Phase.SPARSE: Moment.END_OF_SPARSE}
         self._record(trainer, final_moment.get(self.phase, Moment.END_OF_REDENSE), self.cycle)
@@ -390,6 +438,8 @@ class DSDCallback(Callback):
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._release_hooks()
+        if trainer.progress_bar_callback is not None:
+            vars(trainer.progress_bar_callback).pop("get_metrics", None)
 
     # ------------------------------------------------------------------ phase transitions
 
@@ -416,50 +466,36 @@ class DSDCallback(Callback):
     def _record(self, trainer: "pl.Trainer", moment: Moment, cycle: int) -> None:
         self._reporter.record(trainer, moment, cycle, self._histogram_targets)
 
-    def _show_phase(self, trainer: "pl.Trainer") -> None:
-        """Put the phase in the progress bar's metrics (``dsd=sparse``, or ``dsd=sparse 2/3`` over cycles).
-
-        Called at batch end, just before the progress bar reads the same metrics itself.
-        """
-        if trainer.progress_bar_callback is None:
-            return
-        cycles = len(self.sparsities)
-        shown = self.phase.value if cycles == 1 else f"{self.phase.value} {self.cycle + 1}/{cycles}"
-        trainer.progress_bar_metrics["dsd"] = shown
-
     def _prune(self, trainer: "pl.Trainer", stage: Stage) -> None:
         if stage.cycle > 0:
             self._record(trainer, Moment.END_OF_REDENSE, stage.cycle - 1)
             self._reporter.draw_figure(trainer, stage.cycle - 1)
         self._record(trainer, Moment.END_OF_DENSE, stage.cycle)
-        if stage.cycle == 0 and self.layer_sparsity:
-            rank_zero_info(f"DSD sparsity per parameter, one value per cycle: {self.layer_sparsities}")
-        masks = self._decide_masks(trainer, stage.sparsity)
+        if stage.cycle == 0:
+            rank_zero_info(self._selection.summary())
+            if self.layer_sparsity:
+                rank_zero_info(f"DSD sparsity per parameter, one value per cycle: {self.layer_sparsities}")
+        masks = self._decide_masks(trainer, stage.cycle)
         self._enforce(trainer, masks)
         self._record(trainer, Moment.AFTER_PRUNING, stage.cycle)
-        self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, self._learning_rates(trainer))
-        pruned = sum(int((~m).sum()) for m in masks.values())
-        total = sum(m.numel() for m in masks.values())
+        learning_rates = current_learning_rates(trainer.optimizers)
+        self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, learning_rates)
+        pruned, total = pruned_fraction(masks)
         rank_zero_info(
             f"DSD cycle {stage.cycle}: sparse phase. Pruned {pruned}/{total} weights ({pruned / total:.1%}) in"
             f" {len(masks)} tensors, scope={self.scope!r}; the masks stay fixed for this phase."
         )
 
-    def _decide_masks(self, trainer: "pl.Trainer", sparsity: Sparsity) -> dict[str, Tensor]:
+    def _decide_masks(self, trainer: "pl.Trainer", cycle: int) -> dict[str, Tensor]:
         """Masks from the current weights, decided on rank zero and broadcast (as packed bits) so every rank
         prunes alike; a single process keeps them as they are."""
         if trainer.world_size == 1:
-            return self._magnitude_masks(sparsity)
+            return self._plan.decide(self._targets, cycle)
         packed = None
         if trainer.is_global_zero:
-            packed = {name: pack_mask(mask) for name, mask in self._magnitude_masks(sparsity).items()}
+            packed = {name: pack_mask(mask) for name, mask in self._plan.decide(self._targets, cycle).items()}
         packed = trainer.strategy.broadcast(packed, src=0)
         return {name: unpack_mask(bits, self._targets[name].shape) for name, bits in packed.items()}
-
-    def _magnitude_masks(self, sparsity: Sparsity) -> dict[str, Tensor]:
-        if self.scope == "global":
-            return global_magnitude_masks(self._targets, sparsity)
-        return magnitude_masks(self._targets, self._resolve(sparsity))
 
     def _enforce(self, trainer: "pl.Trainer", masks: dict[str, Tensor]) -> None:
         self._release_hooks()
@@ -486,16 +522,13 @@ class DSDCallback(Callback):
         before = current_learning_rates(trainer.optimizers)
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         scale_learning_rates(trainer.optimizers, schedulers, self.lr_scale)
+        after = current_learning_rates(trainer.optimizers)
         rank_zero_info(
             f"DSD cycle {finished.cycle}: re-dense phase. Pruned weights restart from zero; learning rate"
-            f" x{self.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(current_learning_rates(trainer.optimizers))}."
+            f" x{self.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(after)}."
         )
         self._record(trainer, Moment.START_OF_REDENSE, finished.cycle)
-        self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, self._learning_rates(trainer))
-
-    @staticmethod
-    def _learning_rates(trainer: "pl.Trainer") -> list[list[float]]:
-        return [[float(group["lr"]) for group in optimizer.param_groups] for optimizer in trainer.optimizers]
+        self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, after)
 
     def _observe_monitor(self, trainer: "pl.Trainer") -> None:
         if self.monitor is None:
@@ -535,9 +568,27 @@ class DSDCallback(Callback):
         self._restored_masks = {name: unpack_mask(m["bits"], m["shape"]) for name, m in masks.items()} or None
 
 
-def _shown(sparsity: Sparsity) -> Union[float, str]:
-    return str(sparsity) if isinstance(sparsity, NMPattern) else sparsity
+def _format_lrs(lrs: list[list[float]]) -> str:
+    return ", ".join(f"{lr:.3g}" for group_lrs in lrs for lr in group_lrs)
 
 
-def _format_lrs(lrs: list[float]) -> str:
-    return ", ".join(f"{lr:.3g}" for lr in lrs)
+def _materialize_lazy_modules(pl_module: "pl.LightningModule") -> None:
+    """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, as
+    Lightning's model summary does; without it, refuse with what to do."""
+    lazy = uninitialized_parameters(pl_module)
+    if not lazy:
+        return
+    example = pl_module.example_input_array
+    if example is None:
+        raise ValueError(
+            f"DSDCallback needs the shapes of the weights it prunes, but {lazy} belong to lazy modules that no"
+            " forward pass has shaped yet. Run one forward pass (e.g. `model(example_batch)`) before"
+            " `trainer.fit`, or set `self.example_input_array` in the LightningModule so DSD can run it."
+        )
+    with torch.no_grad():
+        if isinstance(example, (list, tuple)):
+            pl_module(*example)
+        elif isinstance(example, dict):
+            pl_module(**example)
+        else:
+            pl_module(example)

@@ -1,9 +1,9 @@
 """Keeping pruned entries at exactly zero during a sparse phase.
 
 :class:`SparseConstraint` owns the masks of one sparse phase, on the weights' device. By default they are
-kept in the weights' dtype and applied with one fused ``torch._foreach_mul_``: on the CPU that runs at copy
-speed while stock bool kernels are 2-7x slower, and on CUDA one fused launch beats a ``masked_fill_`` per
-tensor on small steps. ``storage="bool"`` keeps 1-byte masks applied with ``masked_fill_`` instead. It
+kept in the weights' dtype (on the CPU that runs at copy speed while stock bool kernels are 2-7x slower);
+``storage="bool"`` keeps 1-byte masks instead. Either way a mask is a *keep* mask (1 or ``True`` where the
+weight stays) applied with one fused ``torch._foreach_mul_``. It
 
 * zeroes the pruned weights, their gradients and their optimizer state when it is attached;
 * zeroes the gradients of pruned entries before every optimizer step (:meth:`mask_gradients`, called by
@@ -47,14 +47,9 @@ MASK_STORAGES = ("weight_dtype", "bool")
 
 
 @torch.no_grad()
-def zero_pruned(tensors: list[Tensor], masks: list[Tensor]) -> None:
-    """Zero the pruned entries in place: ``masks`` are bool *pruned* masks (``masked_fill_``) or keep masks
-    in the tensors' dtype (one fused ``torch._foreach_mul_``)."""
-    if masks and masks[0].dtype == torch.bool:
-        for tensor, pruned in zip(tensors, masks):
-            tensor.masked_fill_(pruned, 0)
-    else:
-        torch._foreach_mul_(tensors, masks)
+def zero_pruned(tensors: list[Tensor], keep_masks: list[Tensor]) -> None:
+    """Zero the pruned entries in place: multiply by keep masks (bool, or of the tensors' dtype), fused."""
+    torch._foreach_mul_(tensors, keep_masks)
 
 
 ZERO_PRESERVING_OPTIMIZERS: tuple[type[Optimizer], ...] = (
@@ -99,16 +94,15 @@ class SparseConstraint:
     ) -> None:
         self.names = list(keep)
         self.params = [params[name] for name in self.names]
-        self.bool_masks = storage == "bool"
         self.masks = [
-            keep[name].to(p.device).logical_not() if self.bool_masks else keep[name].to(device=p.device, dtype=p.dtype)
+            keep[name].to(device=p.device, dtype=torch.bool if storage == "bool" else p.dtype)
             for name, p in zip(self.names, self.params)
         ]
         self._targets: dict[int, _OptimizerTargets] = {}
 
     def keep_masks(self) -> dict[str, Tensor]:
         """The masks as bool tensors (``True`` = kept), by parameter name."""
-        return {name: ~mask if self.bool_masks else mask.bool() for name, mask in zip(self.names, self.masks)}
+        return {name: mask.bool() for name, mask in zip(self.names, self.masks)}
 
     def apply_to_weights(self) -> None:
         zero_pruned(self.params, self.masks)
@@ -191,4 +185,4 @@ def _mask_optimizer_state(optimizer: Optimizer, targets: _OptimizerTargets) -> N
     for param, mask in zip(targets.params, targets.masks):
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
-                zero_pruned([value], [mask if mask.dtype == torch.bool else mask.to(value.dtype)])
+                zero_pruned([value], [mask if mask.dtype in (torch.bool, value.dtype) else mask.to(value.dtype)])

@@ -60,6 +60,6 @@ def _scale_scheduler(scheduler: Any, factor: float, seen: set[int]) -> None:
         _scale_scheduler(child, factor, seen)
 
 
-def current_learning_rates(optimizers: Iterable[Optimizer]) -> list[float]:
-    """The ``lr`` of every param group of every optimizer, as floats, in order."""
-    return [float(group["lr"]) for optimizer in optimizers for group in optimizer.param_groups]
+def current_learning_rates(optimizers: Iterable[Optimizer]) -> list[list[float]]:
+    """The ``lr`` of every param group, as floats: one list per optimizer, one entry per group."""
+    return [[float(group["lr"]) for group in optimizer.param_groups] for optimizer in optimizers]

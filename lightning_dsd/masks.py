@@ -22,7 +22,7 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Mapping, Sequence, Union
+from typing import Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -61,29 +61,43 @@ class NMPattern:
 Sparsity = Union[float, NMPattern]
 
 
-def input_dimension_last(weight: Tensor) -> Tensor:
-    """``weight`` viewed with its input dimension last: dim 1 of (out, in, *kernel) goes to the end."""
-    return weight.movedim(1, -1) if weight.dim() > 2 else weight
+def nm_mask(weight: Tensor, pattern: NMPattern, input_dim: int = 1) -> Tensor:
+    """Keep the ``n`` largest |w| of every ``m`` consecutive entries along ``input_dim``.
 
-
-def nm_mask(weight: Tensor, pattern: NMPattern) -> Tensor:
-    """Keep the ``n`` largest |w| of every ``m`` consecutive entries along the input dimension.
-
-    Ties are broken by position (the earlier entry is pruned first). The input size must divide by ``m``.
+    Ties are broken by position (the earlier entry is pruned first). The input size must divide by ``m``
+    (see :func:`check_pattern_fits`).
 
     Example:
         >>> nm_mask(torch.tensor([[0.1, -0.9, 0.3, 0.2, 5.0, 4.0, -3.0, 0.0]]), NMPattern(2, 4))
         tensor([[False,  True,  True, False,  True,  True, False, False]])
+        >>> nm_mask(torch.tensor([[0.1], [-0.9], [0.3], [0.2]]), NMPattern(2, 4), input_dim=0).flatten()
+        tensor([False,  True,  True, False])
     """
-    moved = input_dimension_last(weight.detach())
+    moved = weight.detach().movedim(input_dim, -1)
     if moved.shape[-1] % pattern.m:
         raise ValueError(f"input size {moved.shape[-1]} does not divide by {pattern.m}")
     groups = moved.abs().float().reshape(-1, pattern.m)
     order = torch.sort(groups, dim=1, stable=True).indices
     keep = torch.ones_like(groups, dtype=torch.bool)
     keep.scatter_(1, order[:, : pattern.m - pattern.n], False)
-    keep = keep.reshape(moved.shape)
-    return keep.movedim(-1, 1) if weight.dim() > 2 else keep
+    return keep.reshape(moved.shape).movedim(-1, input_dim)
+
+
+def check_pattern_fits(name: str, shape: Sequence[int], pattern: NMPattern, input_dim: int) -> None:
+    """Refuse an N:M ``pattern`` for a weight whose input size (``shape[input_dim]``) does not divide by M.
+
+    Example:
+        >>> check_pattern_fits("fc.weight", (4, 6), NMPattern(2, 4), input_dim=1)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: ... but `fc.weight` has shape (4, 6): input size 6 does not divide by 4. ...
+    """
+    if shape[input_dim] % pattern.m:
+        raise ValueError(
+            f"`sparsity='{pattern}'` groups {pattern.m} consecutive weights along the input dimension"
+            f" (dim {input_dim}), but `{name}` has shape {tuple(shape)}: input size {shape[input_dim]} does not"
+            f" divide by {pattern.m}. `exclude` it or give it a float in `layer_sparsity`."
+        )
 
 
 def pruned_count(numel: int, sparsity: float) -> int:
@@ -106,15 +120,19 @@ def smallest_entries(scores: Tensor, k: int) -> Tensor:
     return chosen
 
 
-def magnitude_masks(weights: Mapping[str, Tensor], sparsities: Mapping[str, Sparsity]) -> dict[str, Tensor]:
+def magnitude_masks(
+    weights: Mapping[str, Tensor],
+    sparsities: Mapping[str, Sparsity],
+    input_dims: Optional[Mapping[str, int]] = None,
+) -> dict[str, Tensor]:
     """Per-tensor ("layer") masks: each tensor loses its own ``round(sparsity * N)`` smallest entries, or
-    follows its :class:`NMPattern`."""
+    follows its :class:`NMPattern` along its input dimension (``input_dims``, dim 1 where not given)."""
     masks = {}
     with torch.no_grad():
         for name, weight in weights.items():
             sparsity = sparsities[name]
             if isinstance(sparsity, NMPattern):
-                masks[name] = nm_mask(weight, sparsity)
+                masks[name] = nm_mask(weight, sparsity, (input_dims or {}).get(name, 1))
                 continue
             scores = weight.detach().abs().flatten().float()
             pruned = smallest_entries(scores, pruned_count(scores.numel(), sparsity))

@@ -1,71 +1,158 @@
-"""Which parameters DSD prunes.
+"""Which parameters DSD prunes, and how each one's weight is laid out.
 
-By default: the weight matrices and kernels of Linear, Conv1d/2d/3d and their transposes, RNN/LSTM/GRU
-(every ``weight_ih_l*``, ``weight_hh_l*`` and LSTM projection ``weight_hr_l*``), the input projections of
-MultiheadAttention, and Embedding. Never biases or normalization parameters. ``include`` and ``exclude``
-are glob patterns over the names ``model.named_parameters()`` gives; ``include`` replaces the default set
-with every parameter of two or more dimensions that a pattern matches. Tied weights appear once, under
-their first name, because ``named_parameters()`` removes duplicates.
+**Default targets are the connections of the network**: the weights that multiply activations. That is
+the ``weight`` of ``Linear`` (and every subclass), ``Bilinear``, ``Conv1d/2d/3d`` and their transposes,
+every ``weight_ih_l*``, ``weight_hh_l*`` and ``weight_hr_l*`` of RNN/LSTM/GRU, the input projections of
+``MultiheadAttention`` (its output projection is a ``Linear``), and linear layers with other layouts that
+are recognised by class name without importing their library: Hugging Face ``transformers``' ``Conv1D``
+(GPT-2's attention and MLP matrices, stored ``(in, out)``). Never biases, normalization parameters, or
+bare parameters such as position embeddings and class tokens.
+
+**Embeddings are left dense by default.** An embedding is a lookup table, not a connection: a row
+belongs to one token (or one position, one token type) and gets a gradient only when that token occurs,
+so its magnitude measures frequency more than importance, and magnitude pruning would empty the rows
+of rare tokens. A word embedding *tied* to an output layer (GPT-2's ``wte`` and ``lm_head``) is pruned,
+because it is that layer's weight; it is pruned once and stays tied. Name embeddings in ``include`` to
+prune them anyway.
+
+``include`` and ``exclude`` are glob patterns over the names ``model.named_parameters()`` gives;
+``include`` replaces the default set with every parameter of two or more dimensions that a pattern
+matches. Tied weights appear once, under their first name, as ``named_parameters()`` gives them.
+
+Every target has a known **input dimension**, the one a weight is summed over: dim 1 for PyTorch's
+``(out, in, *kernel)`` layouts and embeddings, dim 0 for transposed convolutions ``(in, out, *kernel)``
+and ``Conv1D``. N:M patterns group weights along it. A model with its own linear-like module declares
+it with :class:`LayerSpec` (see ``DSDCallback(layer_types=...)``).
 
 Example:
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-    >>> sorted(select_parameters(model).selected)
-    ['0.weight', '3.weight']
+    >>> selection = select_parameters(model)
+    >>> sorted(selection.selected), selection.input_dims["3.weight"]
+    (['0.weight', '3.weight'], 1)
     >>> sorted(select_parameters(model, exclude=["0.*"]).selected)
     ['3.weight']
+    >>> class MyLinear(nn.Module):  # stores its weight (in, out), like transformers' Conv1D
+    ...     def __init__(self):
+    ...         super().__init__()
+    ...         self.w = nn.Parameter(torch.randn(4, 2))
+    >>> select_parameters(nn.Sequential(MyLinear()), layer_types={MyLinear: LayerSpec(("w",), 0)}).input_dims
+    {'0.w': 0}
 """
 
 from __future__ import annotations
 
+import difflib
+from collections import Counter
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence, Union
 
+import torch
 from torch import nn
 
-_WEIGHT_MODULES = (
-    nn.Linear,
-    nn.Bilinear,
-    nn.Conv1d,
-    nn.Conv2d,
-    nn.Conv3d,
-    nn.ConvTranspose1d,
-    nn.ConvTranspose2d,
-    nn.ConvTranspose3d,
-    nn.Embedding,
-    nn.EmbeddingBag,
-)
-_RNN_WEIGHT_PREFIXES = ("weight_ih_l", "weight_hh_l", "weight_hr_l")
-_ATTENTION_WEIGHTS = ("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """How a linear-like layer holds its connection weights.
+
+    Args:
+        weights: glob patterns over the layer's own parameter names that are connection weights.
+        input_dim: the dimension of those weights that the layer sums over (the input features).
+
+    Example:
+        >>> LayerSpec(), LayerSpec(("kernel",), input_dim=0)
+        (LayerSpec(weights=('weight',), input_dim=1), LayerSpec(weights=('kernel',), input_dim=0))
+    """
+
+    weights: tuple[str, ...] = ("weight",)
+    input_dim: int = 1
+
+    def __post_init__(self) -> None:
+        if isinstance(self.weights, str) or not all(isinstance(w, str) and w for w in self.weights):
+            raise ValueError(
+                f"`LayerSpec.weights` must be a tuple of parameter-name patterns. Found: {self.weights!r}."
+            )
+        if isinstance(self.input_dim, bool) or not isinstance(self.input_dim, int) or self.input_dim < 0:
+            raise ValueError(f"`LayerSpec.input_dim` must be an int >= 0. Found: {self.input_dim!r}.")
+
+
+#: A layer type: the class itself, or its ``"module.QualName"`` (matched without importing the module).
+LayerType = Union[type, str]
+
+_OUT_IN = LayerSpec()
+_IN_OUT = LayerSpec(input_dim=0)
+BUILTIN_LAYERS: dict[LayerType, LayerSpec] = {
+    nn.Linear: _OUT_IN,
+    nn.Bilinear: _OUT_IN,
+    nn.Conv1d: _OUT_IN,
+    nn.Conv2d: _OUT_IN,
+    nn.Conv3d: _OUT_IN,
+    nn.ConvTranspose1d: _IN_OUT,
+    nn.ConvTranspose2d: _IN_OUT,
+    nn.ConvTranspose3d: _IN_OUT,
+    nn.RNNBase: LayerSpec(("weight_ih_l*", "weight_hh_l*", "weight_hr_l*")),
+    nn.MultiheadAttention: LayerSpec(("in_proj_weight", "q_proj_weight", "k_proj_weight", "v_proj_weight")),
+    "transformers.pytorch_utils.Conv1D": _IN_OUT,
+    "transformers.modeling_utils.Conv1D": _IN_OUT,
+}
+#: Layers whose weights are targeted only when ``include`` names them (or when tied to a target).
+EMBEDDING_LAYERS: dict[LayerType, LayerSpec] = {nn.Embedding: _OUT_IN, nn.EmbeddingBag: _OUT_IN}
+#: Input dimension of an included parameter that no known layer owns: PyTorch's (out, in) convention.
+DEFAULT_INPUT_DIM = 1
+
+
+def _is_instance(module: nn.Module, layer_type: LayerType) -> bool:
+    if isinstance(layer_type, str):
+        return any(f"{cls.__module__}.{cls.__qualname__}" == layer_type for cls in type(module).__mro__)
+    return isinstance(module, layer_type)
+
+
+def find_spec(module: nn.Module, layer_types: Mapping[LayerType, LayerSpec]) -> Optional[LayerSpec]:
+    """The spec of the first entry of ``layer_types`` that ``module`` is an instance of, if any."""
+    return next((spec for layer_type, spec in layer_types.items() if _is_instance(module, layer_type)), None)
 
 
 @dataclass
 class Selection:
-    """The parameters to prune, by name, and the frozen ones the default left alone."""
+    """The parameters to prune, in model order, with what a user should know about the choice.
+
+    ``input_dims``: each target's input dimension. ``layer_types``: each target's layer class name.
+    ``tied``: for a target reachable under several names, all of them. ``left_out``: parameters of two or
+    more dimensions that the default left dense, by layer class name. ``skipped_frozen``: frozen
+    parameters the default left dense.
+    """
 
     selected: dict[str, nn.Parameter]
+    input_dims: dict[str, int] = field(default_factory=dict)
+    layer_types: dict[str, str] = field(default_factory=dict)
+    tied: dict[str, list[str]] = field(default_factory=dict)
+    left_out: dict[str, list[str]] = field(default_factory=dict)
     skipped_frozen: list[str] = field(default_factory=list)
 
+    def summary(self) -> str:
+        """A short account of what is targeted and what was left dense.
 
-def default_prunable_ids(model: nn.Module) -> set[int]:
-    """Identities of the parameters the default selection targets (weights of the supported layers)."""
-    ids: set[int] = set()
-    for module in model.modules():
-        for name, param in module.named_parameters(recurse=False):
-            if _is_default_weight(module, name):
-                ids.add(id(param))
-    return ids
+        Example:
+            >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10))
+            >>> print(select_parameters(model).summary())
+            DSD targets 2 tensors (56 weights): Linear x2. Left dense by default: Embedding x1 (0.weight).
+        """
+        total = sum(p.numel() for p in self.selected.values())
+        counts = ", ".join(f"{kind} x{n}" for kind, n in Counter(self.layer_types.values()).items())
+        lines = [f"DSD targets {len(self.selected)} tensors ({total} weights): {counts}."]
+        for names in self.tied.values():
+            lines.append(f"Tied, pruned once and kept tied: {' = '.join(names)}.")
+        if self.left_out:
+            left = "; ".join(f"{kind} x{len(names)} ({_shorten(names)})" for kind, names in self.left_out.items())
+            lines.append(f"Left dense by default: {left}.")
+        if self.skipped_frozen:
+            lines.append(f"Left dense because frozen: {_shorten(self.skipped_frozen)}.")
+        return " ".join(lines)
 
 
-def _is_default_weight(module: nn.Module, name: str) -> bool:
-    if isinstance(module, _WEIGHT_MODULES):
-        return name == "weight"
-    if isinstance(module, nn.RNNBase):
-        return name.startswith(_RNN_WEIGHT_PREFIXES)
-    if isinstance(module, nn.MultiheadAttention):
-        return name in _ATTENTION_WEIGHTS
-    return False
+def _shorten(names: Sequence[str], limit: int = 4) -> str:
+    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
 
 
 def matches_any(name: str, patterns: Sequence[str]) -> bool:
@@ -73,26 +160,93 @@ def matches_any(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in patterns)
 
 
+@dataclass
+class _Owner:
+    """What the model's modules say about one parameter: its layer class and spec, if a known layer owns it."""
+
+    layer_type: str = "parameter"
+    spec: Optional[LayerSpec] = None
+    is_default: bool = False
+
+
+def _owners(model: nn.Module, layer_types: Mapping[LayerType, LayerSpec]) -> dict[int, _Owner]:
+    """For every parameter (by identity), the known layer that owns it, connection layers first."""
+    owners: dict[int, _Owner] = {}
+    for module in model.modules():
+        connection = find_spec(module, layer_types) or find_spec(module, BUILTIN_LAYERS)
+        embedding = find_spec(module, EMBEDDING_LAYERS)
+        for name, param in module.named_parameters(recurse=False):
+            owner = owners.setdefault(id(param), _Owner())
+            if connection is not None and matches_any(name, connection.weights) and not owner.is_default:
+                owners[id(param)] = _Owner(type(module).__name__, connection, is_default=True)
+            elif embedding is not None and matches_any(name, embedding.weights) and owner.spec is None:
+                owners[id(param)] = _Owner(type(module).__name__, embedding)
+    return owners
+
+
 def select_parameters(
-    model: nn.Module, include: Optional[Sequence[str]] = None, exclude: Optional[Sequence[str]] = None
+    model: nn.Module,
+    include: Optional[Sequence[str]] = None,
+    exclude: Optional[Sequence[str]] = None,
+    layer_types: Optional[Mapping[LayerType, LayerSpec]] = None,
 ) -> Selection:
     """Resolve ``include``/``exclude`` against ``model`` into the parameters to prune, in model order.
 
+    ``layer_types`` declares linear-like layers beyond the built-in ones (and may override those).
     Frozen parameters (``requires_grad=False``) are targeted only when an ``include`` pattern names them;
     otherwise they are reported in :attr:`Selection.skipped_frozen`.
     """
-    defaults = default_prunable_ids(model)
-    selected: dict[str, nn.Parameter] = {}
-    skipped_frozen: list[str] = []
+    owners = _owners(model, layer_types or {})
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    selection = Selection(selected={})
     for name, param in model.named_parameters():
+        owner = owners[id(param)]
         if include is None:
-            wanted = id(param) in defaults
+            wanted = owner.is_default
+            if not wanted and param.dim() >= 2 and not (exclude and matches_any(name, exclude)):
+                selection.left_out.setdefault(owner.layer_type, []).append(name)
         else:
             wanted = param.dim() >= 2 and matches_any(name, include)
         if not wanted or (exclude and matches_any(name, exclude)):
             continue
         if include is None and not param.requires_grad:
-            skipped_frozen.append(name)
+            selection.skipped_frozen.append(name)
             continue
-        selected[name] = param
-    return Selection(selected, skipped_frozen)
+        selection.selected[name] = param
+        selection.input_dims[name] = owner.spec.input_dim if owner.spec is not None else DEFAULT_INPUT_DIM
+        selection.layer_types[name] = owner.layer_type
+        if len(names_of[id(param)]) > 1:
+            selection.tied[name] = names_of[id(param)]
+    return selection
+
+
+def uninitialized_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters of lazy modules (``nn.LazyLinear``, ...) that no forward pass has shaped yet."""
+    return [name for name, param in model.named_parameters() if isinstance(param, nn.parameter.UninitializedParameter)]
+
+
+def sparse_gradient_targets(model: nn.Module, targets: Mapping[str, torch.Tensor]) -> list[str]:
+    """Targets owned by an embedding with ``sparse=True``, whose sparse gradients cannot be masked in place."""
+    chosen = {id(p) for p in targets.values()}
+    return [
+        f"{name}.weight"
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and id(module.weight) in chosen
+    ]
+
+
+def unmatched_patterns(option: str, patterns: Optional[Sequence[str]], names: Sequence[str]) -> list[str]:
+    """One message per glob pattern of ``option`` that matches none of ``names``, with the nearest names.
+
+    Example:
+        >>> unmatched_patterns("exclude", ["conv1.*", "fc.wieght"], ["conv1.weight", "fc.weight"])
+        ["`exclude` pattern 'fc.wieght' matches no parameter. Nearest names: ['fc.weight']."]
+    """
+    messages = []
+    for pattern in patterns or ():
+        if not any(fnmatchcase(name, pattern) for name in names):
+            nearest = difflib.get_close_matches(pattern, list(names), n=3, cutoff=0.75)
+            messages.append(f"`{option}` pattern {pattern!r} matches no parameter. Nearest names: {nearest}.")
+    return messages

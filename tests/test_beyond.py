@@ -12,7 +12,7 @@ from conftest import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_train
 from torch import nn
 
 from lightning_dsd import DSDCallback, Phase, sensitivity_scan
-from lightning_dsd.masks import NMPattern, input_dimension_last, magnitude_masks, nm_mask
+from lightning_dsd.masks import NMPattern, magnitude_masks, nm_mask
 
 
 def _run(dsd: DSDCallback, **trainer_options) -> StepRecorder:
@@ -50,7 +50,7 @@ def test_layer_sparsity_overrides_matching_layers_first_match_wins(caplog):
 
 def reference_nm(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
     """Group by group, with a stable sort: the obvious, slow way."""
-    moved = input_dimension_last(weight).contiguous()
+    moved = weight.movedim(1, -1).contiguous()
     keep = torch.zeros_like(moved, dtype=torch.bool)
     flat_w, flat_k = moved.reshape(-1, moved.shape[-1]), keep.view(-1, moved.shape[-1])
     for row in range(flat_w.shape[0]):
@@ -58,7 +58,7 @@ def reference_nm(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
             group = flat_w[row, start:start + m].abs()
             order = torch.sort(group, stable=True).indices
             flat_k[row, start + order[m - n:]] = True
-    return keep.movedim(-1, 1) if weight.dim() > 2 else keep
+    return keep.movedim(-1, 1)
 
 
 NM_CASES = [(shape, n, m) for shape in [(6, 8), (4, 8, 3), (5, 4, 3, 3), (3, 12), (2, 16)]
@@ -74,7 +74,7 @@ def test_nm_masks_match_the_group_by_group_reference(shape, n, m):
 def test_two_four_sparsity_in_training_keeps_two_of_every_four_inputs():
     recorder = _run(DSDCallback("2:4", 1, 1, 1))
     for name, mask in recorder.masks_seen[0].items():
-        groups = input_dimension_last(mask).reshape(-1, 4)
+        groups = mask.movedim(1, -1).reshape(-1, 4)
         assert (groups.sum(dim=1) == 2).all(), name
 
 

@@ -163,7 +163,7 @@ def test_manual_optimization_with_two_optimizers_param_groups_and_a_frozen_layer
 
     assert sorted(dsd.target_names) == ["discriminator.0.weight", "discriminator.3.weight",
                                         "generator.0.weight", "generator.2.weight"]
-    assert "leaves frozen parameters dense: ['frozen.weight']" in caplog.text
+    assert "Left dense because frozen: frozen.weight." in caplog.text
     assert [p for p, _, _ in recorder.steps] == ["dense"] * 8 + ["sparse"] * 8 + ["redense"] * 8
     assert all(zeros for _, _, zeros in recorder.steps)
     assert lrs[Phase.REDENSE] == pytest.approx([0.1 * lr for lr in lrs[Phase.DENSE]])

@@ -8,8 +8,10 @@ import pytest
 import torch
 from conftest import ConvLSTMNet, make_loader, make_trainer
 from torch import nn
+from torch.nn.parameter import is_lazy
 
 from lightning_dsd import DSDCallback
+from lightning_dsd.selection import LayerSpec
 
 VALID = dict(sparsity=0.5, dense_epochs=1, sparse_epochs=1, redense_epochs=1)
 
@@ -50,7 +52,19 @@ CONSTRUCTION_ERRORS = [
     (dict(figure_layers=-1), ValueError, r"`figure_layers` must be an int >= 0 or glob patterns. Found: -1"),
     (dict(mask_storage="uint8"), ValueError, r"`mask_storage` must be one of \['weight_dtype', 'bool'\]"),
     (dict(log_histograms=1), TypeError, r"`log_histograms` must be a bool. Found: 1"),
+    (dict(layer_types=[nn.Linear]), ValueError, r"`layer_types` must map nn.Module subclasses.*Found: \[<class"),
+    (dict(layer_types={nn.Linear: 0}), ValueError, r"`layer_types` must map.*Found the entry <class.*Linear'>: 0"),
+    (dict(layer_types={"Conv1D": LayerSpec()}), ValueError, r"`layer_types` must map.*Found the entry 'Conv1D'"),
 ]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(weights="weight"), r"`LayerSpec.weights` must be a tuple of parameter-name patterns. Found: 'weight'"),
+    (dict(input_dim=-1), r"`LayerSpec.input_dim` must be an int >= 0. Found: -1"),
+])
+def test_bad_layer_specs_are_refused(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        LayerSpec(**kwargs)
 
 
 @pytest.mark.parametrize("overrides, error, message", CONSTRUCTION_ERRORS, ids=[str(c[0]) for c in CONSTRUCTION_ERRORS])
@@ -72,6 +86,12 @@ class NothingToPrune(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.1)
 
 
+class LazyHead(ConvLSTMNet):
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.LazyLinear(3)
+
+
 class SparseEmbedding(ConvLSTMNet):
     def __init__(self) -> None:
         super().__init__()
@@ -82,7 +102,8 @@ SETUP_ERRORS = [
     (ConvLSTMNet, dict(include=["encoder.*"]), r"nothing to prune with include=\['encoder.\*'\].*'conv.weight'"),
     (ConvLSTMNet, dict(exclude=["*"]), r"nothing to prune.*exclude=\['\*'\]"),
     (NothingToPrune, dict(), r"nothing to prune.*parameters are: \['bias', 'norm.weight', 'norm.bias'\]"),
-    (SparseEmbedding, dict(), r"cannot prune `embed.weight`: the embedding has `sparse=True`"),
+    (LazyHead, dict(), r"\['head.weight', 'head.bias'\] belong to lazy modules.*forward pass.*example_input_array"),
+    (SparseEmbedding, dict(include=["embed.weight"]), r"cannot prune \['embed.weight'\]: the embedding has `sparse"),
 ]
 
 
@@ -91,7 +112,36 @@ SETUP_ERRORS = [
 )
 def test_models_with_nothing_to_prune_are_refused_before_training_changes_them(model_class, overrides, message):
     model = model_class()
-    before = {k: v.clone() for k, v in model.state_dict().items()}
+    before = {k: v.clone() for k, v in model.state_dict().items() if not is_lazy(v)}
     with pytest.raises(ValueError, match=message):
         make_trainer([DSDCallback(**{**VALID, **overrides})]).fit(model, make_loader())
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items() if k in before)
+
+
+def test_a_lazy_module_is_shaped_by_example_input_array_and_then_pruned():
+    model = LazyHead()
+    model.example_input_array = torch.randn(2, 4, 12)
+    dsd = DSDCallback(**VALID)
+    make_trainer([dsd], max_epochs=3).fit(model, make_loader())
+    assert "head.weight" in dsd.target_names and model.head.weight.shape == (3, 16)
+
+
+def test_a_second_fit_with_a_finished_callback_is_refused_and_says_how_to_run_dsd_again():
+    model, dsd = ConvLSTMNet(), DSDCallback(**VALID)
+    make_trainer([dsd], max_epochs=3).fit(model, make_loader())
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(RuntimeError, match=r"already ran its whole schedule.*new DSDCallback.*ckpt_path"):
+        make_trainer([dsd], max_epochs=3).fit(model, make_loader())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("exclude", ["conv.wieght"], r"`exclude` pattern 'conv.wieght' matches no parameter. Nearest.*\['conv.weight'\]"),
+    ("include", ["head.weight", "haed.*"], r"`include` pattern 'haed.\*' matches no parameter"),
+    ("layer_sparsity", {"lstm2.*": 0.8}, r"`layer_sparsity` pattern 'lstm2.\*' matches no parameter"),
+    ("histogram_layers", ["norm.*"], r"`histogram_layers` pattern 'norm.\*' matches no parameter"),
+    ("figure_layers", ["fc.*"], r"`figure_layers` pattern 'fc.\*' matches no parameter"),
+])
+def test_a_pattern_that_matches_nothing_is_warned_about_with_the_nearest_names(option, value, message):
+    with pytest.warns(UserWarning, match=message):
+        make_trainer([DSDCallback(**{**VALID, option: value})], max_epochs=1).fit(ConvLSTMNet(), make_loader())

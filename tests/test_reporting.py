@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
+from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -179,13 +180,25 @@ def test_without_any_logger_training_runs_and_nothing_is_written(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-def test_the_progress_bar_shows_the_phase(capfd):
-    dsd = DSDCallback((0.5, 0.3), 1, 1, 1)
-    make_trainer([dsd], max_epochs=5, enable_progress_bar=True).fit(ConvLSTMNet(), make_loader())
-    captured = capfd.readouterr()
-    shown = captured.out + captured.err
-    for text in ("dsd=dense 1/2", "dsd=sparse 1/2", "dsd=redense 1/2", "dsd=sparse 2/2", "dsd=redense 2/2"):
-        assert text in shown
+class _ProgressBarProbe(pl.Callback):
+    """Reads what the progress bar would show, through its public ``get_metrics``, at every epoch end."""
+
+    def __init__(self) -> None:
+        self.shown: list[str] = []
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        self.shown.append(trainer.progress_bar_callback.get_metrics(trainer, pl_module)["dsd"])
+
+
+@pytest.mark.parametrize("bar", [TQDMProgressBar, RichProgressBar])
+def test_the_progress_bar_shows_the_phase_and_forgets_it_after_fit(bar, capfd):
+    dsd, probe, progress_bar = DSDCallback((0.5, 0.3), 1, 1, 1), _ProgressBarProbe(), bar()
+    trainer = make_trainer([dsd, probe, progress_bar], max_epochs=5, enable_progress_bar=True)
+    trainer.fit(ConvLSTMNet(), make_loader())
+    assert probe.shown == ["dense 1/2", "sparse 1/2", "redense 1/2", "sparse 2/2", "redense 2/2"]
+    assert "dsd" not in progress_bar.get_metrics(trainer, trainer.lightning_module)
+    if bar is TQDMProgressBar:
+        assert "dsd=redense 2/2" in "".join(capfd.readouterr())
 
 
 def _free_port() -> int:

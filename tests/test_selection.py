@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+import lightning.pytorch as pl
+import pytest
 import torch
+from conftest import StepRecorder, make_loader, make_trainer
 from torch import nn
 
-from lightning_dsd.selection import select_parameters
+from lightning_dsd import DSDCallback
+from lightning_dsd.selection import LayerSpec, select_parameters
 
 
 class Zoo(nn.Module):
@@ -65,3 +69,55 @@ def test_frozen_parameters_are_skipped_by_default_and_reported_but_taken_when_in
     assert "conv1.weight" not in selection.selected
     assert selection.skipped_frozen == ["conv1.weight"]
     assert "conv1.weight" in select_parameters(zoo, include=["conv1.weight"]).selected
+
+
+def test_input_dimensions_follow_each_layer_layout():
+    dims = select_parameters(Zoo()).input_dims
+    assert dims["deconv.weight"] == 0  # ConvTranspose stores (in, out, k)
+    assert {dims[n] for n in dims if n != "deconv.weight"} == {1}
+
+
+def test_an_untied_embedding_is_left_dense_and_reported_and_a_bare_parameter_too():
+    model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 3))
+    model.register_parameter("positional", nn.Parameter(torch.zeros(4, 4)))
+    selection = select_parameters(model)
+    assert list(selection.selected) == ["1.weight"]
+    assert selection.left_out == {"parameter": ["positional"], "Embedding": ["0.weight"]}
+    assert "Left dense by default: parameter x1 (positional); Embedding x1 (0.weight)." in selection.summary()
+
+
+class InOutLinear(nn.Module):
+    """A user's own linear layer that stores its weight (in, out), as transformers' Conv1D does."""
+
+    def __init__(self, n_in: int, n_out: int) -> None:
+        super().__init__()
+        self.kernel = nn.Parameter(torch.randn(n_in, n_out) / n_in**0.5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x @ self.kernel
+
+
+@pytest.mark.parametrize("key", [InOutLinear, f"{__name__}.InOutLinear"], ids=["class", "qualified-name"])
+def test_a_declared_custom_layer_is_targeted_and_pruned_two_of_four_along_its_input_dimension(key):
+    class Net(pl.LightningModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = InOutLinear(8, 6)
+            self.head = nn.Linear(6, 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return nn.functional.cross_entropy(self.head(torch.relu(self.body(x.mean(dim=1).repeat(1, 2)[:, :8]))), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dsd = DSDCallback("2:4", 1, 2, 1, layer_types={key: LayerSpec(("kernel",), input_dim=0)},
+                      include=None, exclude="head.*")
+    recorder = StepRecorder(dsd)
+    make_trainer([dsd, recorder], max_epochs=4).fit(Net(), make_loader())
+    assert dsd.target_names == ["body.kernel"] and dsd.selection.input_dims == {"body.kernel": 0}
+    mask = recorder.masks_seen[0]["body.kernel"]
+    # Groups of 4 consecutive inputs (rows); dim 1 (6 outputs) does not even divide by 4.
+    assert bool((mask.movedim(0, -1).reshape(-1, 4).sum(dim=1) == 2).all())
+    assert all(zeros for _, _, zeros in recorder.steps)
