@@ -11,8 +11,7 @@ from lightning_dsd.checkpoint import FinalPhaseCheckpoint
 from lightning_dsd.phases import Phase
 from lightning_dsd.selection import LayerSpec
 from lightning_dsd.sensitivity import SensitivityTable, sensitivity_scan
-
-__version__ = "0.1.0"
+from lightning_dsd.version import __version__
 
 __all__ = [
     "DSDCallback",

@@ -7,6 +7,7 @@ The callback only coordinates: the schedule lives in :mod:`lightning_dsd.phases`
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -36,7 +37,7 @@ from lightning_dsd.export import export_sparse_model
 from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import NMPattern, pack_mask, unpack_mask
 from lightning_dsd.phases import ConvergenceTracker, Phase, Schedule, Stage, build_stages
-from lightning_dsd.plan import SCOPES, MaskPlan, pruned_fraction
+from lightning_dsd.plan import SCOPES, MaskPlan, pruned_fraction, shown
 from lightning_dsd.redense import REDENSE_INITS, reinitialize_pruned
 from lightning_dsd.reporting import Moment, PhaseReporter
 from lightning_dsd.selection import (
@@ -49,8 +50,7 @@ from lightning_dsd.selection import (
     uninitialized_parameters,
     unmatched_patterns,
 )
-
-_STATE_VERSION = 1
+from lightning_dsd.state import RunConfig, decode_state, encode_state
 
 
 class DSDCallback(Callback):
@@ -262,7 +262,6 @@ class DSDCallback(Callback):
         if stage != TrainerFn.FITTING:
             return
         self._check_strategy(trainer)
-        self._check_not_finished(trainer)
         self._check_other_callbacks(trainer)
         _materialize_lazy_modules(pl_module)
         self._selection = self._select_targets(pl_module)
@@ -302,8 +301,9 @@ class DSDCallback(Callback):
 
         bar.get_metrics = get_metrics  # type: ignore[method-assign]
 
-    def _check_not_finished(self, trainer: "pl.Trainer") -> None:
-        if self._schedule_completed and trainer.ckpt_path is None:
+    def _check_not_finished(self) -> None:
+        """Called at train start, after a checkpoint (if any) was restored: it resets the flag."""
+        if self._schedule_completed:
             raise RuntimeError(
                 "This DSDCallback already ran its whole schedule in an earlier `fit`"
                 f" ({' -> '.join(f'{s.phase.value}' for s in self._schedule.stages)}), so another `fit` with it"
@@ -374,14 +374,9 @@ class DSDCallback(Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._check_not_finished()
         if self.phase is Phase.SPARSE:
-            masks = self._restored_masks if self._restored_masks is not None else self.masks
-            if set(masks) != set(self._targets):
-                raise ValueError(
-                    f"The checkpoint's DSD masks are for {sorted(masks)}, but this DSDCallback targets"
-                    f" {sorted(self._targets)}: resume with the same model, `include` and `exclude`."
-                )
-            self._enforce(trainer, masks)
+            self._enforce(trainer, self._restored_masks if self._restored_masks is not None else self.masks)
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -555,17 +550,23 @@ class DSDCallback(Callback):
     @override
     def state_dict(self) -> dict[str, Any]:
         masks = self.masks if self.phase is Phase.SPARSE else {}
-        return {
-            "version": _STATE_VERSION,
-            "schedule": self._schedule.state_dict(),
-            "masks": {name: {"bits": pack_mask(m), "shape": list(m.shape)} for name, m in masks.items()},
-        }
+        return encode_state(self._schedule.state_dict(), masks, self._run_config())
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._schedule.load_state_dict(state_dict.get("schedule", {}))
-        masks = state_dict.get("masks", {})
-        self._restored_masks = {name: unpack_mask(m["bits"], m["shape"]) for name, m in masks.items()} or None
+        """Check the checkpoint's DSD state against this callback (see :mod:`lightning_dsd.state`), then
+        take it; a damaged or mismatched state raises before anything changes."""
+        shapes = {name: list(param.shape) for name, param in self._targets.items()}
+        check_masks = partial(self._plan.check_masks, self._targets)
+        schedule, masks = decode_state(state_dict, self._run_config(), check_masks, shapes)
+        self._schedule.load_state_dict(schedule)
+        self._restored_masks = masks or None
+        self._schedule_completed = False
+
+    def _run_config(self) -> RunConfig:
+        stages = [[s.phase.value, s.cycle, s.length, shown(s.sparsity)] for s in self._schedule.stages]
+        layer_sparsity = {p: shown(s) for p, s in self.layer_sparsity.items()} if self.layer_sparsity else None
+        return RunConfig(stages, self.interval, self.scope, layer_sparsity, list(self._targets))
 
 
 def _format_lrs(lrs: list[list[float]]) -> str:

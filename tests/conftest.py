@@ -132,6 +132,20 @@ class StepRecorder(pl.Callback):
             assert all(torch.equal(first[n], masks[n]) for n in first), "masks moved during a sparse phase"
 
 
+def resumable_model() -> ConvLSTMNet:
+    """The model of the resume tests: AdamW and a StepLR, so optimizer and scheduler state matter."""
+    with seeded(7):
+        return ConvLSTMNet(
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
+            scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+        )
+
+
+def resumable_dsd(**overrides) -> DSDCallback:
+    """D S D over 2 + 3 + 2 epochs: epoch 3 ends in the middle of the sparse phase."""
+    return DSDCallback(**{**dict(sparsity=0.5, dense_epochs=2, sparse_epochs=3, redense_epochs=2), **overrides})
+
+
 @contextlib.contextmanager
 def seeded(seed: int = 0) -> Iterator[None]:
     pl.seed_everything(seed, verbose=False)

@@ -126,13 +126,18 @@ def test_a_lazy_module_is_shaped_by_example_input_array_and_then_pruned():
     assert "head.weight" in dsd.target_names and model.head.weight.shape == (3, 16)
 
 
-def test_a_second_fit_with_a_finished_callback_is_refused_and_says_how_to_run_dsd_again():
+def test_a_second_fit_with_a_finished_callback_is_refused_and_says_how_to_run_dsd_again(tmp_path):
     model, dsd = ConvLSTMNet(), DSDCallback(**VALID)
-    make_trainer([dsd], max_epochs=3).fit(model, make_loader())
+    first = make_trainer([dsd], max_epochs=3)
+    first.fit(model, make_loader())
+    first.save_checkpoint(tmp_path / "end.ckpt")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     with pytest.raises(RuntimeError, match=r"already ran its whole schedule.*new DSDCallback.*ckpt_path"):
         make_trainer([dsd], max_epochs=3).fit(model, make_loader())
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    # Resuming through a checkpoint is the documented way on: the same instance then takes the saved state.
+    make_trainer([dsd], max_epochs=4).fit(model, make_loader(), ckpt_path=tmp_path / "end.ckpt")
+    assert dsd.phase.value == "redense"
 
 
 @pytest.mark.parametrize("option, value, message", [

@@ -1,0 +1,218 @@
+"""The DSD part of a checkpoint: written as plain data, read back only after it has been checked.
+
+The state holds the schedule's position, the masks of a sparse phase (1 bit per weight) and the
+configuration that decided them (:class:`RunConfig`). It is made of tensors, numbers, strings, lists and
+dicts only, so ``torch.load(..., weights_only=True)`` reads it.
+
+:func:`decode_state` checks everything before anything is changed: a known format version (version 1,
+which had no configuration, is migrated; a newer one is refused), schedule fields in range, a mask for
+exactly each target with the target's shape whose pruned count is what the configuration prescribes, and
+a configuration that agrees with the resuming callback's on everything that already happened:
+
+* may change: lengths of phases not yet finished (the current one included), ``lr_scale``, ``monitor``,
+  ``mode``, ``patience``, ``min_delta``, ``redense_init``, ``seed``, ``mask_storage`` and everything about
+  logging: they only shape what is still to come;
+* refused: ``interval``, the targets (``include``, ``exclude``, ``layer_types``, the model), ``scope``,
+  ``layer_sparsity`` and the sparsity of a cycle that has started, the lengths of finished phases and the
+  number of cycles up to the current one: they would change the current masks or rewrite the past.
+
+Every failure is one :class:`CheckpointStateError` naming the entry, what was found and what was expected.
+
+Example:
+    >>> import torch
+    >>> config = RunConfig(stages=[["dense", 0, 1, 0.0], ["sparse", 0, 1, 0.5], ["redense", 0, 1, 0.5]],
+    ...                    interval="epoch", scope="layer", layer_sparsity=None, targets=["w"])
+    >>> state = encode_state({"index": 1, "started_at": 1, "converged": False}, {"w": torch.tensor([True, False])},
+    ...                      config)
+    >>> schedule, masks = decode_state(state, config, lambda masks, cycle: None, {"w": (2,)})
+    >>> schedule["index"], masks["w"]
+    (1, tensor([ True, False]))
+    >>> no_check = lambda masks, cycle: None
+    >>> decode_state({**state, "version": 99}, config, no_check, {"w": (2,)})  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    lightning_dsd.state.CheckpointStateError: ... `version` is 99, but ... reads versions 1 to 2. ...
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from lightning_dsd.masks import pack_mask, unpack_mask
+from lightning_dsd.version import __version__
+
+STATE_VERSION = 2
+_FIRST_VERSION = 1
+_SHOWN = Union[float, str]
+
+
+class CheckpointStateError(ValueError):
+    """A checkpoint's DSD state is damaged, or does not fit the callback that resumes from it."""
+
+    def __init__(self, problem: str, advice: str = "") -> None:
+        advice = advice or (
+            "Resume with the DSDCallback configuration and model the checkpoint was saved with, or start a new"
+            " DSD run."
+        )
+        super().__init__(f"DSDCallback cannot resume from this checkpoint: {problem}. {advice} The checkpoint"
+                         " file is unchanged.")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """What decides the masks and the schedule: recorded in every checkpoint, compared on resume.
+
+    ``stages`` lists ``[phase, cycle, length, sparsity]`` for every phase (length ``None``: until the
+    metric converges; sparsity as written, a float or ``"N:M"``).
+    """
+
+    stages: list[list[Any]]
+    interval: str
+    scope: str
+    layer_sparsity: Optional[dict[str, _SHOWN]]
+    targets: list[str]
+
+    def to_state(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_state(cls, state: Any) -> RunConfig:
+        if not isinstance(state, Mapping) or set(state) != {f for f in cls.__dataclass_fields__}:
+            raise CheckpointStateError(f"its `config` entry is {_brief(state)}, expected a mapping with the keys"
+                                       f" {sorted(cls.__dataclass_fields__)}")
+        return cls(**state)
+
+    def differences(self, saved: RunConfig, index: int) -> list[str]:
+        """What differs from ``saved`` that may not change once the run reached stage ``index``."""
+        found = []
+        for field in ("interval", "scope", "layer_sparsity", "targets"):
+            if getattr(saved, field) != getattr(self, field):
+                found.append(f"`{field}`: checkpoint {getattr(saved, field)!r}, this callback {getattr(self, field)!r}")
+        for i in range(index + 1):
+            old, new = saved.stages[i], self.stages[i] if i < len(self.stages) else None
+            phase, cycle = old[0], old[1]
+            if new is None or new[:2] != old[:2]:
+                found.append(f"stage {i}: checkpoint {phase} of cycle {cycle}, this callback has"
+                             f" {'no such stage' if new is None else f'{new[0]} of cycle {new[1]}'}")
+                continue
+            if old[3] != new[3] and phase == "sparse":
+                found.append(f"sparsity of cycle {cycle}: checkpoint {old[3]!r}, this callback {new[3]!r}")
+            if i < index and old[2] != new[2]:
+                found.append(f"length of the finished {phase} phase of cycle {cycle}: checkpoint {old[2]!r},"
+                             f" this callback {new[2]!r}")
+        return found
+
+
+def encode_state(schedule: Mapping[str, Any], masks: Mapping[str, Tensor], config: RunConfig) -> dict[str, Any]:
+    """The checkpoint entry: plain data, masks packed at 1 bit per weight."""
+    return {
+        "version": STATE_VERSION,
+        "schedule": dict(schedule),
+        "masks": {name: {"bits": pack_mask(mask), "shape": list(mask.shape)} for name, mask in masks.items()},
+        "config": config.to_state(),
+    }
+
+
+def decode_state(
+    state: Any,
+    config: RunConfig,
+    check_masks: Callable[[dict[str, Tensor], int], None],
+    shapes: Mapping[str, Sequence[int]],
+) -> tuple[dict[str, Any], dict[str, Tensor]]:
+    """Check a checkpoint entry against the resuming callback; return its schedule state and its masks.
+
+    ``check_masks(masks, cycle)`` raises ``ValueError`` for masks that do not prune what the configuration
+    prescribes (see :meth:`lightning_dsd.plan.MaskPlan.check_masks`); ``shapes`` are the targets' shapes.
+    """
+    if not isinstance(state, Mapping):
+        raise CheckpointStateError(f"its DSD state is {_brief(state)}, expected a mapping")
+    version = state.get("version")
+    if not isinstance(version, int) or isinstance(version, bool) or not _FIRST_VERSION <= version <= STATE_VERSION:
+        newer = isinstance(version, int) and version > STATE_VERSION
+        raise CheckpointStateError(
+            f"its DSD state `version` is {version!r}, but this lightning_dsd ({__version__}) reads versions"
+            f" {_FIRST_VERSION} to {STATE_VERSION}",
+            "Upgrade lightning_dsd to the version that wrote it." if newer else "",
+        )
+    saved = RunConfig.from_state(state.get("config")) if version >= 2 else None
+    stages = saved.stages if saved is not None else config.stages
+    schedule = _check_schedule(state.get("schedule"), len(stages))
+    index = schedule["index"]
+    if saved is not None and (differences := config.differences(saved, index)):
+        raise CheckpointStateError(
+            "its DSD configuration differs from this callback's in what has already happened: "
+            + "; ".join(differences),
+            "Resume with the checkpoint's values for these (lengths of phases not yet finished, `lr_scale` and"
+            " logging options may change).",
+        )
+    masks = _unpack_masks(state.get("masks"), shapes)
+    phase, cycle = stages[index][0], stages[index][1]
+    if phase == "sparse" and not masks:
+        raise CheckpointStateError(f"it was saved in the sparse phase of cycle {cycle} but holds no masks")
+    if phase != "sparse" and masks:
+        raise CheckpointStateError(f"it was saved in the {phase} phase but holds masks for {sorted(masks)}")
+    if masks:
+        try:
+            check_masks(masks, cycle)
+        except ValueError as error:
+            raise CheckpointStateError(f"`masks`: {error}") from None
+    return schedule, masks
+
+
+def _check_schedule(schedule: Any, n_stages: int) -> dict[str, Any]:
+    if not isinstance(schedule, Mapping):
+        raise CheckpointStateError(f"its `schedule` entry is {_brief(schedule)}, expected a mapping")
+    checks = {
+        "index": (lambda v: _is_int(v) and 0 <= v < n_stages, f"an int in 0..{n_stages - 1} (the schedule has"
+                                                              f" {n_stages} phases)"),
+        "started_at": (lambda v: _is_int(v) and v >= 0, "an int >= 0"),
+        "converged": (lambda v: isinstance(v, bool), "a bool"),
+    }
+    for key, (valid, expected) in checks.items():
+        if key not in schedule or not valid(schedule[key]):
+            found = _brief(schedule.get(key, "missing"))
+            raise CheckpointStateError(f"`schedule.{key}` is {found}, expected {expected}")
+    tracker = schedule.get("tracker")
+    if tracker is not None:
+        best = tracker.get("best") if isinstance(tracker, Mapping) else None
+        wait = tracker.get("wait") if isinstance(tracker, Mapping) else None
+        if not (isinstance(best, float) and not math.isnan(best)) or not (_is_int(wait) and wait >= 0):
+            raise CheckpointStateError(f"`schedule.tracker` is {_brief(tracker)}, expected a float `best` and an"
+                                       " int `wait` >= 0")
+    return dict(schedule)
+
+
+def _unpack_masks(masks: Any, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+    if not isinstance(masks, Mapping):
+        raise CheckpointStateError(f"its `masks` entry is {_brief(masks)}, expected a mapping")
+    unpacked = {}
+    for name, entry in masks.items():
+        shape = entry.get("shape") if isinstance(entry, Mapping) else None
+        bits = entry.get("bits") if isinstance(entry, Mapping) else None
+        if not (isinstance(shape, list) and all(_is_int(s) and s >= 0 for s in shape)):
+            raise CheckpointStateError(f"`masks[{name!r}].shape` is {_brief(shape)}, expected a list of sizes")
+        if name in shapes and list(shape) != list(shapes[name]):
+            raise CheckpointStateError(f"`masks[{name!r}].shape` is {shape}, expected the weight's shape"
+                                       f" {list(shapes[name])}")
+        numel = math.prod(shape)
+        if not (isinstance(bits, Tensor) and bits.dtype == torch.uint8 and bits.shape == ((numel + 7) // 8,)):
+            raise CheckpointStateError(f"`masks[{name!r}].bits` is {_brief(bits)}, expected a uint8 tensor of"
+                                       f" {(numel + 7) // 8} bytes (1 bit for each of {numel} weights)")
+        unpacked[name] = unpack_mask(bits, shape)
+    return unpacked
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _brief(value: Any) -> str:
+    if isinstance(value, Tensor):
+        return f"a {value.dtype} tensor of shape {list(value.shape)}"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
