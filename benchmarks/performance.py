@@ -88,10 +88,14 @@ def mask_application(device: torch.device, numel: int) -> None:
     choices = {
         "copy_ (yardstick), foreach": lambda: torch._foreach_copy_(scratch, weights),
         "mul_ float mask, foreach": lambda: torch._foreach_mul_(weights, keep_float),
-        "mul_ float mask, loop": lambda: [w.mul_(m) for w, m in zip(weights, keep_float)],
-        "mul_ bool mask, loop": lambda: [w.mul_(m) for w, m in zip(weights, keep_bool)],
-        "masked_fill_ bool mask, loop": lambda: [w.masked_fill_(m, 0.0) for w, m in zip(weights, pruned_bool)],
-        "where(out=) bool mask, loop": lambda: [torch.where(m, w, zero, out=w) for w, m in zip(weights, keep_bool)],
+        "mul_ float mask, loop": lambda: [w.mul_(m) for w, m in zip(weights, keep_float, strict=False)],
+        "mul_ bool mask, loop": lambda: [w.mul_(m) for w, m in zip(weights, keep_bool, strict=False)],
+        "masked_fill_ bool mask, loop": lambda: [
+            w.masked_fill_(m, 0.0) for w, m in zip(weights, pruned_bool, strict=True)
+        ],
+        "where(out=) bool mask, loop": lambda: [
+            torch.where(m, w, zero, out=w) for w, m in zip(weights, keep_bool, strict=True)
+        ],
     }
     times = {name: median_ms(fn, device) for name, fn in choices.items()}
     copy_ms = times["copy_ (yardstick), foreach"]
@@ -222,7 +226,7 @@ def step_overheads(device: torch.device, rounds: int, steps: int, workloads: dic
         plain = per_round["plain"]
         results[workload] = {
             "plain ms": 1e3 * statistics.median(plain),
-            **{v: statistics.median(t / p for t, p in zip(per_round[v], plain)) for v in VARIANTS[1:]},
+            **{v: statistics.median(t / p for t, p in zip(per_round[v], plain, strict=False)) for v in VARIANTS[1:]},
         }
     return results
 

@@ -36,17 +36,17 @@ from lightning_dsd.constraint import MASK_STORAGES, SparseConstraint
 from lightning_dsd.export import export_sparse_model
 from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import NMPattern, pack_mask, unpack_mask
-from lightning_dsd.phases import ConvergenceTracker, Phase, Schedule, Stage, build_stages
+from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
 from lightning_dsd.plan import SCOPES, MaskPlan, pruned_fraction, shown
 from lightning_dsd.redense import REDENSE_INITS, reinitialize_pruned
-from lightning_dsd.reporting import Moment, PhaseReporter
+from lightning_dsd.reporting import PhaseReporter, output_directory
 from lightning_dsd.selection import (
     LayerSpec,
     LayerType,
     Selection,
+    check_selection,
     matches_any,
     select_parameters,
-    sparse_gradient_targets,
     uninitialized_parameters,
     unmatched_patterns,
 )
@@ -98,7 +98,8 @@ class DSDCallback(Callback):
         layer_sparsity: per-layer overrides, a mapping from parameter-name glob to a sparsity (float or
             ``"N:M"``) used in every cycle; the first matching pattern wins. Needs ``scope="layer"``.
         export_sparse: at the end of each sparse phase, save the sparse model under
-            ``<log_dir>/dsd_sparse/``: ``"checkpoint"`` (a normal Lightning checkpoint) or ``"sparse"``
+            ``<output directory>/dsd_sparse/`` (see :func:`~lightning_dsd.reporting.output_directory`):
+            ``"checkpoint"`` (a normal Lightning checkpoint) or ``"sparse"``
             (that, plus a ``state_dict`` whose pruned tensors are torch sparse tensors).
         redense_init: how pruned weights restart at re-dense: ``"zero"`` (the paper's) or
             ``"small_normal"`` (normal noise with a tenth of the standard deviation of the layer's
@@ -226,6 +227,14 @@ class DSDCallback(Callback):
         return dict(self._restored_masks or {})
 
     @property
+    def mask_bytes(self) -> int:
+        """Memory the masks of the current sparse phase hold on the weights' devices (0 outside one): one
+        element of the weight's dtype per targeted weight, or 1 byte with ``mask_storage="bool"``."""
+        if self._constraint is None:
+            return 0
+        return sum(mask.numel() * mask.element_size() for mask in self._constraint.masks)
+
+    @property
     def layer_sparsities(self) -> dict[str, list[Union[float, str]]]:
         """The sparsity each targeted parameter gets in each cycle, after ``layer_sparsity`` overrides."""
         return self._plan.per_layer(list(self._targets))
@@ -275,6 +284,8 @@ class DSDCallback(Callback):
         }
         self._reporter.choose_figure_layers(self._targets)
         self._reporter.check_loggers(trainer)
+        if trainer.is_global_zero and trainer.loggers and (self._reporter.figure_layers or self.export_sparse):
+            rank_zero_info(f"DSDCallback writes its figures and sparse exports under {output_directory(trainer)}.")
         self._show_phase_in_progress_bar(trainer)
         self._warn_if_schedule_does_not_fit(trainer)
         self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
@@ -296,7 +307,7 @@ class DSDCallback(Callback):
             return
         metrics_of_bar = bar.get_metrics
 
-        def get_metrics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Union[int, str, float]]:
+        def get_metrics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
             return {**metrics_of_bar(trainer, pl_module), "dsd": self.phase_label}
 
         bar.get_metrics = get_metrics  # type: ignore[method-assign]
@@ -312,13 +323,14 @@ class DSDCallback(Callback):
             )
 
     def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
-        if any(isinstance(cb, StochasticWeightAveraging) for cb in trainer.callbacks):
+        callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init
+        if any(isinstance(cb, StochasticWeightAveraging) for cb in callbacks):
             raise ValueError(
                 "DSDCallback cannot run with StochasticWeightAveraging: SWA replaces the learning-rate schedule"
                 " that re-dense scales and, at the end, overwrites the weights with an average taken across"
                 " phases (sparse ones included). Run SWA in a separate `fit` after DSD has finished."
             )
-        if any(isinstance(cb, EarlyStopping) for cb in trainer.callbacks):
+        if any(isinstance(cb, EarlyStopping) for cb in callbacks):
             rank_zero_warn(
                 "EarlyStopping may end training before DSD's last phase (e.g. while the pruned model recovers)."
                 " To stop each phase when a metric stops improving, give DSDCallback `monitor=` and pass `None`"
@@ -327,22 +339,7 @@ class DSDCallback(Callback):
 
     def _select_targets(self, pl_module: "pl.LightningModule") -> Selection:
         selection = select_parameters(pl_module, self.include, self.exclude, self.layer_types)
-        if not selection.selected:
-            available = [name for name, _ in pl_module.named_parameters()]
-            raise ValueError(
-                "DSDCallback found nothing to prune with include="
-                f"{list(self.include) if self.include else None}, exclude={list(self.exclude or [])}."
-                " By default it prunes the connection weights of Linear, Conv, RNN/LSTM/GRU, MultiheadAttention"
-                " and transformers' Conv1D layers (declare others with `layer_types`); `include` patterns may"
-                f" name any parameter of 2+ dimensions. The model's parameters are:"
-                f" {available[:20]}{' ...' if len(available) > 20 else ''}."
-            )
-        sparse = sparse_gradient_targets(pl_module, selection.selected)
-        if sparse:
-            raise ValueError(
-                f"DSDCallback cannot prune {sparse}: the embedding has `sparse=True`, whose sparse gradients"
-                " cannot be masked. Use `sparse=False` or `exclude` it."
-            )
+        check_selection(pl_module, selection, self.include, self.exclude)
         return selection
 
     def _warn_about_unmatched_patterns(self, pl_module: "pl.LightningModule") -> None:
@@ -486,7 +483,7 @@ class DSDCallback(Callback):
         prunes alike; a single process keeps them as they are."""
         if trainer.world_size == 1:
             return self._plan.decide(self._targets, cycle)
-        packed = None
+        packed: dict[str, Tensor] = {}
         if trainer.is_global_zero:
             packed = {name: pack_mask(mask) for name, mask in self._plan.decide(self._targets, cycle).items()}
         packed = trainer.strategy.broadcast(packed, src=0)

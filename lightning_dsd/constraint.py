@@ -96,13 +96,13 @@ class SparseConstraint:
         self.params = [params[name] for name in self.names]
         self.masks = [
             keep[name].to(device=p.device, dtype=torch.bool if storage == "bool" else p.dtype)
-            for name, p in zip(self.names, self.params)
+            for name, p in zip(self.names, self.params, strict=False)
         ]
         self._targets: dict[int, _OptimizerTargets] = {}
 
     def keep_masks(self) -> dict[str, Tensor]:
         """The masks as bool tensors (``True`` = kept), by parameter name."""
-        return {name: mask.bool() for name, mask in zip(self.names, self.masks)}
+        return {name: mask.bool() for name, mask in zip(self.names, self.masks, strict=False)}
 
     def apply_to_weights(self) -> None:
         zero_pruned(self.params, self.masks)
@@ -173,16 +173,16 @@ class SparseConstraint:
 
 @torch.no_grad()
 def _mask_gradients_of(targets: _OptimizerTargets) -> None:
-    pairs = [(p.grad, m) for p, m in zip(targets.params, targets.masks) if p.grad is not None]
+    pairs = [(p.grad, m) for p, m in zip(targets.params, targets.masks, strict=False) if p.grad is not None]
     if pairs:
-        grads, masks = zip(*pairs)
+        grads, masks = zip(*pairs, strict=False)
         zero_pruned(list(grads), list(masks))
 
 
 @torch.no_grad()
 def _mask_optimizer_state(optimizer: Optimizer, targets: _OptimizerTargets) -> None:
     """Zero every per-entry state tensor (momentum, ``exp_avg``, ``exp_avg_sq``, ...) at pruned entries."""
-    for param, mask in zip(targets.params, targets.masks):
+    for param, mask in zip(targets.params, targets.masks, strict=False):
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
                 zero_pruned([value], [mask if mask.dtype in (torch.bool, value.dtype) else mask.to(value.dtype)])

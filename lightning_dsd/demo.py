@@ -17,7 +17,7 @@ import argparse
 import os
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -165,12 +165,12 @@ def train_dsd(
     module = Classifier(build_network(model, data.length, data.classes), lr=lr)
     dsd = DSDCallback(sparsity, *epochs)
     phases = PhaseAccuracy(dsd, data.test)
-    logger = TensorBoardLogger(log_dir, name="dsd") if log_dir else False
+    logger: Union[TensorBoardLogger, bool] = TensorBoardLogger(log_dir, name="dsd") if log_dir else False
     trainer = _trainer(sum(epochs), [dsd, phases], logger, progress)
     loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     trainer.fit(module, loader)
     return RunResult(accuracy(module, data.test), phases.at_phase_end, phases.mean_abs_at_phase_end,
-                     logger.log_dir if logger else None)
+                     logger.log_dir if isinstance(logger, TensorBoardLogger) else None)
 
 
 class LearningRateDrop(pl.Callback):

@@ -1,10 +1,11 @@
 """Saving the model at the end of a sparse phase: a compressed model with the paper's "Sparse" accuracy.
 
-Files go to ``<log_dir>/dsd_sparse/``: ``cycle<c>.ckpt`` is a normal Lightning checkpoint (load its
-``state_dict`` into the plain module); with ``sparse_tensors=True``, ``cycle<c>_sparse_state_dict.pt`` also
-holds the model's ``state_dict`` with every pruned tensor as a torch sparse tensor (CSR for matrices, COO
-otherwise; ``tensor.to_dense()`` restores it). Sparse formats store an index per kept weight, so they only
-get smaller than dense storage at high sparsity: the sizes on disk are reported, whatever they are.
+Files go to ``<output directory>/dsd_sparse/`` (:func:`lightning_dsd.reporting.output_directory`):
+``cycle<c>.ckpt`` is a normal Lightning checkpoint (load its ``state_dict`` into the plain module); with
+``sparse_tensors=True``, ``cycle<c>_sparse_state_dict.pt`` also holds the model's ``state_dict`` with every
+pruned tensor as a torch sparse tensor (CSR for matrices, COO otherwise; ``tensor.to_dense()`` restores it).
+Sparse formats store an index per kept weight, so they only get smaller than dense storage at high sparsity:
+the sizes on disk are reported, whatever they are.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ import lightning.pytorch as pl
 import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
+
+from lightning_dsd.reporting import output_directory
 
 
 def to_sparse_tensor(tensor: Tensor) -> Tensor:
@@ -32,7 +35,7 @@ def export_sparse_model(
     trainer: "pl.Trainer", targets: Mapping[str, Tensor], cycle: int, sparse_tensors: bool
 ) -> dict[str, Any]:
     """Save the current (sparse) model; return the paths and their sizes in bytes."""
-    directory = os.path.join(trainer.log_dir or trainer.default_root_dir, "dsd_sparse")
+    directory = os.path.join(trainer.strategy.broadcast(output_directory(trainer)), "dsd_sparse")
     checkpoint = os.path.join(directory, f"cycle{cycle}.ckpt")
     trainer.save_checkpoint(checkpoint)  # collective under DDP: every rank calls it, rank zero writes
     exported: dict[str, Any] = {"cycle": cycle, "checkpoint": checkpoint}

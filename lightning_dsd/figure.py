@@ -8,7 +8,7 @@ state, so it is safe in training processes and headless machines.
 
 Example:
     >>> import torch
-    >>> from lightning_dsd.reporting import Moment
+    >>> from lightning_dsd.phases import Moment
     >>> w = torch.randn(1000)
     >>> figure = five_panel_figure("fc.weight", 0, {Moment.END_OF_DENSE: w})
     >>> len(figure.axes)
@@ -22,7 +22,7 @@ from typing import Mapping
 from matplotlib.figure import Figure
 from torch import Tensor
 
-from lightning_dsd.reporting import Moment
+from lightning_dsd.phases import Moment
 
 PANEL_TITLES = {
     Moment.END_OF_DENSE: "(a) end of dense",
@@ -40,7 +40,7 @@ def five_panel_figure(layer: str, cycle: int, panels: Mapping[Moment, Tensor], b
     axes = figure.subplots(1, len(PANEL_TITLES), sharex=True)
     reached = [values for values in panels.values() if values.numel()]
     limit = max((float(v.abs().max()) for v in reached), default=1.0) or 1.0
-    for ax, (moment, title) in zip(axes, PANEL_TITLES.items()):
+    for ax, (moment, title) in zip(axes, PANEL_TITLES.items(), strict=False):
         ax.set_title(title, fontsize=10)
         ax.set_xlim(-limit, limit)
         ax.tick_params(labelsize=7)

@@ -149,7 +149,8 @@ def global_magnitude_masks(weights: Mapping[str, Tensor], sparsity: float) -> di
         scores = torch.cat([w.detach().abs().flatten().float().to(_common_device(weights)) for w in weights.values()])
         keep = smallest_entries(scores, pruned_count(scores.numel(), sparsity)).logical_not_()
         pieces = keep.split([w.numel() for w in weights.values()])
-        return {name: piece.view(w.shape).to(w.device) for (name, w), piece in zip(weights.items(), pieces)}
+        pairs = zip(weights.items(), pieces, strict=True)
+        return {name: piece.view(w.shape).to(w.device) for (name, w), piece in pairs}
 
 
 def _common_device(weights: Mapping[str, Tensor]) -> torch.device:

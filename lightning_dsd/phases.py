@@ -36,6 +36,21 @@ class Phase(str, Enum):
     REDENSE = "redense"
 
 
+class Moment(str, Enum):
+    """The five moments of a DSD cycle that the paper's weight-distribution figure shows.
+
+    Example:
+        >>> [moment.value for moment in Moment][:2]
+        ['1_end_of_dense', '2_after_pruning']
+    """
+
+    END_OF_DENSE = "1_end_of_dense"
+    AFTER_PRUNING = "2_after_pruning"
+    END_OF_SPARSE = "3_end_of_sparse"
+    START_OF_REDENSE = "4_start_of_redense"
+    END_OF_REDENSE = "5_end_of_redense"
+
+
 @dataclass(frozen=True)
 class Stage:
     """One phase of one cycle: ``length`` epochs or steps, or ``None`` for "until the metric converges"."""

@@ -12,7 +12,7 @@ Tags (``<layer>`` is the parameter name, e.g. ``conv1.weight``):
   targeted weights, measured) and ``dsd_sparsity/<layer>``: at every epoch end and transition;
   ``dsd_lr/optimizer<i>_group<j>`` at every transition. Scalars go to every logger.
 * ``dsd_figure/<layer>``: the paper's five-panel figure for each cycle, also saved as
-  ``<log_dir>/dsd_figures/cycle<c>_<layer>.png``.
+  ``<output directory>/dsd_figures/cycle<c>_<layer>.png`` (see :func:`output_directory`).
 
 Histograms and figures need a ``TensorBoardLogger``; without one they are skipped with one warning.
 Everything here runs on rank zero only, and only at transitions and epoch ends, never per step.
@@ -21,17 +21,16 @@ Everything here runs on rank zero only, and only at transitions and epoch ends, 
 from __future__ import annotations
 
 import os
-from enum import Enum
 from typing import Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor
 
-from lightning_dsd.phases import Phase
+from lightning_dsd.phases import Moment, Phase
 from lightning_dsd.selection import matches_any
 
 _MATPLOTLIB_AVAILABLE = RequirementCache("matplotlib")
@@ -39,14 +38,25 @@ FIGURE_SAMPLE_SIZE = 200_000
 PHASE_CODES = {Phase.DENSE: 0, Phase.SPARSE: 1, Phase.REDENSE: 2}
 
 
-class Moment(str, Enum):
-    """The five moments of a DSD cycle that the paper's weight-distribution figure shows."""
+def output_directory(trainer: "pl.Trainer") -> str:
+    """Where everything DSD writes goes (figures, sparse exports): the TensorBoard logger's directory, else
+    the first logger's ``log_dir`` or ``save_dir`` (what ``Trainer.log_dir`` reads, without its collective),
+    else ``default_root_dir``.
 
-    END_OF_DENSE = "1_end_of_dense"
-    AFTER_PRUNING = "2_after_pruning"
-    END_OF_SPARSE = "3_end_of_sparse"
-    START_OF_REDENSE = "4_start_of_redense"
-    END_OF_REDENSE = "5_end_of_redense"
+    Example:
+        >>> import lightning.pytorch as pl
+        >>> output_directory(pl.Trainer(logger=False, default_root_dir="runs", enable_progress_bar=False))
+        'runs'
+    """
+    tensorboard = next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
+    if tensorboard is not None:
+        return tensorboard.log_dir
+    if trainer.loggers:
+        first = trainer.loggers[0]
+        directory = getattr(first, "log_dir", None) or first.save_dir
+        if directory:
+            return str(directory)
+    return trainer.default_root_dir
 
 
 def measured_sparsity(weights: Mapping[str, Tensor]) -> dict[str, float]:
@@ -82,7 +92,7 @@ class PhaseReporter:
         """Say once, before training, what the Trainer's loggers cannot show."""
         if not trainer.loggers:
             if self.histograms or self.scalars or self.figure_layers:
-                rank_zero_warn("DSDCallback logs nothing: the Trainer has no logger (logger=False).")
+                rank_zero_info("DSDCallback logs nothing: the Trainer has no logger (logger=False).")
         elif self._tensorboard(trainer) is None and (self.histograms or self.figure_layers):
             rank_zero_warn(
                 "DSDCallback skips weight histograms and the figure's TensorBoard image: they need a"
@@ -91,8 +101,7 @@ class PhaseReporter:
             )
 
     def figure_directory(self, trainer: "pl.Trainer") -> str:
-        logger = self._tensorboard(trainer) or trainer.loggers[0]
-        return os.path.join(logger.log_dir or trainer.default_root_dir, "dsd_figures")
+        return os.path.join(output_directory(trainer), "dsd_figures")
 
     # -------------------------------------------------------------- the five moments
 

@@ -25,6 +25,7 @@ and ``Conv1D``. N:M patterns group weights along it. A model with its own linear
 it with :class:`LayerSpec` (see ``DSDCallback(layer_types=...)``).
 
 Example:
+    >>> import torch
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
     >>> selection = select_parameters(model)
@@ -48,7 +49,6 @@ from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 from typing import Mapping, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 
@@ -227,14 +227,38 @@ def uninitialized_parameters(model: nn.Module) -> list[str]:
     return [name for name, param in model.named_parameters() if isinstance(param, nn.parameter.UninitializedParameter)]
 
 
-def sparse_gradient_targets(model: nn.Module, targets: Mapping[str, torch.Tensor]) -> list[str]:
-    """Targets owned by an embedding with ``sparse=True``, whose sparse gradients cannot be masked in place."""
-    chosen = {id(p) for p in targets.values()}
-    return [
+def check_selection(
+    model: nn.Module, selection: Selection, include: Optional[Sequence[str]], exclude: Optional[Sequence[str]]
+) -> None:
+    """Refuse a selection DSD cannot prune: an empty one (listing the model's parameters), or one holding
+    the weight of an embedding with ``sparse=True``, whose sparse gradients cannot be masked in place.
+
+    Example:
+        >>> check_selection(nn.LayerNorm(4), select_parameters(nn.LayerNorm(4)), None, None)
+        Traceback (most recent call last):
+        ...
+        ValueError: DSDCallback found nothing to prune with include=None, exclude=[]. ...
+    """
+    if not selection.selected:
+        available = [name for name, _ in model.named_parameters()]
+        raise ValueError(
+            f"DSDCallback found nothing to prune with include={list(include) if include else None},"
+            f" exclude={list(exclude or [])}. By default it prunes the connection weights of Linear, Conv,"
+            " RNN/LSTM/GRU, MultiheadAttention and transformers' Conv1D layers (declare others with"
+            " `layer_types`); `include` patterns may name any parameter of 2+ dimensions. The model's parameters"
+            f" are: {available[:20]}{' ...' if len(available) > 20 else ''}."
+        )
+    chosen = {id(p) for p in selection.selected.values()}
+    sparse = [
         f"{name}.weight"
         for name, module in model.named_modules()
         if isinstance(module, (nn.Embedding, nn.EmbeddingBag)) and module.sparse and id(module.weight) in chosen
     ]
+    if sparse:
+        raise ValueError(
+            f"DSDCallback cannot prune {sparse}: the embedding has `sparse=True`, whose sparse gradients cannot"
+            " be masked. Use `sparse=False` or `exclude` it."
+        )
 
 
 def unmatched_patterns(option: str, patterns: Optional[Sequence[str]], names: Sequence[str]) -> list[str]:

@@ -181,7 +181,8 @@ def _check_schedule(schedule: Any, n_stages: int) -> dict[str, Any]:
     if tracker is not None:
         best = tracker.get("best") if isinstance(tracker, Mapping) else None
         wait = tracker.get("wait") if isinstance(tracker, Mapping) else None
-        if not (isinstance(best, float) and not math.isnan(best)) or not (_is_int(wait) and wait >= 0):
+        if not (isinstance(best, float) and not math.isnan(best) and isinstance(wait, int) and _is_int(wait)
+                and wait >= 0):
             raise CheckpointStateError(f"`schedule.tracker` is {_brief(tracker)}, expected a float `best` and an"
                                        " int `wait` >= 0")
     return dict(schedule)

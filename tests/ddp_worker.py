@@ -8,17 +8,14 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 
 import lightning.pytorch as pl
 import torch
+from helpers import ConvLSTMNet, StepRecorder, adamw, make_loader, make_trainer, seeded  # beside this script
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from conftest import ConvLSTMNet, StepRecorder, adamw, make_loader, make_trainer, seeded  # noqa: E402
-from lightning.pytorch.callbacks import ModelCheckpoint  # noqa: E402
-from lightning.pytorch.loggers import TensorBoardLogger  # noqa: E402
-
-from lightning_dsd import DSDCallback  # noqa: E402
+from lightning_dsd import DSDCallback
 
 
 class DumpPerRank(pl.Callback):

@@ -14,7 +14,7 @@ from typing import Callable
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import StepRecorder, make_trainer, seeded
+from helpers import StepRecorder, make_trainer, seeded
 from lightning.pytorch.demos import Transformer as LightningDemoTransformer
 from torch import nn
 from torch.utils.data import DataLoader, Dataset

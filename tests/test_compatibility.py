@@ -14,15 +14,15 @@ from pathlib import Path
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, ModelCheckpoint, StochasticWeightAveraging
+from helpers import TARGETS, ConvLSTMNet, OverflowsSometimes, StepRecorder, make_loader, make_trainer, seeded
+from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, StochasticWeightAveraging
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from lightning_dsd import DSDCallback, FinalPhaseCheckpoint, Phase
+from lightning_dsd import DSDCallback, Phase
 
 WORKER = Path(__file__).with_name("ddp_worker.py")
 
@@ -83,21 +83,6 @@ def test_bf16_mixed_precision():
     make_trainer([dsd, recorder], precision="bf16-mixed").fit(ConvLSTMNet(), make_loader())
     assert [p for p, _, _ in recorder.steps] == ["dense"] * 4 + ["sparse"] * 4 + ["redense"] * 4
     assert all(zeros for _, _, zeros in recorder.steps)
-
-
-class OverflowsSometimes(ConvLSTMNet):
-    """Puts an inf into one gradient on chosen batches, so the GradScaler skips those optimizer steps."""
-
-    OVERFLOW_BATCHES = {5, 6, 9}  # 0-based over the run: two in the sparse phase, one in re-dense
-
-    def on_train_start(self):
-        self.batches, self.skipped = 0, []
-
-    def on_after_backward(self):
-        if self.batches in self.OVERFLOW_BATCHES:
-            self.head.weight.grad[0, 0] = float("inf")
-            self.skipped.append(self.batches)
-        self.batches += 1
 
 
 def test_16_mixed_precision_steps_skipped_by_the_grad_scaler_keep_pruned_entries_zero():
@@ -282,19 +267,6 @@ def test_torch_compile_trains_through_all_three_phases():
     eager.eval(), compiled.eval()
     # Inductor fuses and reorders float operations: the runs agree to rounding, not bit for bit.
     torch.testing.assert_close(compiled(x), eager(x), rtol=1e-3, atol=1e-3)
-
-
-def test_final_phase_checkpoint_keeps_the_best_model_of_the_last_phase(tmp_path):
-    dsd = DSDCallback(0.5, 2, 2, 2)
-    anywhere = ModelCheckpoint(dirpath=tmp_path / "any", monitor="train_loss", filename="{epoch}")
-    final = FinalPhaseCheckpoint(
-        dsd, dirpath=tmp_path / "final", monitor="train_loss", filename="{epoch}", save_top_k=-1
-    )
-    make_trainer([dsd, anywhere, final], enable_checkpointing=True).fit(ConvLSTMNet(), make_loader())
-    saved = sorted(os.path.basename(p) for p in glob.glob(str(tmp_path / "final" / "*.ckpt")))
-    assert saved == ["epoch=4.ckpt", "epoch=5.ckpt"]
-    assert os.path.basename(final.best_model_path) in saved
-    ConvLSTMNet().load_state_dict(torch.load(final.best_model_path, weights_only=True)["state_dict"], strict=True)
 
 
 def test_early_stopping_is_allowed_but_warned_about():

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import ConvLSTMNet, StepRecorder, make_loader, make_trainer
+from helpers import ConvLSTMNet, StepRecorder, make_loader, make_trainer
 
 from lightning_dsd import DSDCallback
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
-from test_compatibility import OverflowsSometimes
+from helpers import ConvLSTMNet, OverflowsSometimes, StepRecorder, make_loader, make_trainer, seeded
 
 from lightning_dsd import DSDCallback
 
@@ -57,16 +56,17 @@ def test_16_mixed_on_cuda_with_skipped_steps(fused):
 
 def test_bool_mask_storage_on_cuda():
     dsd = DSDCallback(0.5, 1, 2, 1, mask_storage="bool")
-    dtypes = set()
+    mask_bytes = []
 
     class Probe(pl.Callback):
         def on_train_epoch_end(self, trainer, pl_module):
-            if dsd._constraint is not None:
-                dtypes.update(m.dtype for m in dsd._constraint.masks)
+            mask_bytes.append(dsd.mask_bytes)
 
     recorder = StepRecorder(dsd)
-    _gpu_trainer([dsd, Probe(), recorder]).fit(ConvLSTMNet(), make_loader())
-    assert dtypes == {torch.bool}
+    model = ConvLSTMNet()
+    _gpu_trainer([dsd, Probe(), recorder]).fit(model, make_loader())
+    targeted = sum(p.numel() for n, p in model.named_parameters() if n in dsd.target_names)
+    assert mask_bytes == [0, targeted, targeted, 0]  # 1 byte per weight
     assert all(zeros for _, _, zeros in recorder.steps)
 
 

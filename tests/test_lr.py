@@ -7,7 +7,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import ConvLSTMNet, make_loader, make_trainer
+from helpers import ConvLSTMNet, make_loader, make_trainer
 from torch.optim import lr_scheduler as S
 
 from lightning_dsd import DSDCallback, Phase
@@ -55,7 +55,7 @@ def test_every_later_lr_is_exactly_the_factor_times_the_unscaled_schedule(make_s
         if t == 7:
             scale_learning_rates([scaled_optimizer], [scaled], 0.1)
         if t >= 7:
-            for ref_group, group in zip(reference_optimizer.param_groups, scaled_optimizer.param_groups):
+            for ref_group, group in zip(reference_optimizer.param_groups, scaled_optimizer.param_groups, strict=False):
                 assert group["lr"] == pytest.approx(0.1 * ref_group["lr"], rel=1e-9, abs=1e-15), f"step {t}"
         _step(reference_optimizer, reference, t)
         _step(scaled_optimizer, scaled, t)

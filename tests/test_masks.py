@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from lightning_dsd.masks import (
+    NMPattern,
     global_magnitude_masks,
     magnitude_masks,
+    nm_mask,
     pack_mask,
     smallest_entries,
     unpack_mask,
@@ -88,3 +90,26 @@ def test_pack_unpack_roundtrip_at_one_bit_per_entry(shape):
     packed = pack_mask(mask)
     assert packed.dtype == torch.uint8 and packed.numel() == -(-mask.numel() // 8)
     assert torch.equal(unpack_mask(packed, shape), mask)
+
+
+def reference_nm(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
+    """Group by group, with a stable sort: the obvious, slow way."""
+    moved = weight.movedim(1, -1).contiguous()
+    keep = torch.zeros_like(moved, dtype=torch.bool)
+    flat_w, flat_k = moved.reshape(-1, moved.shape[-1]), keep.view(-1, moved.shape[-1])
+    for row in range(flat_w.shape[0]):
+        for start in range(0, flat_w.shape[1], m):
+            group = flat_w[row, start:start + m].abs()
+            order = torch.sort(group, stable=True).indices
+            flat_k[row, start + order[m - n:]] = True
+    return keep.movedim(-1, 1)
+
+
+NM_CASES = [(shape, n, m) for shape in [(6, 8), (4, 8, 3), (5, 4, 3, 3), (3, 12), (2, 16)]
+            for n, m in [(2, 4), (1, 4), (3, 8)] if shape[1] % m == 0]
+
+
+@pytest.mark.parametrize("shape, n, m", NM_CASES)
+def test_nm_masks_match_the_group_by_group_reference(shape, n, m):
+    weight = torch.randint(-3, 4, shape).float()  # many ties
+    assert torch.equal(nm_mask(weight, NMPattern(n, m)), reference_nm(weight, n, m))

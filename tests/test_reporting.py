@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import glob
 import json
+import logging
 import os
 import socket
 import subprocess
@@ -18,13 +19,13 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from conftest import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
+from helpers import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
-from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from lightning_dsd import DSDCallback
-from lightning_dsd.reporting import Moment
+from lightning_dsd.phases import Moment
 
 MOMENT_STEPS = {  # dense 2, sparse 2, re-dense 2 epochs of 4 steps
     Moment.END_OF_DENSE: 8,
@@ -80,13 +81,13 @@ def test_histograms_for_every_layer_and_moment_at_the_moments_global_step(tmp_pa
         assert nonzero.num == int(keep.sum()) == keep.numel() - round(0.5 * keep.numel())
         # No mass strictly inside the threshold: buckets [low, high) inside (-t, t) are empty.
         lower_limits = [-np.inf, *nonzero.bucket_limit[:-1]]
-        for low, high, count in zip(lower_limits, nonzero.bucket_limit, nonzero.bucket):
+        for low, high, count in zip(lower_limits, nonzero.bucket_limit, nonzero.bucket, strict=False):
             if -threshold < low and high < threshold:
                 assert count == 0, (layer, low, high, count)
         assert min(abs(nonzero.min), abs(nonzero.max)) >= threshold * (1 - 1e-6)
         restored = accumulator.Histograms(f"dsd_weights/{layer}/{Moment.START_OF_REDENSE.value}")[0].histogram_value
         restored_lower = [-np.inf, *restored.bucket_limit[:-1]]
-        buckets = zip(restored_lower, restored.bucket_limit, restored.bucket)
+        buckets = zip(restored_lower, restored.bucket_limit, restored.bucket, strict=False)
         zero_bucket = [count for low, high, count in buckets if low <= 0 < high]
         assert zero_bucket == [round(0.5 * keep.numel())], "the restored zeros form a spike at re-dense"
 
@@ -173,11 +174,41 @@ def test_a_csv_logger_alone_gets_scalars_and_pngs_and_one_clear_warning(tmp_path
     assert len(glob.glob(os.path.join(csv_logger.log_dir, "dsd_figures", "*.png"))) == 2
 
 
-def test_without_any_logger_training_runs_and_nothing_is_written(tmp_path):
-    with pytest.warns(UserWarning, match="logs nothing: the Trainer has no logger"):
-        dsd, recorder, _ = _run(tmp_path, False)
+def test_without_any_logger_training_runs_says_so_once_and_nothing_is_written(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    dsd, recorder, _ = _run(tmp_path, False)
+    assert caplog.text.count("DSDCallback logs nothing: the Trainer has no logger") == 1
     assert all(zeros for _, _, zeros in recorder.steps)
     assert os.listdir(tmp_path) == []
+
+
+def test_figures_and_exports_share_the_tensorboard_directory_whatever_the_logger_order(tmp_path):
+    csv_logger, tensorboard = CSVLogger(tmp_path, name="csv"), TensorBoardLogger(tmp_path, name="tb")
+    dsd, _, _ = _run(tmp_path, [csv_logger, tensorboard], export_sparse="checkpoint")
+    assert dsd.exported_sparse_models[0]["checkpoint"] == os.path.join(tensorboard.log_dir, "dsd_sparse", "cycle0.ckpt")
+    assert len(glob.glob(os.path.join(tensorboard.log_dir, "dsd_figures", "*.png"))) == 2
+    assert not os.path.exists(os.path.join(csv_logger.log_dir, "dsd_sparse"))
+
+
+class _RemoteLogger(Logger):
+    """A logger that keeps nothing on local disk (as MLflow with a remote URI): no log_dir, no save_dir."""
+
+    name, version = "remote", 0
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        pass
+
+    def log_metrics(self, metrics, step=None) -> None:
+        pass
+
+
+def test_with_a_logger_that_has_no_directory_everything_goes_to_default_root_dir(tmp_path, caplog):
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    with pytest.warns(UserWarning, match="figures are saved as PNG under .*root.dsd_figures"):
+        dsd, _, _ = _run(tmp_path / "root", _RemoteLogger(), export_sparse="checkpoint")
+    assert dsd.exported_sparse_models[0]["checkpoint"] == str(tmp_path / "root" / "dsd_sparse" / "cycle0.ckpt")
+    assert len(glob.glob(str(tmp_path / "root" / "dsd_figures" / "*.png"))) == 2
+    assert caplog.text.count(f"DSDCallback writes its figures and sparse exports under {tmp_path / 'root'}") == 1
 
 
 class _ProgressBarProbe(pl.Callback):

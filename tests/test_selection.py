@@ -5,7 +5,7 @@ from __future__ import annotations
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import StepRecorder, make_loader, make_trainer
+from helpers import StepRecorder, make_loader, make_trainer
 from torch import nn
 
 from lightning_dsd import DSDCallback

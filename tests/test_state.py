@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import StepRecorder, make_loader, make_trainer, resumable_dsd, resumable_model
+from helpers import StepRecorder, make_loader, make_trainer, resumable_dsd, resumable_model
 from lightning.pytorch.callbacks import ModelCheckpoint
 from torch import Tensor
 
@@ -180,7 +180,7 @@ KILLED_RUN = """
 import os, signal, sys
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
-from conftest import make_loader, make_trainer, resumable_dsd, resumable_model
+from helpers import make_loader, make_trainer, resumable_dsd, resumable_model
 
 directory, kill_at = sys.argv[1], int(sys.argv[2])
 

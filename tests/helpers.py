@@ -1,0 +1,164 @@
+"""Shared test helpers: small models, a step recorder and Trainer settings for real ``lightning.Trainer`` runs
+on the CPU, seconds each. Imported by the test modules and by the scripts they run in fresh interpreters."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from typing import Callable, Iterator, Optional
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+from torch.optim.optimizer import register_optimizer_step_post_hook
+from torch.utils.data import DataLoader, TensorDataset
+
+from lightning_dsd import DSDCallback, Phase
+
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+
+
+def make_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
+    """Sequences of 4 channels x 12 steps, 3 classes; deterministic, never shuffled."""
+    generator = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 4, 12, generator=generator)
+    y = (x[:, 0].mean(dim=1) > 0).long() + (x[:, 1].mean(dim=1) > 0.3).long()
+    return DataLoader(TensorDataset(x, y), batch_size=batch_size)
+
+
+def sgd_momentum(params) -> torch.optim.Optimizer:
+    return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+
+def adamw(params) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05)
+
+
+class ConvLSTMNet(pl.LightningModule):
+    """Conv1d + BatchNorm + LSTM + Linear: every kind of layer DSD targets or must leave alone.
+
+    ``optimizer`` builds the optimizer from the parameters; ``scheduler`` (optional) builds a scheduler.
+    """
+
+    def __init__(
+        self,
+        optimizer: Callable[..., torch.optim.Optimizer] = sgd_momentum,
+        scheduler: Optional[Callable[[torch.optim.Optimizer], object]] = None,
+        scheduler_interval: str = "epoch",
+    ) -> None:
+        super().__init__()
+        self.conv = nn.Conv1d(4, 8, kernel_size=3, padding=1)
+        self.norm = nn.BatchNorm1d(8)
+        self.lstm = nn.LSTM(8, 16, batch_first=True)
+        self.head = nn.Linear(16, 3)
+        self.make_optimizer = optimizer
+        self.make_scheduler = scheduler
+        self.scheduler_interval = scheduler_interval
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.norm(self.conv(x)))
+        out, _ = self.lstm(h.transpose(1, 2))
+        return self.head(out[:, -1])
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss, on_epoch=True, on_step=False)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
+
+    def configure_optimizers(self):
+        optimizer = self.make_optimizer(self.parameters())
+        if self.make_scheduler is None:
+            return optimizer
+        scheduler = {"scheduler": self.make_scheduler(optimizer), "interval": self.scheduler_interval}
+        if isinstance(scheduler["scheduler"], torch.optim.lr_scheduler.ReduceLROnPlateau):
+            scheduler["monitor"] = "train_loss"
+        return {"optimizer": optimizer, "lr_scheduler": scheduler}
+
+
+TARGETS = ["conv.weight", "lstm.weight_ih_l0", "lstm.weight_hh_l0", "head.weight"]
+
+
+def make_trainer(callbacks: list, max_epochs: int = 6, **kwargs) -> pl.Trainer:
+    options = dict(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        deterministic=True,
+    )
+    options.update(kwargs)
+    return pl.Trainer(callbacks=callbacks, **options)
+
+
+class StepRecorder(pl.Callback):
+    """Records, after every real optimizer step, the phase and whether every pruned entry is exactly zero.
+
+    It uses torch's *global* step post-hook, which runs after every optimizer's own hooks, so it sees the
+    weights exactly as the next forward pass will.
+    """
+
+    def __init__(self, dsd: DSDCallback) -> None:
+        self.dsd = dsd
+        self.steps: list[tuple[str, int, bool]] = []
+        self.masks_seen: dict[int, dict[str, torch.Tensor]] = {}
+        self._handle = None
+
+    def on_train_start(self, trainer, pl_module):
+        self._handle = register_optimizer_step_post_hook(self._after_step)
+        self.module = pl_module
+
+    def on_train_end(self, trainer, pl_module):
+        self._handle.remove()
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        masks = self.dsd.masks
+        params = dict(self.module.named_parameters())
+        zeros_hold = all(bool((params[name][~mask] == 0).all()) for name, mask in masks.items())
+        self.steps.append((self.dsd.phase.value, self.dsd.cycle, zeros_hold))
+        if self.dsd.phase is Phase.SPARSE:
+            first = self.masks_seen.setdefault(self.dsd.cycle, {n: m.clone() for n, m in masks.items()})
+            assert all(torch.equal(first[n], masks[n]) for n in first), "masks moved during a sparse phase"
+
+
+def resumable_model() -> ConvLSTMNet:
+    """The model of the resume tests: AdamW and a StepLR, so optimizer and scheduler state matter."""
+    with seeded(7):
+        return ConvLSTMNet(
+            optimizer=lambda p: torch.optim.AdamW(p, lr=1e-2, weight_decay=0.05),
+            scheduler=lambda o: torch.optim.lr_scheduler.StepLR(o, step_size=2, gamma=0.5),
+        )
+
+
+def resumable_dsd(**overrides) -> DSDCallback:
+    """D S D over 2 + 3 + 2 epochs: epoch 3 ends in the middle of the sparse phase."""
+    return DSDCallback(**{**dict(sparsity=0.5, dense_epochs=2, sparse_epochs=3, redense_epochs=2), **overrides})
+
+
+@contextlib.contextmanager
+def seeded(seed: int = 0) -> Iterator[None]:
+    pl.seed_everything(seed, verbose=False)
+    yield
+
+
+class OverflowsSometimes(ConvLSTMNet):
+    """Puts an inf into one gradient on chosen batches, so the GradScaler skips those optimizer steps."""
+
+    OVERFLOW_BATCHES = {5, 6, 9}  # 0-based over the run: two in the sparse phase, one in re-dense
+
+    def on_train_start(self):
+        self.batches, self.skipped = 0, []
+
+    def on_after_backward(self):
+        if self.batches in self.OVERFLOW_BATCHES:
+            self.head.weight.grad[0, 0] = float("inf")
+            self.skipped.append(self.batches)
+        self.batches += 1
