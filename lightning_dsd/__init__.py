@@ -1,6 +1,6 @@
 """Dense-Sparse-Dense training (Han et al., ICLR 2017) as a PyTorch Lightning callback.
 
-Example:
+Examples:
     >>> from lightning_dsd import DSDCallback, Phase
     >>> DSDCallback(sparsity=0.5, dense_epochs=10, sparse_epochs=10, redense_epochs=10).phase is Phase.DENSE
     True

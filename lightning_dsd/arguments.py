@@ -2,7 +2,7 @@
 
 Every message names the argument, says what is allowed and shows what was passed.
 
-Example:
+Examples:
     >>> check_sparsities(0.5)
     (0.5,)
     >>> check_sparsities(1.5)  # doctest: +ELLIPSIS

@@ -92,7 +92,8 @@ class DSDCallback(Callback):
         log_histograms: log weight histograms to TensorBoard at the five moments of every cycle.
         histogram_every_n_epochs: also log a histogram timeline every this many epochs (``None``: never).
         histogram_layers: glob patterns picking the targeted layers that get histograms (``None``: all).
-        log_scalars: log phase, cycle, measured sparsity and transition learning rates to every logger.
+        log_scalars: log phase, cycle, measured sparsity and learning rates (at every epoch end and every
+            transition) to every logger, and a text note of every transition to TensorBoard.
         figure_layers: the five-panel figure is drawn for this many of the largest targeted layers, or for
             the targeted layers matching these glob patterns; ``0`` turns it off.
         layer_sparsity: per-layer overrides, a mapping from parameter-name glob to a sparsity (float or
@@ -112,7 +113,7 @@ class DSDCallback(Callback):
     The current phase is shown in the progress bar as ``dsd=<phase>``. See :mod:`lightning_dsd.reporting`
     for every TensorBoard tag.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> dsd = DSDCallback(sparsity=0.5, dense_epochs=10, sparse_epochs=10, redense_epochs=10)
         >>> trainer = pl.Trainer(max_epochs=30, callbacks=[dsd], logger=False, enable_progress_bar=False)
@@ -372,6 +373,7 @@ class DSDCallback(Callback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._check_not_finished()
+        self._reporter.write_chart_layout(trainer)
         if self.phase is Phase.SPARSE:
             self._enforce(trainer, self._restored_masks if self._restored_masks is not None else self.masks)
 
@@ -407,7 +409,9 @@ class DSDCallback(Callback):
             self._observe_monitor(trainer)
         if self.interval == "epoch":
             self._stop_if_finished(trainer, trainer.current_epoch + 1)
-        self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets)
+        self._reporter.log_scalars(
+            trainer, self.phase, self.cycle, self._targets, current_learning_rates(trainer.optimizers)
+        )
         every = self.histogram_every_n_epochs
         if every and self._reporter.histograms and (trainer.current_epoch + 1) % every == 0:
             self._reporter.log_timeline(trainer, self._histogram_targets)
@@ -473,9 +477,11 @@ class DSDCallback(Callback):
         learning_rates = current_learning_rates(trainer.optimizers)
         self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, learning_rates)
         pruned, total = pruned_fraction(masks)
-        rank_zero_info(
+        self._reporter.note_transition(
+            trainer,
             f"DSD cycle {stage.cycle}: sparse phase. Pruned {pruned}/{total} weights ({pruned / total:.1%}) in"
-            f" {len(masks)} tensors, scope={self.scope!r}; the masks stay fixed for this phase."
+            f" {len(masks)} tensors, scope={self.scope!r}; the masks stay fixed for this phase. Learning rate"
+            f" unchanged: {_format_lrs(learning_rates)}.",
         )
 
     def _decide_masks(self, trainer: "pl.Trainer", cycle: int) -> dict[str, Tensor]:
@@ -515,9 +521,11 @@ class DSDCallback(Callback):
         schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
         scale_learning_rates(trainer.optimizers, schedulers, self.lr_scale)
         after = current_learning_rates(trainer.optimizers)
-        rank_zero_info(
-            f"DSD cycle {finished.cycle}: re-dense phase. Pruned weights restart from zero; learning rate"
-            f" x{self.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(after)}."
+        self._reporter.note_transition(
+            trainer,
+            f"DSD cycle {finished.cycle}: re-dense phase. The constraint is lifted and pruned weights restart from"
+            f" {'zero' if self.redense_init == 'zero' else 'small noise'}; learning rate x{self.lr_scale:g}:"
+            f" {_format_lrs(before)} -> {_format_lrs(after)}.",
         )
         self._record(trainer, Moment.START_OF_REDENSE, finished.cycle)
         self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, after)

@@ -4,7 +4,7 @@ A plain ``ModelCheckpoint(monitor=...)`` ranks every epoch of the run together, 
 dense-phase model that DSD went on to improve. This one ignores everything before the final re-dense:
 its ``best_model_path`` is the best *DSD* model.
 
-Example:
+Examples:
     >>> from lightning_dsd import DSDCallback
     >>> dsd = DSDCallback(0.5, dense_epochs=10, sparse_epochs=10, redense_epochs=10)
     >>> best = FinalPhaseCheckpoint(dsd, monitor="val_loss", mode="min")

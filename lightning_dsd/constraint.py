@@ -20,7 +20,7 @@ state, their update of a
 pruned entry is exactly zero (weight decay, momentum, Nesterov, AMSGrad included), so one masked pass per
 step is enough. Every other optimizer gets the post-step re-mask.
 
-Example:
+Examples:
     >>> import torch
     >>> weight = torch.nn.Parameter(torch.tensor([1.0, 2.0, 3.0]))
     >>> optimizer = torch.optim.SGD([weight], lr=1.0, momentum=0.9)

@@ -5,7 +5,7 @@ with its default arguments: 4000 train / 1000 test sequences of length 40, 10 cl
 scikit-learn ships its handwritten digits (1797 8x8 images, split 80/20 with a fixed seed). Install the
 extra with ``pip install -e ".[demo]"``.
 
-Example:
+Examples:
     >>> args = build_parser().parse_args(["--dataset", "digits", "--model", "mlp", "--epochs", "1", "1", "1"])
     >>> args.dataset, args.model, args.sparsity, args.epochs
     ('digits', 'mlp', 0.5, [1, 1, 1])
@@ -24,6 +24,8 @@ import torch
 from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_dsd.callback import DSDCallback
 from lightning_dsd.lr import scale_learning_rates
@@ -84,12 +86,14 @@ def build_network(model: str, length: int, classes: int) -> nn.Module:
 
 
 class Classifier(pl.LightningModule):
-    """Cross-entropy classification with Adam; any LightningModule works the same way with DSD."""
+    """Cross-entropy classification with Adam, validation loss and accuracy (torchmetrics) every epoch;
+    any LightningModule works the same way with DSD."""
 
-    def __init__(self, network: nn.Module, lr: float = 3e-3) -> None:
+    def __init__(self, network: nn.Module, classes: int, lr: float = 3e-3) -> None:
         super().__init__()
         self.network = network
         self.lr = lr
+        self.val_accuracy = MulticlassAccuracy(num_classes=classes, average="micro")
 
     def forward(self, x: Tensor) -> Tensor:
         return self.network(x)
@@ -100,18 +104,26 @@ class Classifier(pl.LightningModule):
         self.log("train_loss", loss, on_step=False, on_epoch=True, prog_bar=True)
         return loss
 
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        x, y = batch
+        logits = self(x)
+        self.val_accuracy(logits, y)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", self.val_accuracy)
+
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
 
 
 @torch.no_grad()
 def accuracy(module: nn.Module, data: TensorDataset) -> float:
+    """Top-1 accuracy of ``module`` on the whole of ``data``, in eval mode (torchmetrics)."""
     was_training = module.training
     module.eval()
     x, y = data.tensors
-    correct = (module(x).argmax(dim=1) == y).float().mean().item()
+    logits = module(x)
     module.train(was_training)
-    return correct
+    return float(multiclass_accuracy(logits, y, num_classes=logits.shape[-1], average="micro"))
 
 
 def mean_abs_weight(module: nn.Module, names: Sequence[str]) -> float:
@@ -162,13 +174,13 @@ def train_dsd(
 ) -> RunResult:
     """Train ``model`` with DSD for ``epochs`` = (dense, sparse, re-dense); return the test accuracies."""
     pl.seed_everything(seed, verbose=False)
-    module = Classifier(build_network(model, data.length, data.classes), lr=lr)
+    module = Classifier(build_network(model, data.length, data.classes), data.classes, lr=lr)
     dsd = DSDCallback(sparsity, *epochs)
     phases = PhaseAccuracy(dsd, data.test)
     logger: Union[TensorBoardLogger, bool] = TensorBoardLogger(log_dir, name="dsd") if log_dir else False
     trainer = _trainer(sum(epochs), [dsd, phases], logger, progress)
     loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    trainer.fit(module, loader)
+    trainer.fit(module, loader, _validation_loader(data, log_dir))
     return RunResult(accuracy(module, data.test), phases.at_phase_end, phases.mean_abs_at_phase_end,
                      logger.log_dir if isinstance(logger, TensorBoardLogger) else None)
 
@@ -186,15 +198,23 @@ class LearningRateDrop(pl.Callback):
 
 def train_dense(
     data: Data, model: str, epochs: int, seed: int, batch_size: int = 128, lr: float = 3e-3,
-    lr_drop_at: Optional[int] = None, progress: bool = False,
+    lr_drop_at: Optional[int] = None, progress: bool = False, log_dir: Optional[str] = None,
 ) -> RunResult:
-    """The baseline: the same model, data order and budget, no DSD (optionally the LLR drop)."""
+    """The baseline: the same model, data order and budget, no DSD (optionally the LLR drop). With
+    ``log_dir`` it is logged as the run ``dense_baseline`` beside DSD's, with the same tags."""
     pl.seed_everything(seed, verbose=False)
-    module = Classifier(build_network(model, data.length, data.classes), lr=lr)
+    module = Classifier(build_network(model, data.length, data.classes), data.classes, lr=lr)
     callbacks = [LearningRateDrop(lr_drop_at, 0.1)] if lr_drop_at is not None else []
+    logger: Union[TensorBoardLogger, bool] = TensorBoardLogger(log_dir, name="dense_baseline") if log_dir else False
     loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    _trainer(epochs, callbacks, False, progress).fit(module, loader)
-    return RunResult(accuracy(module, data.test))
+    _trainer(epochs, callbacks, logger, progress).fit(module, loader, _validation_loader(data, log_dir))
+    return RunResult(accuracy(module, data.test), log_dir=logger.log_dir if isinstance(logger, TensorBoardLogger)
+                     else None)
+
+
+def _validation_loader(data: Data, log_dir: Optional[str]) -> Optional[DataLoader]:
+    """The test set, evaluated every epoch for TensorBoard's accuracy curves; nothing when nothing is logged."""
+    return DataLoader(data.test, batch_size=1000) if log_dir else None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -222,7 +242,7 @@ def run_demo(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
           f"sparsity {args.sparsity}, epochs dense/sparse/re-dense = {'/'.join(map(str, args.epochs))}")
     dsd = train_dsd(data, args.model, args.sparsity, args.epochs, args.seed, log_dir=args.output, progress=True)
     print(f"Baseline: dense for the same {total} epochs")
-    baseline = train_dense(data, args.model, total, args.seed, progress=True)
+    baseline = train_dense(data, args.model, total, args.seed, progress=True, log_dir=args.output)
     rows = {
         "after dense": dsd.phase_accuracy[Phase.DENSE.value],
         "after sparse": dsd.phase_accuracy[Phase.SPARSE.value],
@@ -233,13 +253,23 @@ def run_demo(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     print(f"\n{'test accuracy'.ljust(width)}  ")
     for name, value in rows.items():
         print(f"{name.ljust(width)}  {value:6.2%}")
-    print(f"\nWeight histograms and the five-panel figure:\n  tensorboard --logdir {os.path.abspath(args.output)}")
+    print(f"\nBoth runs (dsd, dense_baseline), the weight histograms and the five-panel figure:\n"
+          f"  tensorboard --logdir {os.path.abspath(args.output)}")
     return rows
 
 
+DEMO_REQUIREMENTS = ("mnist1d", "sklearn", "matplotlib")
+
+
 def main() -> None:
-    """The ``lightning-dsd-demo`` console script."""
-    run_demo()
+    """The ``lightning-dsd-demo`` console script: one line, not a traceback, when the extra is missing."""
+    try:
+        run_demo()
+    except ModuleNotFoundError as error:
+        missing = (error.name or "").split(".")[0]
+        if missing not in DEMO_REQUIREMENTS:
+            raise
+        raise SystemExit(f"The demo needs `{missing}`: pip install \"lightning-dsd[demo]\"") from None
 
 
 if __name__ == "__main__":

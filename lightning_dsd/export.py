@@ -24,7 +24,7 @@ from lightning_dsd.reporting import output_directory
 def to_sparse_tensor(tensor: Tensor) -> Tensor:
     """CSR for 2-D tensors, COO for the rest.
 
-    Example:
+    Examples:
         >>> to_sparse_tensor(torch.tensor([[0.0, 1.0], [2.0, 0.0]])).layout
         torch.sparse_csr
     """

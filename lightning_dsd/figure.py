@@ -6,7 +6,7 @@ retraining, (d) the pruned weights back as a spike at zero, (e) the spread after
 Needs matplotlib (the ``figures`` extra). Built on ``matplotlib.figure.Figure``, without pyplot's global
 state, so it is safe in training processes and headless machines.
 
-Example:
+Examples:
     >>> import torch
     >>> from lightning_dsd.phases import Moment
     >>> w = torch.randn(1000)

@@ -7,7 +7,7 @@ scheduler's own ``base_lrs``, ``min_lrs`` (ReduceLROnPlateau), ``max_lrs`` (Cycl
 rate exactly ``factor`` times what it would have been. Schedulers that wrap others (SequentialLR,
 ChainedScheduler) are followed into their children.
 
-Example:
+Examples:
     >>> import torch
     >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
     >>> scheduler = torch.optim.lr_scheduler.StepLR(optimizer, step_size=1, gamma=0.5)

@@ -6,7 +6,7 @@ entries exactly ``k = round(sparsity * N)`` entries with the smallest ``|w|`` ar
 that comes first in the flattened tensor is pruned first, so the result never depends on the backend.
 The threshold is found with ``torch.kthvalue`` (linear time, no size limit, unlike ``torch.quantile``).
 
-Example:
+Examples:
     >>> import torch
     >>> w = torch.tensor([[0.3, -0.1], [0.1, 2.0]])
     >>> magnitude_masks({"w": w}, {"w": 0.5})["w"]
@@ -35,7 +35,7 @@ class NMPattern:
     """Structured N:M sparsity: in every group of ``m`` consecutive weights along the input dimension,
     the ``n`` largest in magnitude are kept (``2:4`` is the pattern sparse tensor cores accelerate).
 
-    Example:
+    Examples:
         >>> NMPattern.parse("2:4"), NMPattern(2, 4).sparsity
         (NMPattern(n=2, m=4), 0.5)
     """
@@ -67,7 +67,7 @@ def nm_mask(weight: Tensor, pattern: NMPattern, input_dim: int = 1) -> Tensor:
     Ties are broken by position (the earlier entry is pruned first). The input size must divide by ``m``
     (see :func:`check_pattern_fits`).
 
-    Example:
+    Examples:
         >>> nm_mask(torch.tensor([[0.1, -0.9, 0.3, 0.2, 5.0, 4.0, -3.0, 0.0]]), NMPattern(2, 4))
         tensor([[False,  True,  True, False,  True,  True, False, False]])
         >>> nm_mask(torch.tensor([[0.1], [-0.9], [0.3], [0.2]]), NMPattern(2, 4), input_dim=0).flatten()
@@ -86,7 +86,7 @@ def nm_mask(weight: Tensor, pattern: NMPattern, input_dim: int = 1) -> Tensor:
 def check_pattern_fits(name: str, shape: Sequence[int], pattern: NMPattern, input_dim: int) -> None:
     """Refuse an N:M ``pattern`` for a weight whose input size (``shape[input_dim]``) does not divide by M.
 
-    Example:
+    Examples:
         >>> check_pattern_fits("fc.weight", (4, 6), NMPattern(2, 4), input_dim=1)  # doctest: +ELLIPSIS
         Traceback (most recent call last):
         ...

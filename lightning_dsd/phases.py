@@ -5,7 +5,7 @@ user's arguments; a :class:`Schedule` walks through it, told the elapsed count (
 and the monitored metric by its caller. Its whole state is a handful of plain values, so resuming from a
 checkpoint is a matter of :meth:`Schedule.state_dict` and :meth:`Schedule.load_state_dict`.
 
-Example:
+Examples:
     >>> schedule = Schedule(build_stages(sparsities=(0.5, 0.25), dense=2, sparse=1, redense=1))
     >>> [f"{stage.phase.value}:{stage.cycle}" for stage in schedule.stages]
     ['dense:0', 'sparse:0', 'redense:0', 'sparse:1', 'redense:1']
@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 class Phase(str, Enum):
     """The three DSD phases. The value is the plain string users see in logs and checkpoints.
 
-    Example:
+    Examples:
         >>> Phase.SPARSE == "sparse"
         True
     """
@@ -39,7 +39,7 @@ class Phase(str, Enum):
 class Moment(str, Enum):
     """The five moments of a DSD cycle that the paper's weight-distribution figure shows.
 
-    Example:
+    Examples:
         >>> [moment.value for moment in Moment][:2]
         ['1_end_of_dense', '2_after_pruning']
     """
@@ -69,7 +69,7 @@ def build_stages(
     The re-dense phase of one cycle is the dense phase the next cycle prunes from, as in the paper's
     DeepSpeech 2 run (50% then 25%).
 
-    Example:
+    Examples:
         >>> [s.phase.value for s in build_stages([0.5], dense=3, sparse=None, redense=3)]
         ['dense', 'sparse', 'redense']
     """
@@ -86,7 +86,7 @@ class ConvergenceTracker:
     A value improves on the best so far when it is better by more than ``min_delta`` in the direction of
     ``mode``. After ``patience`` checks in a row without improvement the metric has converged.
 
-    Example:
+    Examples:
         >>> tracker = ConvergenceTracker(mode="min", patience=2, min_delta=0.0)
         >>> [tracker.update(v) for v in (1.0, 0.5, 0.6, 0.7)]
         [False, False, False, True]
@@ -171,7 +171,7 @@ class Schedule:
     def stage_at(self, elapsed: int) -> Stage:
         """The stage a fixed-length schedule is in after ``elapsed`` epochs or steps from its start.
 
-        Example:
+        Examples:
             >>> Schedule(build_stages([0.5], dense=2, sparse=3, redense=1)).stage_at(4).phase
             <Phase.SPARSE: 'sparse'>
         """

@@ -5,7 +5,7 @@ checks that N:M patterns fit the weights' input dimensions, decides masks from w
 tensor, or one over all targets), and checks masks that come from elsewhere (a checkpoint) against the
 same rules, entry count for entry count.
 
-Example:
+Examples:
     >>> import torch
     >>> plan = MaskPlan(sparsities=(0.5,), layer_sparsity={"fc.*": NMPattern(2, 4)})
     >>> weights = {"conv.weight": torch.randn(4, 2, 3), "fc.weight": torch.randn(2, 8)}
@@ -119,7 +119,7 @@ class MaskPlan:
 def pruned_fraction(masks: Mapping[str, Tensor]) -> tuple[int, int]:
     """How many entries ``masks`` prune, out of how many.
 
-    Example:
+    Examples:
         >>> import torch
         >>> pruned_fraction({"w": torch.tensor([True, False, False, True])})
         (2, 4)

@@ -5,7 +5,7 @@
 ``N(0, (0.1 * std)^2)`` noise, ``std`` being the standard deviation of the layer's surviving weights, drawn
 on the CPU from a generator seeded with ``seed`` (so every DDP rank draws the same values).
 
-Example:
+Examples:
     >>> import torch
     >>> w = torch.nn.Parameter(torch.tensor([2.0, 0.0, -2.0, 0.0]))
     >>> keep = {"w": torch.tensor([True, False, True, False])}

@@ -10,7 +10,9 @@ Tags (``<layer>`` is the parameter name, e.g. ``conv1.weight``):
 * ``dsd_weights_timeline/<layer>``: all weights every ``histogram_every_n_epochs`` epochs, if asked.
 * ``dsd/phase`` (0 dense, 1 sparse, 2 re-dense), ``dsd/cycle``, ``dsd/sparsity`` (exact zeros among all
   targeted weights, measured) and ``dsd_sparsity/<layer>``: at every epoch end and transition;
-  ``dsd_lr/optimizer<i>_group<j>`` at every transition. Scalars go to every logger.
+  ``dsd_lr/optimizer<i>_group<j>``: at every epoch end and transition. Scalars go to every logger.
+* ``dsd/transitions`` (TEXT tab): what each transition did (what was pruned, the learning-rate change);
+  the CUSTOM SCALARS tab groups phase, sparsity and learning rate in charts of their own.
 * ``dsd_figure/<layer>``: the paper's five-panel figure for each cycle, also saved as
   ``<output directory>/dsd_figures/cycle<c>_<layer>.png`` (see :func:`output_directory`).
 
@@ -43,7 +45,7 @@ def output_directory(trainer: "pl.Trainer") -> str:
     the first logger's ``log_dir`` or ``save_dir`` (what ``Trainer.log_dir`` reads, without its collective),
     else ``default_root_dir``.
 
-    Example:
+    Examples:
         >>> import lightning.pytorch as pl
         >>> output_directory(pl.Trainer(logger=False, default_root_dir="runs", enable_progress_bar=False))
         'runs'
@@ -67,7 +69,7 @@ def measured_sparsity(weights: Mapping[str, Tensor]) -> dict[str, float]:
 class PhaseReporter:
     """Logs histograms, scalars and figures for the layers it is given; silent on ranks other than zero.
 
-    Example:
+    Examples:
         >>> reporter = PhaseReporter(histograms=True, scalars=True, figure_layers=2)
         >>> reporter.figure_layers
         2
@@ -143,6 +145,25 @@ class PhaseReporter:
             for name, weight in weights.items():
                 values = weight.detach().flatten().float().cpu()
                 tensorboard.experiment.add_histogram(f"dsd_weights_timeline/{name}", values, trainer.global_step)
+
+    # -------------------------------------------------------------- transitions and charts
+
+    def note_transition(self, trainer: "pl.Trainer", text: str) -> None:
+        """Say what a transition did, on the console and, kept with the run, in TensorBoard's TEXT tab."""
+        rank_zero_info(text)
+        if self.scalars and trainer.is_global_zero and (tensorboard := self._tensorboard(trainer)) is not None:
+            tensorboard.experiment.add_text("dsd/transitions", text, trainer.global_step)
+
+    def write_chart_layout(self, trainer: "pl.Trainer") -> None:
+        """Group DSD's scalars in TensorBoard's CUSTOM SCALARS tab: phase, sparsity and learning rate, each a
+        chart of its own (values are logged at every epoch end and at every transition, so each reads as
+        a step at the transition)."""
+        if self.scalars and trainer.is_global_zero and (tensorboard := self._tensorboard(trainer)) is not None:
+            tensorboard.experiment.add_custom_scalars({"DSD": {
+                "phase (0 dense, 1 sparse, 2 re-dense)": ["Multiline", [r"dsd/phase"]],
+                "measured sparsity of the targets": ["Multiline", [r"dsd/sparsity", r"dsd_sparsity/.*"]],
+                "learning rate": ["Multiline", [r"dsd_lr/.*"]],
+            }})
 
     # -------------------------------------------------------------- scalars
 

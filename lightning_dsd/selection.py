@@ -24,7 +24,7 @@ Every target has a known **input dimension**, the one a weight is summed over: d
 and ``Conv1D``. N:M patterns group weights along it. A model with its own linear-like module declares
 it with :class:`LayerSpec` (see ``DSDCallback(layer_types=...)``).
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
@@ -60,7 +60,7 @@ class LayerSpec:
         weights: glob patterns over the layer's own parameter names that are connection weights.
         input_dim: the dimension of those weights that the layer sums over (the input features).
 
-    Example:
+    Examples:
         >>> LayerSpec(), LayerSpec(("kernel",), input_dim=0)
         (LayerSpec(weights=('weight',), input_dim=1), LayerSpec(weights=('kernel',), input_dim=0))
     """
@@ -133,7 +133,7 @@ class Selection:
     def summary(self) -> str:
         """A short account of what is targeted and what was left dense.
 
-        Example:
+        Examples:
             >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10))
             >>> print(select_parameters(model).summary())
             DSD targets 2 tensors (56 weights): Linear x2. Left dense by default: Embedding x1 (0.weight).
@@ -233,7 +233,7 @@ def check_selection(
     """Refuse a selection DSD cannot prune: an empty one (listing the model's parameters), or one holding
     the weight of an embedding with ``sparse=True``, whose sparse gradients cannot be masked in place.
 
-    Example:
+    Examples:
         >>> check_selection(nn.LayerNorm(4), select_parameters(nn.LayerNorm(4)), None, None)
         Traceback (most recent call last):
         ...
@@ -264,7 +264,7 @@ def check_selection(
 def unmatched_patterns(option: str, patterns: Optional[Sequence[str]], names: Sequence[str]) -> list[str]:
     """One message per glob pattern of ``option`` that matches none of ``names``, with the nearest names.
 
-    Example:
+    Examples:
         >>> unmatched_patterns("exclude", ["conv1.*", "fc.wieght"], ["conv1.weight", "fc.weight"])
         ["`exclude` pattern 'fc.wieght' matches no parameter. Nearest names: ['fc.weight']."]
     """

@@ -5,7 +5,7 @@ phase would), the model is evaluated, and everything is put back: parameters, bu
 the model in training mode moves BatchNorm statistics) and train/eval modes, bit for bit, also when the
 metric raises.
 
-Example:
+Examples:
     >>> import torch
     >>> from torch import nn
     >>> from torch.utils.data import DataLoader, TensorDataset
@@ -25,6 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence, Union
 import torch
 from lightning_utilities.core.imports import RequirementCache
 from torch import nn
+from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_dsd.arguments import check_fraction, check_patterns
 from lightning_dsd.masks import magnitude_masks
@@ -35,15 +36,18 @@ Metric = Callable[[nn.Module, Iterable[Any]], float]
 
 @torch.no_grad()
 def accuracy(model: nn.Module, dataloader: Iterable[Any]) -> float:
-    """Top-1 accuracy over ``(inputs, labels)`` batches, in eval mode: the default metric."""
+    """Top-1 accuracy over ``(inputs, labels)`` batches, in eval mode (torchmetrics): the default metric."""
     model.eval()
     device = next(model.parameters()).device
-    correct = total = 0
+    metric: Optional[MulticlassAccuracy] = None
     for inputs, labels in dataloader:
-        predictions = model(inputs.to(device)).argmax(dim=-1)
-        correct += int((predictions == labels.to(device)).sum())
-        total += labels.numel()
-    return correct / total
+        logits = model(inputs.to(device))
+        if metric is None:
+            metric = MulticlassAccuracy(num_classes=logits.shape[-1], average="micro").to(device)
+        metric.update(logits, labels.to(device))
+    if metric is None:
+        raise ValueError("`sensitivity_scan`'s accuracy needs at least one batch; the dataloader is empty.")
+    return float(metric.compute())
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ a configuration that agrees with the resuming callback's on everything that alre
 
 Every failure is one :class:`CheckpointStateError` naming the entry, what was found and what was expected.
 
-Example:
+Examples:
     >>> import torch
     >>> config = RunConfig(stages=[["dense", 0, 1, 0.0], ["sparse", 0, 1, 0.5], ["redense", 0, 1, 0.5]],
     ...                    interval="epoch", scope="layer", layer_sparsity=None, targets=["w"])

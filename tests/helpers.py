@@ -4,8 +4,14 @@ on the CPU, seconds each. Imported by the test modules and by the scripts they r
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
-from typing import Callable, Iterator, Optional
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from typing import Any, Callable, Iterator, Optional
 
 import lightning.pytorch as pl
 import torch
@@ -162,3 +168,36 @@ class OverflowsSometimes(ConvLSTMNet):
             self.head.weight.grad[0, 0] = float("inf")
             self.skipped.append(self.batches)
         self.batches += 1
+
+
+@contextlib.contextmanager
+def tensorboard_server(logdir) -> Iterator[Callable[..., Any]]:
+    """The real TensorBoard server on a free loopback port; yields ``get_json(path, until=None)``, which
+    retries (60 s at most) until the server answers and ``until(answer)`` holds."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = subprocess.Popen(
+        [sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1",
+         "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+
+    def get_json(path: str, until: Optional[Callable[[Any], Any]] = None) -> Any:
+        deadline, answer = time.monotonic() + 60, None
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}{path}", timeout=5) as response:
+                    answer = json.loads(response.read())
+                if until is None or until(answer):
+                    return answer
+            except OSError:
+                pass
+            time.sleep(0.5)
+        raise AssertionError(f"TensorBoard did not serve {path} as expected within 60 s; last answer: {answer}")
+
+    try:
+        yield get_json
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

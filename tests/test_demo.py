@@ -9,12 +9,15 @@ import runpy
 import shutil
 import subprocess
 import sys
+import urllib.parse
 from pathlib import Path
 
 import nbformat
 import pytest
+from helpers import tensorboard_server
 from nbclient import NotebookClient
 
+from lightning_dsd.demo import main as demo_main
 from lightning_dsd.demo import run_demo
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,6 +41,38 @@ def test_the_demo_default_dataset_is_mnist1d_generated_locally(tmp_path):
     # Four epochs in, the CNN is still learning: each phase ends better than the dense phase did
     # (measured 0.43 -> 0.49 -> 0.52 for seed 0 and 0.46 -> 0.52 -> 0.56 for seed 1).
     assert rows["after dense"] < rows["after sparse"] < rows["after re-dense (DSD)"], rows
+
+
+@pytest.mark.slow
+def test_tensorboard_serves_both_runs_their_accuracy_and_the_transition_notes(tmp_path):
+    run_demo(["--dataset", "digits", "--model", "mlp", "--epochs", "2", "2", "2", "--output", str(tmp_path)])
+    runs = ("dsd/version_0", "dense_baseline/version_0")
+    with tensorboard_server(tmp_path) as get_json:
+        assert set(get_json("/data/runs", until=lambda r: len(r) == 2)) == set(runs)
+        scalars = get_json("/data/plugin/scalars/tags", until=lambda t: all(r in t for r in runs))
+        for run in runs:
+            assert {"val_acc", "val_loss"} <= set(scalars[run])
+            query = urllib.parse.urlencode({"run": run, "tag": "val_acc"})
+            accuracies = get_json(f"/data/plugin/scalars/scalars?{query}")
+            assert len(accuracies) == 6 and all(0.5 < value <= 1 for _, _, value in accuracies), run
+        assert {"dsd/phase", "dsd/sparsity", "dsd_lr/optimizer0_group0"} <= set(scalars[runs[0]])
+        assert get_json("/data/plugin/text/tags") == {runs[0]: ["dsd/transitions/text_summary"]}
+        query = urllib.parse.urlencode({"run": runs[0], "tag": "dsd/transitions/text_summary"})
+        notes = get_json(f"/data/plugin/text/text?{query}")
+        assert [note["step"] for note in notes] == [24, 48]  # 12 steps an epoch, transitions after epochs 2 and 4
+        assert "Pruned" in notes[0]["text"] and "learning rate x0.1" in notes[1]["text"]
+        layout = get_json(f"/data/plugin/custom_scalars/layout?{urllib.parse.urlencode({'run': runs[0]})}")
+        charts = {chart["title"]: chart["multiline"]["tag"] for chart in layout["category"][0]["chart"]}
+        assert charts["learning rate"] == ["dsd_lr/.*"]
+
+
+def test_without_the_demo_extra_the_demo_says_what_to_install_in_one_line(monkeypatch, tmp_path):
+    for name in [name for name in sys.modules if name.split(".")[0] == "mnist1d"] + ["mnist1d"]:
+        monkeypatch.setitem(sys.modules, name, None)  # as if `pip install lightning-dsd` had no [demo]
+    monkeypatch.setattr(sys, "argv", ["lightning-dsd-demo", "--epochs", "1", "1", "1", "--output", str(tmp_path)])
+    with pytest.raises(SystemExit) as stopped:
+        demo_main()
+    assert str(stopped.value) == 'The demo needs `mnist1d`: pip install "lightning-dsd[demo]"'
 
 
 def test_the_console_script_is_installed():

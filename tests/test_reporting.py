@@ -4,13 +4,8 @@ from __future__ import annotations
 
 import csv
 import glob
-import json
 import logging
 import os
-import socket
-import subprocess
-import sys
-import time
 import urllib.parse
 import urllib.request
 
@@ -19,7 +14,7 @@ import matplotlib.image
 import numpy as np
 import pytest
 import torch
-from helpers import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
+from helpers import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded, tensorboard_server
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -110,8 +105,13 @@ def test_phase_and_measured_sparsity_scalars(tmp_path):
     assert sparsity[4] == 0.0 and sparsity[24] < 0.01
     for layer, mask in masks.items():
         assert scalar(f"dsd_sparsity/{layer}")[12] == pytest.approx(round(0.5 * mask.numel()) / mask.numel())
-    lr = scalar("dsd_lr/optimizer0_group0")
-    assert lr[8] == pytest.approx(0.1) and lr[16] == pytest.approx(0.01)
+    # Every epoch end and both sides of each transition: the charts read as steps, not two lone points.
+    def events(tag):
+        return [(e.step, round(e.value, 6)) for e in accumulator.Scalars(tag)]
+
+    assert events("dsd_lr/optimizer0_group0") == [(4, 0.1), (8, 0.1), (8, 0.1), (12, 0.1), (16, 0.1), (16, 0.01),
+                                                  (20, 0.01), (24, 0.01)]
+    assert events("dsd/phase") == [(4, 0), (8, 0), (8, 1), (12, 1), (16, 1), (16, 2), (20, 2), (24, 2)]
 
 
 def test_the_five_panel_figure_is_logged_and_saved_as_png(tmp_path):
@@ -232,46 +232,16 @@ def test_the_progress_bar_shows_the_phase_and_forgets_it_after_fit(bar, capfd):
         assert "dsd=redense 2/2" in "".join(capfd.readouterr())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get_json(url: str):
-    with urllib.request.urlopen(url, timeout=5) as response:
-        return json.loads(response.read())
-
-
 @pytest.mark.slow
 def test_the_real_tensorboard_server_serves_the_histograms(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
     _run(tmp_path, logger)
-    port = _free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "tensorboard.main", "--logdir", str(tmp_path), "--host", "127.0.0.1",
-         "--port", str(port), "--load_fast", "false", "--reload_interval", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    base = f"http://127.0.0.1:{port}/data/plugin/histograms"
-    try:
-        deadline, tags = time.monotonic() + 60, {}
-        while time.monotonic() < deadline:
-            try:
-                tags = _get_json(f"{base}/tags")
-                if tags.get("run/version_0"):
-                    break
-            except OSError:
-                pass
-            time.sleep(0.5)
+    with tensorboard_server(tmp_path) as get_json:
+        tags = get_json("/data/plugin/histograms/tags", until=lambda tags: tags.get("run/version_0"))
         run_tags = tags["run/version_0"]
         for layer in TARGETS:
             assert f"dsd_weights_nonzero/{layer}/3_end_of_sparse" in run_tags
         query = urllib.parse.urlencode({"run": "run/version_0", "tag": "dsd_weights/head.weight/2_after_pruning"})
-        data = _get_json(f"{base}/histograms?{query}")
-        (wall_time, step, buckets), = data
+        (wall_time, step, buckets), = get_json(f"/data/plugin/histograms/histograms?{query}")
         assert step == 8
         assert sum(count for _, _, count in buckets) == pytest.approx(torch.Size([3, 16]).numel())
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
