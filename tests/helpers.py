@@ -149,6 +149,16 @@ def resumable_dsd(**overrides) -> DSDCallback:
     return DSDCallback(**{**dict(sparsity=0.5, dense_epochs=2, sparse_epochs=3, redense_epochs=2), **overrides})
 
 
+def run_recorded(dsd: DSDCallback, **trainer_options) -> StepRecorder:
+    """Fit a seeded ``ConvLSTMNet`` with ``dsd``; check zeros held after every step; return the recorder."""
+    with seeded():
+        model = ConvLSTMNet()
+    recorder = StepRecorder(dsd)
+    make_trainer([dsd, recorder], **trainer_options).fit(model, make_loader())
+    assert all(zeros for _, _, zeros in recorder.steps)
+    return recorder
+
+
 @contextlib.contextmanager
 def seeded(seed: int = 0) -> Iterator[None]:
     pl.seed_everything(seed, verbose=False)

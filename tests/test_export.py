@@ -6,24 +6,15 @@ import os
 
 import pytest
 import torch
-from helpers import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
+from helpers import TARGETS, ConvLSTMNet, run_recorded
 
 from lightning_dsd import DSDCallback
-
-
-def _run(dsd: DSDCallback, **trainer_options) -> StepRecorder:
-    with seeded():
-        model = ConvLSTMNet()
-    recorder = StepRecorder(dsd)
-    make_trainer([dsd, recorder], **trainer_options).fit(model, make_loader())
-    assert all(zeros for _, _, zeros in recorder.steps)
-    return recorder
 
 
 @pytest.mark.parametrize("mode", ["checkpoint", "sparse"])
 def test_the_sparse_model_is_exported_at_the_end_of_each_sparse_phase(tmp_path, mode):
     dsd = DSDCallback((0.5, 0.8), 1, 1, 1, export_sparse=mode)
-    recorder = _run(dsd, max_epochs=5, default_root_dir=tmp_path)
+    recorder = run_recorded(dsd, max_epochs=5, default_root_dir=tmp_path)
     assert [e["cycle"] for e in dsd.exported_sparse_models] == [0, 1]
     for exported, sparsity in zip(dsd.exported_sparse_models, (0.5, 0.8), strict=False):
         assert exported["checkpoint"] == os.path.join(tmp_path, "dsd_sparse", f"cycle{exported['cycle']}.ckpt")

@@ -6,7 +6,7 @@ import logging
 
 import pytest
 import torch
-from helpers import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
+from helpers import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, run_recorded
 from torch import nn
 
 from lightning_dsd import DSDCallback
@@ -14,19 +14,10 @@ from lightning_dsd.masks import NMPattern
 from lightning_dsd.plan import MaskPlan
 
 
-def _run(dsd: DSDCallback, **trainer_options) -> StepRecorder:
-    with seeded():
-        model = ConvLSTMNet()
-    recorder = StepRecorder(dsd)
-    make_trainer([dsd, recorder], **trainer_options).fit(model, make_loader())
-    assert all(zeros for _, _, zeros in recorder.steps)
-    return recorder
-
-
 def test_layer_sparsity_overrides_matching_layers_first_match_wins(caplog):
     caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
     dsd = DSDCallback((0.5, 0.3), 1, 1, 1, layer_sparsity={"lstm.weight_ih*": 0.25, "lstm.*": 0.8, "head.*": "2:4"})
-    recorder = _run(dsd, max_epochs=5)
+    recorder = run_recorded(dsd, max_epochs=5)
     assert dsd.layer_sparsities == {
         "conv.weight": [0.5, 0.3],
         "lstm.weight_ih_l0": [0.25, 0.25],
@@ -42,7 +33,7 @@ def test_layer_sparsity_overrides_matching_layers_first_match_wins(caplog):
 
 
 def test_two_four_sparsity_in_training_keeps_two_of_every_four_inputs():
-    recorder = _run(DSDCallback("2:4", 1, 1, 1))
+    recorder = run_recorded(DSDCallback("2:4", 1, 1, 1))
     for name, mask in recorder.masks_seen[0].items():
         groups = mask.movedim(1, -1).reshape(-1, 4)
         assert (groups.sum(dim=1) == 2).all(), name
