@@ -32,7 +32,7 @@ from lightning_dsd.lr import scale_learning_rates
 from lightning_dsd.phases import Phase
 
 DATASETS = ("mnist1d", "digits")
-MODELS = ("mlp", "cnn")
+MODELS = ("mlp", "cnn", "gru")
 
 
 @dataclass
@@ -68,8 +68,22 @@ def load_data(name: str) -> Data:
     return Data(as_dataset(x, y), as_dataset(x_test, y_test), length=x.shape[1], classes=classes)
 
 
+class SequenceGRU(nn.Module):
+    """A GRU (64 units) reading a 1-D signal one value per step, classified from its last state."""
+
+    def __init__(self, classes: int, hidden: int = 64) -> None:
+        super().__init__()
+        self.gru = nn.GRU(1, hidden, batch_first=True)
+        self.head = nn.Linear(hidden, classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out, _ = self.gru(x.unsqueeze(-1))
+        return self.head(out[:, -1])
+
+
 def build_network(model: str, length: int, classes: int) -> nn.Module:
-    """A small MLP (two hidden layers of 256) or 1-D CNN (three 5-wide convolutions of 32 channels)."""
+    """A small MLP (two hidden layers of 256), 1-D CNN (three 5-wide convolutions of 32 channels), or a GRU
+    reading the signal as a sequence."""
     if model == "mlp":
         return nn.Sequential(
             nn.Linear(length, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, classes)
@@ -82,6 +96,8 @@ def build_network(model: str, length: int, classes: int) -> nn.Module:
             nn.Conv1d(32, 32, 5, stride=2, padding=2), nn.ReLU(),
             nn.Flatten(), nn.Linear(32 * ((length + 3) // 4), classes),
         )
+    if model == "gru":
+        return SequenceGRU(classes)
     raise ValueError(f"`model` must be one of {list(MODELS)}. Found: {model!r}.")
 
 
@@ -188,11 +204,12 @@ def train_dsd(
 class LearningRateDrop(pl.Callback):
     """The paper's "LLR" control: the same learning-rate drop as DSD's re-dense, with no pruning at all."""
 
-    def __init__(self, at_epoch: int, factor: float) -> None:
-        self.at_epoch, self.factor = at_epoch, factor
+    def __init__(self, at_epochs: Union[int, Sequence[int]], factor: float) -> None:
+        self.at_epochs = {at_epochs} if isinstance(at_epochs, int) else set(at_epochs)
+        self.factor = factor
 
     def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch == self.at_epoch:
+        if trainer.current_epoch in self.at_epochs:
             scale_learning_rates(trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs], self.factor)
 
 

@@ -12,6 +12,7 @@ import sys
 import urllib.parse
 from pathlib import Path
 
+import matplotlib.image
 import nbformat
 import pytest
 from helpers import tensorboard_server
@@ -98,19 +99,26 @@ def test_the_walkthrough_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
 
 
 @pytest.mark.slow
-def test_the_accuracy_study_smoke_run_prints_its_table(capsys):
+def test_the_accuracy_study_smoke_run_writes_its_paired_table_and_plot(tmp_path):
     study = runpy.run_path(str(ROOT / "benchmarks" / "accuracy_study.py"))
-    table = study["main"](["--seeds", "1", "--epochs", "2", "1", "1", "--configs", "digits:mlp"])
-    header, _, row = table.splitlines()
+    table_path, plot_path = tmp_path / "study.md", tmp_path / "study.png"
+    table = study["main"](["--seeds", "2", "--families", "mlp", "--epochs-scale", "0.05",
+                           "--table", str(table_path), "--plot", str(plot_path)])
+    header, _, *rows = table.splitlines()
     columns = [cell.strip() for cell in header.strip("|").split("|")]
-    cells = dict(zip(columns, (cell.strip() for cell in row.strip("|").split("|")), strict=True))
-    assert cells["config"] == "digits MLP"
-    means = {}
-    for arm in ("dense", "LLR", "sparse", "DSD"):
-        mean, std = (float(x) for x in cells[arm].split(" ± "))
-        assert 0 <= mean <= 100 and std == 0.0, (arm, cells[arm])  # one seed: no spread
-        means[arm] = mean
-    assert float(cells["DSD - dense"]) == pytest.approx(means["DSD"] - means["dense"], abs=0.011)
-    assert float(cells["DSD - LLR"]) == pytest.approx(means["DSD"] - means["LLR"], abs=0.011)
-    before, after = (float(x) for x in cells[columns[-1]].split(" -> "))
-    assert before > 0 and after > 0
+    assert columns == ["setting", "sparsity", "dense", "LLR", "sparse", "DSD", "DSD - LLR (95% CI)",
+                       "DSD - dense (95% CI)"]
+    cells = [dict(zip(columns, (c.strip() for c in row.strip("|").split("|")), strict=True)) for row in rows]
+    assert [(c["setting"], c["sparsity"]) for c in cells] == [("mlp", "0.5"), ("mlp-s0.3", "0.3"), ("mlp-s0.8", "0.8")]
+    assert len({(c["dense"], c["LLR"]) for c in cells}) == 1  # the sweep shares one dense phase and its controls
+    for c in cells:
+        means = {arm: float(c[arm].split(" ± ")[0]) for arm in ("dense", "LLR", "sparse", "DSD")}
+        assert all(0 <= mean <= 100 for mean in means.values())
+        for comparison, control in (("DSD - LLR (95% CI)", "LLR"), ("DSD - dense (95% CI)", "dense")):
+            match = re.fullmatch(r"([+-]\d+\.\d\d) \[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]\*?", c[comparison])
+            assert match, c[comparison]
+            mean, low, high = map(float, match.groups())
+            assert low <= mean <= high
+            assert mean == pytest.approx(means["DSD"] - means[control], abs=0.011)  # paired mean = difference of means
+    assert table in table_path.read_text()
+    assert matplotlib.image.imread(plot_path).shape[2] in (3, 4)
