@@ -29,8 +29,9 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 def _run_worker(out: Path, *args: str) -> list[dict]:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run([sys.executable, str(WORKER), "--out", str(out), *args], check=True, env=env, timeout=300,
-                   capture_output=True)
+    run = subprocess.run([sys.executable, str(WORKER), "--out", str(out), *args], env=env, timeout=300,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, f"the DDP worker failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
 
 
