@@ -108,7 +108,8 @@ class DSDCallback(Callback):
         seed: seed of the random re-dense initialisation.
         mask_storage: how masks are kept during sparse phases: ``"weight_dtype"`` (one element of the
             weight's dtype per weight, applied with a fused multiply: the fastest measured) or ``"bool"``
-            (1 byte per weight, applied with ``masked_fill_``: slower on the CPU, a few % on small GPU steps).
+            (1 byte per weight, applied by the same fused multiply; bool multiplies run at about 0.4 of copy
+            speed on the CPU, see the performance docs).
 
     The current phase is shown in the progress bar as ``dsd=<phase>``. See :mod:`lightning_dsd.reporting`
     for every TensorBoard tag.

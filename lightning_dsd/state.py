@@ -42,6 +42,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from typing_extensions import TypeGuard
 
 from lightning_dsd.masks import pack_mask, unpack_mask
 from lightning_dsd.version import __version__
@@ -181,8 +182,7 @@ def _check_schedule(schedule: Any, n_stages: int) -> dict[str, Any]:
     if tracker is not None:
         best = tracker.get("best") if isinstance(tracker, Mapping) else None
         wait = tracker.get("wait") if isinstance(tracker, Mapping) else None
-        if not (isinstance(best, float) and not math.isnan(best) and isinstance(wait, int) and _is_int(wait)
-                and wait >= 0):
+        if not (isinstance(best, float) and not math.isnan(best) and _is_int(wait) and wait >= 0):
             raise CheckpointStateError(f"`schedule.tracker` is {_brief(tracker)}, expected a float `best` and an"
                                        " int `wait` >= 0")
     return dict(schedule)
@@ -208,7 +208,7 @@ def _unpack_masks(masks: Any, shapes: Mapping[str, Sequence[int]]) -> dict[str, 
     return unpacked
 
 
-def _is_int(value: Any) -> bool:
+def _is_int(value: Any) -> TypeGuard[int]:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
