@@ -25,11 +25,11 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
-from torchmetrics.functional.classification import multiclass_accuracy
 
 from lightning_dsd.callback import DSDCallback
 from lightning_dsd.lr import scale_learning_rates
 from lightning_dsd.phases import Phase
+from lightning_dsd.sensitivity import accuracy as sensitivity_accuracy
 
 DATASETS = ("mnist1d", "digits")
 MODELS = ("mlp", "cnn", "gru")
@@ -135,11 +135,10 @@ class Classifier(pl.LightningModule):
 def accuracy(module: nn.Module, data: TensorDataset) -> float:
     """Top-1 accuracy of ``module`` on the whole of ``data``, in eval mode (torchmetrics)."""
     was_training = module.training
-    module.eval()
-    x, y = data.tensors
-    logits = module(x)
-    module.train(was_training)
-    return float(multiclass_accuracy(logits, y, num_classes=logits.shape[-1], average="micro"))
+    try:
+        return sensitivity_accuracy(module, [data.tensors])
+    finally:
+        module.train(was_training)
 
 
 def mean_abs_weight(module: nn.Module, names: Sequence[str]) -> float:

@@ -95,8 +95,7 @@ class MaskPlan:
                 raise ValueError(f"the mask of `{name}` has shape {tuple(masks[name].shape)}, expected the"
                                  f" weight's shape {tuple(weight.shape)}")
         if self.scope == "global":
-            pruned = sum(int((~mask).sum()) for mask in masks.values())
-            total = sum(mask.numel() for mask in masks.values())
+            pruned, total = pruned_fraction(masks)
             expected = pruned_count(total, float(self.sparsities[cycle]))  # type: ignore[arg-type]
             if pruned != expected:
                 raise ValueError(f"the masks prune {pruned} of {total} weights, expected"
