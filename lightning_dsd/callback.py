@@ -13,7 +13,13 @@ from typing import Any, Mapping, Optional, Sequence, Union
 import lightning.pytorch as pl
 import torch
 from lightning.pytorch.callbacks import Callback, EarlyStopping, StochasticWeightAveraging
-from lightning.pytorch.strategies import DDPStrategy, DeepSpeedStrategy, SingleDeviceStrategy
+from lightning.pytorch.strategies import (
+    DDPStrategy,
+    DeepSpeedStrategy,
+    FSDPStrategy,
+    ModelParallelStrategy,
+    SingleDeviceStrategy,
+)
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -37,7 +43,7 @@ from lightning_dsd.export import export_sparse_model
 from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import NMPattern, pack_mask, unpack_mask
 from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
-from lightning_dsd.plan import SCOPES, MaskPlan, pruned_fraction, shown
+from lightning_dsd.plan import SCOPES, MaskPlan, shown
 from lightning_dsd.redense import REDENSE_INITS, reinitialize_pruned
 from lightning_dsd.reporting import PhaseReporter, output_directory
 from lightning_dsd.selection import (
@@ -50,6 +56,8 @@ from lightning_dsd.selection import (
     uninitialized_parameters,
     unmatched_patterns,
 )
+from lightning_dsd.sharding import FullMasks, any_sharded, check_placements, local_slice, pruned_total
+from lightning_dsd.sharding import decide_masks as decide_sharded_masks
 from lightning_dsd.state import RunConfig, decode_state, encode_state
 
 
@@ -223,7 +231,8 @@ class DSDCallback(Callback):
 
     @property
     def masks(self) -> dict[str, Tensor]:
-        """Bool masks by parameter name, ``True`` where the weight is kept; empty outside sparse phases."""
+        """Bool masks by parameter name, ``True`` where the weight is kept; empty outside sparse phases. For
+        a sharded parameter (``DTensor``) the mask of this rank's shard, shaped like ``param.to_local()``."""
         if self._constraint is not None:
             return self._constraint.keep_masks()
         return dict(self._restored_masks or {})
@@ -274,8 +283,26 @@ class DSDCallback(Callback):
             return
         self._check_strategy(trainer)
         self._check_other_callbacks(trainer)
+        if not isinstance(trainer.strategy, ModelParallelStrategy):
+            self._choose_targets(trainer, pl_module)
+        self._reporter.check_loggers(trainer)
+        if trainer.is_global_zero and trainer.loggers and (self._reporter.figure_layers or self.export_sparse):
+            rank_zero_info(f"DSDCallback writes its figures and sparse exports under {output_directory(trainer)}.")
+        self._show_phase_in_progress_bar(trainer)
+        self._warn_if_schedule_does_not_fit(trainer)
+        self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
+
+    @override
+    def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        # ModelParallelStrategy builds or shards the model in `configure_model`, after `setup`: the targets
+        # are the sharded parameters it leaves, known here (before any checkpoint is restored).
+        if isinstance(trainer.strategy, ModelParallelStrategy):
+            self._choose_targets(trainer, pl_module)
+
+    def _choose_targets(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         _materialize_lazy_modules(pl_module)
         self._selection = self._select_targets(pl_module)
+        check_placements(self._targets)
         self._plan = MaskPlan(self.sparsities, self.scope, self.layer_sparsity, self._selection.input_dims)
         self._plan.check_fits(self._targets)
         self._warn_about_unmatched_patterns(pl_module)
@@ -285,21 +312,21 @@ class DSDCallback(Callback):
             if self.histogram_layers is None or matches_any(name, self.histogram_layers)
         }
         self._reporter.choose_figure_layers(self._targets)
-        self._reporter.check_loggers(trainer)
-        if trainer.is_global_zero and trainer.loggers and (self._reporter.figure_layers or self.export_sparse):
-            rank_zero_info(f"DSDCallback writes its figures and sparse exports under {output_directory(trainer)}.")
-        self._show_phase_in_progress_bar(trainer)
-        self._warn_if_schedule_does_not_fit(trainer)
-        self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
 
     @staticmethod
     def _check_strategy(trainer: "pl.Trainer") -> None:
         strategy = trainer.strategy
-        if isinstance(strategy, DeepSpeedStrategy) or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy)):
+        supported = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
+        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)) or not isinstance(strategy, supported):
+            flattens = isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy))
             raise ValueError(
-                f"DSDCallback supports single-device training and DDP (`strategy='ddp'`, 'ddp_spawn', ...)."
-                f" Found strategy {type(strategy).__name__}: sharded strategies (FSDP, DeepSpeed, model"
-                " parallel) split or flatten parameters, so per-tensor magnitude thresholds would be wrong."
+                f"DSDCallback supports single-device training, DDP (`strategy='ddp'`, ...) and sharded models"
+                f" under `ModelParallelStrategy` (FSDP2's `fully_shard`, tensor parallel, or both). Found strategy"
+                f" {type(strategy).__name__}"
+                + (", which flattens parameters into shards that mix layers, so per-tensor magnitude thresholds"
+                   " cannot be computed." if flattens else ".")
+                + " To run DSD on a sharded model, use `strategy=ModelParallelStrategy()` and apply `fully_shard`"
+                " (and/or `parallelize_module`) in your LightningModule's `configure_model`."
             )
 
     def _show_phase_in_progress_bar(self, trainer: "pl.Trainer") -> None:
@@ -477,7 +504,7 @@ class DSDCallback(Callback):
         self._record(trainer, Moment.AFTER_PRUNING, stage.cycle)
         learning_rates = current_learning_rates(trainer.optimizers)
         self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, learning_rates)
-        pruned, total = pruned_fraction(masks)
+        pruned, total = pruned_total(masks, self._targets)
         self._reporter.note_transition(
             trainer,
             f"DSD cycle {stage.cycle}: sparse phase. Pruned {pruned}/{total} weights ({pruned / total:.1%}) in"
@@ -486,8 +513,11 @@ class DSDCallback(Callback):
         )
 
     def _decide_masks(self, trainer: "pl.Trainer", cycle: int) -> dict[str, Tensor]:
-        """Masks from the current weights, decided on rank zero and broadcast (as packed bits) so every rank
-        prunes alike; a single process keeps them as they are."""
+        """Masks from the current weights: for sharded weights, each rank's part of the full tensors' masks
+        (see :mod:`lightning_dsd.sharding`); otherwise decided on rank zero and broadcast (as packed bits) so
+        every rank prunes alike; a single process keeps them as they are."""
+        if any_sharded(self._targets):
+            return decide_sharded_masks(self._plan, self._targets, cycle)
         if trainer.world_size == 1:
             return self._plan.decide(self._targets, cycle)
         packed: dict[str, Tensor] = {}
@@ -555,7 +585,9 @@ class DSDCallback(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        masks = self.masks if self.phase is Phase.SPARSE else {}
+        """The schedule and, in a sparse phase, the full masks at 1 bit per weight (a sharded weight's mask
+        is gathered from its shards, one tensor at a time, on every rank), so a resume works on any mesh."""
+        masks = FullMasks(self.masks, self._targets) if self.phase is Phase.SPARSE else {}
         return encode_state(self._schedule.state_dict(), masks, self._run_config())
 
     @override
@@ -566,7 +598,8 @@ class DSDCallback(Callback):
         check_masks = partial(self._plan.check_masks, self._targets)
         schedule, masks = decode_state(state_dict, self._run_config(), check_masks, shapes)
         self._schedule.load_state_dict(schedule)
-        self._restored_masks = masks or None
+        local_masks = {name: local_slice(masks.pop(name), self._targets[name]) for name in list(masks)}
+        self._restored_masks = local_masks or None
         self._schedule_completed = False
 
     def _run_config(self) -> RunConfig:

@@ -3,7 +3,9 @@
 :class:`SparseConstraint` owns the masks of one sparse phase, on the weights' device. By default they are
 kept in the weights' dtype (on the CPU that runs at copy speed while stock bool kernels are 2-7x slower);
 ``storage="bool"`` keeps 1-byte masks instead. Either way a mask is a *keep* mask (1 or ``True`` where the
-weight stays) applied with one fused ``torch._foreach_mul_``. It
+weight stays) applied with one fused ``torch._foreach_mul_``. For a sharded parameter (a ``DTensor`` under
+FSDP2 or tensor parallelism) the mask covers this rank's shard only, and weights, gradients and optimizer
+state are multiplied through ``to_local()``. It
 
 * zeroes the pruned weights, their gradients and their optimizer state when it is attached;
 * zeroes the gradients of pruned entries before every optimizer step (:meth:`mask_gradients`, called by
@@ -43,6 +45,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
+from lightning_dsd.sharding import local_part
+
 MASK_STORAGES = ("weight_dtype", "bool")
 
 
@@ -65,6 +69,11 @@ ZERO_PRESERVING_OPTIMIZERS: tuple[type[Optimizer], ...] = (
     torch.optim.ASGD,
     torch.optim.Rprop,
 )
+
+
+def _local_parts(params: list[Tensor]) -> list[Tensor]:
+    # Looked up at every use, not kept: FSDP2 may swap the storage behind a sharded parameter.
+    return [local_part(p) for p in params]
 
 
 def keeps_pruned_zeros(optimizer: Optimizer) -> bool:
@@ -105,7 +114,7 @@ class SparseConstraint:
         return {name: mask.bool() for name, mask in zip(self.names, self.masks, strict=False)}
 
     def apply_to_weights(self) -> None:
-        zero_pruned(self.params, self.masks)
+        zero_pruned(_local_parts(self.params), self.masks)
 
     def attach(self, optimizers: Iterable[Optimizer]) -> None:
         """Zero pruned weights, gradients and optimizer state, then hook into every optimizer that owns a target."""
@@ -167,13 +176,13 @@ class SparseConstraint:
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         targets = self._targets[id(optimizer)]
         if not (targets.keeps_zeros and targets.gradients_masked):
-            zero_pruned(targets.params, targets.masks)
+            zero_pruned(_local_parts(targets.params), targets.masks)
         targets.gradients_masked = False
 
 
 @torch.no_grad()
 def _mask_gradients_of(targets: _OptimizerTargets) -> None:
-    pairs = [(p.grad, m) for p, m in zip(targets.params, targets.masks, strict=False) if p.grad is not None]
+    pairs = [(local_part(p.grad), m) for p, m in zip(targets.params, targets.masks, strict=False) if p.grad is not None]
     if pairs:
         grads, masks = zip(*pairs, strict=False)
         zero_pruned(list(grads), list(masks))
@@ -185,4 +194,5 @@ def _mask_optimizer_state(optimizer: Optimizer, targets: _OptimizerTargets) -> N
     for param, mask in zip(targets.params, targets.masks, strict=False):
         for value in optimizer.state.get(param, {}).values():
             if isinstance(value, Tensor) and value.shape == param.shape:
-                zero_pruned([value], [mask if mask.dtype in (torch.bool, value.dtype) else mask.to(value.dtype)])
+                state = local_part(value)
+                zero_pruned([state], [mask if mask.dtype in (torch.bool, state.dtype) else mask.to(state.dtype)])

@@ -1,7 +1,8 @@
 """Saving the model at the end of a sparse phase: a compressed model with the paper's "Sparse" accuracy.
 
 Files go to ``<output directory>/dsd_sparse/`` (:func:`lightning_dsd.reporting.output_directory`):
-``cycle<c>.ckpt`` is a normal Lightning checkpoint (load its ``state_dict`` into the plain module); with
+``cycle<c>.ckpt`` is a normal Lightning checkpoint (load its ``state_dict`` into the plain module; under
+``ModelParallelStrategy`` it is whatever the strategy saves, a folder of shards by default); with
 ``sparse_tensors=True``, ``cycle<c>_sparse_state_dict.pt`` also holds the model's ``state_dict`` with every
 pruned tensor as a torch sparse tensor (CSR for matrices, COO otherwise; ``tensor.to_dense()`` restores it).
 Sparse formats store an index per kept weight, so they only get smaller than dense storage at high sparsity:
@@ -19,6 +20,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_dsd.reporting import output_directory
+from lightning_dsd.sharding import full_tensor
 
 
 def to_sparse_tensor(tensor: Tensor) -> Tensor:
@@ -39,14 +41,10 @@ def export_sparse_model(
     checkpoint = os.path.join(directory, f"cycle{cycle}.ckpt")
     trainer.save_checkpoint(checkpoint)  # collective under DDP: every rank calls it, rank zero writes
     exported: dict[str, Any] = {"cycle": cycle, "checkpoint": checkpoint}
+    state = _full_state_dict(trainer, targets) if sparse_tensors else {}  # a collective for sharded weights
     if trainer.is_global_zero:
-        exported["checkpoint_bytes"] = os.path.getsize(checkpoint)
+        exported["checkpoint_bytes"] = _size_on_disk(checkpoint)
         if sparse_tensors:
-            names = {id(p): name for name, p in trainer.lightning_module.named_parameters()}
-            state = {}
-            for key, value in trainer.lightning_module.state_dict(keep_vars=True).items():
-                dense = value.detach().cpu()
-                state[key] = to_sparse_tensor(dense) if names.get(id(value)) in targets else dense
             path = os.path.join(directory, f"cycle{cycle}_sparse_state_dict.pt")
             torch.save(state, path)
             exported["sparse_state_dict"] = path
@@ -58,3 +56,23 @@ def export_sparse_model(
         )
         rank_zero_info(f"DSD cycle {cycle}: saved the sparse model under {directory} ({sizes}).")
     return exported
+
+
+def _full_state_dict(trainer: "pl.Trainer", targets: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """The model's ``state_dict`` on rank zero's CPU, targets as sparse tensors; sharded tensors are gathered
+    one at a time, every rank taking part (other ranks get an empty dict)."""
+    names = {id(p): name for name, p in trainer.lightning_module.named_parameters()}
+    state = {}
+    for key, value in trainer.lightning_module.state_dict(keep_vars=True).items():
+        dense = full_tensor(value)
+        if trainer.is_global_zero:
+            dense = dense.cpu()
+            state[key] = to_sparse_tensor(dense) if names.get(id(value)) in targets else dense
+    return state
+
+
+def _size_on_disk(path: str) -> int:
+    """Bytes of a checkpoint file, or of a sharded checkpoint's folder (``ModelParallelStrategy``)."""
+    if not os.path.isdir(path):
+        return os.path.getsize(path)
+    return sum(os.path.getsize(os.path.join(root, f)) for root, _, files in os.walk(path) for f in files)

@@ -17,13 +17,14 @@ Tags (``<layer>`` is the parameter name, e.g. ``conv1.weight``):
   ``<output directory>/dsd_figures/cycle<c>_<layer>.png`` (see :func:`output_directory`).
 
 Histograms and figures need a ``TensorBoardLogger``; without one they are skipped with one warning.
-Everything here runs on rank zero only, and only at transitions and epoch ends, never per step.
+Only rank zero writes, and only at transitions and epoch ends, never per step. Sharded weights (``DTensor``)
+are shown whole: every rank takes part in gathering them, one tensor at a time, and in counting zeros.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Mapping, Optional, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import lightning.pytorch as pl
 import torch
@@ -34,6 +35,7 @@ from torch import Tensor
 
 from lightning_dsd.phases import Moment, Phase
 from lightning_dsd.selection import matches_any
+from lightning_dsd.sharding import count_zeros, full_tensor
 
 _MATPLOTLIB_AVAILABLE = RequirementCache("matplotlib")
 FIGURE_SAMPLE_SIZE = 200_000
@@ -59,11 +61,6 @@ def output_directory(trainer: "pl.Trainer") -> str:
         if directory:
             return str(directory)
     return trainer.default_root_dir
-
-
-def measured_sparsity(weights: Mapping[str, Tensor]) -> dict[str, float]:
-    """Fraction of exact zeros in each tensor, as measured on the weights themselves."""
-    return {name: float((w == 0).sum()) / w.numel() for name, w in weights.items()}
 
 
 class PhaseReporter:
@@ -118,21 +115,24 @@ class PhaseReporter:
     @torch.no_grad()
     def record(self, trainer: "pl.Trainer", moment: Moment, cycle: int, weights: Mapping[str, Tensor]) -> None:
         """Log the histograms of ``moment`` and keep a sample of the figure layers for the cycle's figure."""
-        if not (trainer.is_global_zero and trainer.loggers):
+        if not trainer.loggers:
             return
-        if self.histograms and (tensorboard := self._tensorboard(trainer)) is not None:
-            for name, weight in weights.items():
-                values = weight.detach().flatten().float().cpu()
+        tensorboard = self._tensorboard(trainer) if self.histograms else None
+        wanted = [name for name in weights if tensorboard is not None or name in self._figure_names]
+        snapshot = {}
+        for name, values in _full_values(trainer, weights, wanted):
+            if tensorboard is not None:
                 tensorboard.experiment.add_histogram(f"dsd_weights/{name}/{moment.value}", values, trainer.global_step)
                 tensorboard.experiment.add_histogram(
                     f"dsd_weights_nonzero/{name}/{moment.value}", values[values != 0], trainer.global_step
                 )
-        if self._figure_names:
-            self._snapshots[(cycle, moment)] = {name: self._sample(name, weights[name]) for name in self._figure_names}
+            if name in self._figure_names:
+                snapshot[name] = self._sample(name, values)
+        if trainer.is_global_zero and self._figure_names:
+            self._snapshots[(cycle, moment)] = snapshot
 
-    def _sample(self, name: str, weight: Tensor) -> Tensor:
+    def _sample(self, name: str, flat: Tensor) -> Tensor:
         """The same random subset of entries at every moment, so panels compare like with like."""
-        flat = weight.detach().flatten().float().cpu()
         if flat.numel() <= FIGURE_SAMPLE_SIZE:
             return flat.clone()
         if name not in self._samples:
@@ -141,9 +141,8 @@ class PhaseReporter:
         return flat[self._samples[name]]
 
     def log_timeline(self, trainer: "pl.Trainer", weights: Mapping[str, Tensor]) -> None:
-        if trainer.is_global_zero and (tensorboard := self._tensorboard(trainer)) is not None:
-            for name, weight in weights.items():
-                values = weight.detach().flatten().float().cpu()
+        if (tensorboard := self._tensorboard(trainer)) is not None:
+            for name, values in _full_values(trainer, weights, list(weights)):
                 tensorboard.experiment.add_histogram(f"dsd_weights_timeline/{name}", values, trainer.global_step)
 
     # -------------------------------------------------------------- transitions and charts
@@ -175,15 +174,17 @@ class PhaseReporter:
         weights: Mapping[str, Tensor],
         learning_rates: Optional[Sequence[Sequence[float]]] = None,
     ) -> None:
-        if not (self.scalars and trainer.is_global_zero and trainer.loggers):
+        if not (self.scalars and trainer.loggers):
             return
-        per_layer = measured_sparsity(weights)
+        zeros = count_zeros(weights)  # a collective for sharded weights: every rank counts its shards
+        if not trainer.is_global_zero:
+            return
         total = sum(w.numel() for w in weights.values())
         metrics = {
             "dsd/phase": float(PHASE_CODES[phase]),
             "dsd/cycle": float(cycle),
-            "dsd/sparsity": sum(per_layer[n] * w.numel() for n, w in weights.items()) / total,
-            **{f"dsd_sparsity/{name}": value for name, value in per_layer.items()},
+            "dsd/sparsity": sum(zeros.values()) / total,
+            **{f"dsd_sparsity/{name}": zeros[name] / w.numel() for name, w in weights.items()},
         }
         for i, group_lrs in enumerate(learning_rates or ()):
             metrics.update({f"dsd_lr/optimizer{i}_group{j}": lr for j, lr in enumerate(group_lrs)})
@@ -221,3 +222,14 @@ class PhaseReporter:
         for moment in Moment:
             self._snapshots.pop((cycle, moment), None)
         return paths
+
+
+def _full_values(
+    trainer: "pl.Trainer", weights: Mapping[str, Tensor], names: Sequence[str]
+) -> Iterator[tuple[str, Tensor]]:
+    """The flattened float values of each named weight, whole, on rank zero; one tensor at a time. Every
+    rank gathers a sharded weight with the others (a collective), only rank zero gets the values."""
+    for name in names:
+        values = full_tensor(weights[name])
+        if trainer.is_global_zero:
+            yield name, values.flatten().float().cpu()

@@ -6,11 +6,13 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
 import lightning.pytorch as pl
@@ -211,3 +213,13 @@ def tensorboard_server(logdir) -> Iterator[Callable[..., Any]]:
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def run_worker(script: Path, out: Path, *args: str, ranks: int) -> list[dict]:
+    """Run a multi-process worker script in a fresh interpreter; return what each rank saved to
+    ``<out>/rank<r>.pt``. A failure shows the worker's output."""
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    run = subprocess.run([sys.executable, str(script), "--out", str(out), *args], env=env, timeout=300,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, f"{script.name} failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
+    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]

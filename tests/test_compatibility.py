@@ -7,14 +7,21 @@ import csv
 import glob
 import logging
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import TARGETS, ConvLSTMNet, OverflowsSometimes, StepRecorder, make_loader, make_trainer, seeded
+from helpers import (
+    TARGETS,
+    ConvLSTMNet,
+    OverflowsSometimes,
+    StepRecorder,
+    make_loader,
+    make_trainer,
+    run_worker,
+    seeded,
+)
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor, StochasticWeightAveraging
 from lightning.pytorch.cli import LightningCLI
 from lightning.pytorch.loggers import CSVLogger
@@ -28,11 +35,7 @@ WORKER = Path(__file__).with_name("ddp_worker.py")
 
 
 def _run_worker(out: Path, *args: str) -> list[dict]:
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    run = subprocess.run([sys.executable, str(WORKER), "--out", str(out), *args], env=env, timeout=300,
-                         capture_output=True, text=True)
-    assert run.returncode == 0, f"the DDP worker failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
-    return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in (0, 1)]
+    return run_worker(WORKER, out, *args, ranks=2)
 
 
 def _assert_ranks_agree(ranks: list[dict]) -> None:

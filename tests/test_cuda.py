@@ -80,6 +80,6 @@ def test_bf16_mixed_on_cuda():
 def test_fsdp_is_refused_at_setup_before_training():
     model = ConvLSTMNet()
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match="supports single-device training and DDP.*Found strategy FSDPStrategy"):
+    with pytest.raises(ValueError, match="Found strategy FSDPStrategy.*use `strategy=ModelParallelStrategy\\(\\)`"):
         _gpu_trainer([DSDCallback(0.5, 1, 1, 1)], strategy="fsdp").fit(model, make_loader())
     assert all(torch.equal(before[k], v.cpu()) for k, v in model.state_dict().items())

@@ -3,10 +3,13 @@ or the model changes; mistakes that may be intended are warned about."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import lightning.pytorch as pl
 import pytest
 import torch
 from helpers import ConvLSTMNet, make_loader, make_trainer
+from lightning.pytorch.strategies import FSDPStrategy
 from torch import nn
 from torch.nn.parameter import is_lazy
 
@@ -91,3 +94,11 @@ def test_a_second_fit_with_a_finished_callback_is_refused_and_says_how_to_run_ds
 def test_a_pattern_that_matches_nothing_is_warned_about_with_the_nearest_names(option, value, message):
     with pytest.warns(UserWarning, match=message):
         make_trainer([DSDCallback(**{**VALID, option: value})], max_epochs=1).fit(ConvLSTMNet(), make_loader())
+
+
+def test_fsdp1_which_flattens_parameters_is_refused_naming_the_sharded_way_to_run_dsd():
+    # FSDP1 needs a GPU to reach `setup` (test_cuda.py runs it there); the check reads only the strategy.
+    trainer = SimpleNamespace(strategy=FSDPStrategy())
+    with pytest.raises(ValueError, match=r"Found strategy FSDPStrategy, which flattens.*ModelParallelStrategy.*"
+                                         r"fully_shard.*configure_model"):
+        DSDCallback(**VALID).setup(trainer, ConvLSTMNet(), "fit")  # type: ignore[arg-type]

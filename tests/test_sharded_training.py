@@ -1,0 +1,130 @@
+"""DSD on sharded models under ``ModelParallelStrategy``: FSDP2, tensor parallel and both on a 2-D mesh, in real
+gloo processes on the CPU (``sharded_worker.py``). Masks are compared with the single-device functions on the
+gathered weights; resumes are compared bit for bit with the uninterrupted run."""
+
+from __future__ import annotations
+
+import glob
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_worker
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from lightning_dsd.masks import NMPattern
+from lightning_dsd.plan import MaskPlan
+from lightning_dsd.redense import reinitialize_pruned
+
+WORKER = Path(__file__).with_name("sharded_worker.py")
+TARGETS = ["net.0.weight", "net.2.weight", "net.4.weight"]
+SIZES = {"net.0.weight": 10 * 12, "net.2.weight": 7 * 10, "net.4.weight": 7}
+
+pytestmark = pytest.mark.slow
+
+
+def _run(out: Path, *args: str, ranks: int = 2) -> list[dict]:
+    out.mkdir()
+    return run_worker(WORKER, out, *args, ranks=ranks)
+
+
+def _assert_dsd_held(ranks: list[dict], plan: MaskPlan, steps_per_phase: int) -> None:
+    """Same masks as one device on the gathered weights, zeros after every step, zeroed optimizer state."""
+    expected = plan.decide(ranks[0]["dense_end"], cycle=0)
+    for rank in ranks:
+        assert [phase for phase, _ in rank["steps"]] == (
+            ["dense"] * steps_per_phase + ["sparse"] * 2 * steps_per_phase + ["redense"] * steps_per_phase
+        )
+        assert all(zeros for _, zeros in rank["steps"]), "pruned entries are zero after every step on every rank"
+        assert rank["state_zero"] == [True, True], "optimizer state of pruned entries is zero"
+        for name in TARGETS:
+            assert torch.equal(rank["masks"][name], expected[name]), f"{name}: not the single-device mask"
+            assert rank["local_masks"][name].shape == rank["local_shapes"][name], "each rank keeps its shard's mask"
+        # StepLR(gamma=0.9) per epoch, and x0.1 at re-dense: the scheduler keeps the drop.
+        assert [lr for (lr,) in rank["lrs"]] == pytest.approx([1e-2, 9e-3, 8.1e-3, 7.29e-4])
+
+
+def _assert_same_final_weights(uninterrupted: list[dict], resumed: list[dict]) -> None:
+    for before, after in zip(uninterrupted, resumed, strict=True):
+        assert set(before["final"]) == set(after["final"])
+        for name, value in before["final"].items():
+            assert torch.equal(value, after["final"][name]), f"{name} differs after the resume"
+
+
+def test_fsdp2_uneven_shards_match_one_device_and_resume_bit_identically_from_a_sharded_checkpoint(tmp_path):
+    full = _run(tmp_path / "full", "--layout", "fsdp")
+    _assert_dsd_held(full, MaskPlan((0.5,)), steps_per_phase=2)
+    assert [rank["local_shapes"]["net.4.weight"] for rank in full] == [(1, 7), (0, 7)], "rank 1 holds no row"
+    assert all(all(rank["sharded"].values()) for rank in full)
+
+    events = glob.glob(str(tmp_path / "full" / "tb" / "version_0" / "events.out.tfevents.*"))
+    assert len(events) == 1, "only rank zero writes TensorBoard events"
+    accumulator = EventAccumulator(events[0], size_guidance={"histograms": 0, "scalars": 0})
+    accumulator.Reload()
+    for name, size in SIZES.items():  # histograms of the whole tensor, not of rank zero's shard
+        (histogram,) = accumulator.Histograms(f"dsd_weights/{name}/2_after_pruning")
+        assert histogram.histogram_value.num == size
+    sparsity = [event.value for event in accumulator.Scalars("dsd/sparsity")]
+    assert sparsity[1] == pytest.approx(round(0.5 * 120) / 197 + round(0.5 * 70) / 197 + round(0.5 * 7) / 197)
+
+    checkpoint = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"  # mid-sparse, a folder of shards
+    assert checkpoint.is_dir()
+    meta = torch.load(checkpoint / "meta.pt", weights_only=True)
+    assert sorted(meta["callbacks"]["DSDCallback"]["masks"]) == TARGETS, "full masks, 1 bit per weight"
+    resumed = _run(tmp_path / "resumed", "--layout", "fsdp", "--resume", str(checkpoint))
+    assert [phase for phase, _ in resumed[0]["steps"]] == ["sparse"] * 2 + ["redense"] * 2
+    assert all(zeros for rank in resumed for _, zeros in rank["steps"])
+    _assert_same_final_weights(full, resumed)
+
+    one_process = _run(tmp_path / "one_process", "--layout", "fsdp", "--data-parallel", "1", "--resume",
+                       str(checkpoint), ranks=1)[0]
+    assert one_process["world_size"] == 1 and one_process["local_shapes"]["net.4.weight"] == (1, 7)
+    assert all(torch.equal(one_process["masks"][n], full[0]["masks"][n]) for n in TARGETS), "re-sliced exactly"
+    assert all(zeros for _, zeros in one_process["steps"])
+
+
+def test_fsdp2_global_threshold_bf16_small_normal_and_a_single_file_checkpoint(tmp_path):
+    options = ["--layout", "fsdp", "--scope", "global", "--precision", "bf16-mixed", "--redense-init",
+               "small_normal", "--single-file"]
+    full = _run(tmp_path / "full", *options, "--export-sparse")
+    _assert_dsd_held(full, MaskPlan((0.5,), scope="global"), steps_per_phase=2)
+    exported = torch.load(tmp_path / "full" / "tb" / "version_0" / "dsd_sparse" / "cycle0_sparse_state_dict.pt",
+                          weights_only=True)
+    for name in TARGETS:  # whole tensors, as sparse tensors, pruned exactly as the masks say
+        dense = exported[name].to_dense()
+        assert dense.shape == full[0]["masks"][name].shape
+        assert torch.equal(dense != 0, full[0]["masks"][name] & (full[0]["sparse_end"][name] != 0))
+    restarted = {name: weight.clone() for name, weight in full[0]["sparse_end"].items()}
+    reinitialize_pruned(restarted, full[0]["masks"], "small_normal", seed=0)  # the one-device function
+    for rank in full:
+        for name in TARGETS:
+            assert torch.equal(rank["redense_start"][name], restarted[name]), f"{name}: not the one-device restart"
+
+    checkpoint = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"
+    assert checkpoint.is_file()
+    dsd_state = torch.load(checkpoint, weights_only=True)["callbacks"]["DSDCallback"]
+    assert sorted(dsd_state["masks"]) == TARGETS
+    resumed = _run(tmp_path / "resumed", *options, "--resume", str(checkpoint))
+    _assert_same_final_weights(full, resumed)
+
+
+def test_tensor_parallel_with_a_plain_layer_and_an_nm_pattern_resumes_bit_identically(tmp_path):
+    full = _run(tmp_path / "full", "--layout", "tp", "--sparsity", "1:2")
+    plan = MaskPlan((NMPattern(1, 2),), layer_sparsity={"net.4.*": 0.5})
+    _assert_dsd_held(full, plan, steps_per_phase=4)  # data is not split under tensor parallel: 8 batches
+    assert full[0]["sharded"] == {"net.0.weight": True, "net.2.weight": True, "net.4.weight": False}
+    # Colwise splits the output dim, Rowwise the input dim: the 1:2 groups cross the shard boundary of net.2.
+    assert [rank["local_shapes"]["net.2.weight"] for rank in full] == [(7, 5), (7, 5)]
+
+    checkpoint = tmp_path / "full" / "ckpt" / "epoch=1.ckpt"
+    resumed = _run(tmp_path / "resumed", "--layout", "tp", "--sparsity", "1:2", "--resume", str(checkpoint))
+    _assert_same_final_weights(full, resumed)
+
+
+def test_a_2d_mesh_of_fsdp2_over_tensor_parallel_prunes_one_global_threshold_exactly(tmp_path):
+    ranks = _run(tmp_path / "run", "--layout", "2d", "--scope", "global", ranks=4)
+    _assert_dsd_held(ranks, MaskPlan((0.5,), scope="global"), steps_per_phase=2)
+    # Tensor parallel halves net.0's 10 rows, FSDP2 splits each half 3/2; net.4 sits on the data-parallel
+    # mesh only, so each tensor-parallel rank holds a copy of its shards (counted once in the threshold).
+    assert [rank["local_shapes"]["net.0.weight"] for rank in ranks] == [(3, 12), (3, 12), (2, 12), (2, 12)]
+    assert [rank["local_shapes"]["net.4.weight"] for rank in ranks] == [(1, 7), (1, 7), (0, 7), (0, 7)]

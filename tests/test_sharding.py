@@ -1,0 +1,96 @@
+"""The sharding module's functions on plain tensors (one process: no collective) and on DTensors over a
+one-process gloo group; the multi-process runs are in test_sharded_training.py."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
+
+from lightning_dsd.masks import NMPattern, global_magnitude_masks
+from lightning_dsd.plan import MaskPlan
+from lightning_dsd.sharding import (
+    FullMasks,
+    check_placements,
+    count_zeros,
+    counts_once,
+    decide_masks,
+    full_mask,
+    global_masks,
+    local_slice,
+    pruned_total,
+)
+
+
+def _random_weights(generator: torch.Generator) -> dict[str, torch.Tensor]:
+    weights = {}
+    for i in range(int(torch.randint(1, 4, (1,), generator=generator))):
+        shape = tuple(torch.randint(1, 7, (2,), generator=generator).tolist())
+        weights[f"w{i}"] = torch.randint(-3, 4, shape, generator=generator).float() / 2  # many ties, zeros
+    return weights
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_bisected_global_threshold_prunes_exactly_what_the_one_device_function_prunes(seed):
+    generator = torch.Generator().manual_seed(seed)
+    weights = _random_weights(generator)
+    sparsity = float(torch.rand(1, generator=generator))
+    expected = global_magnitude_masks(weights, sparsity)
+    masks = global_masks(weights, sparsity)
+    assert all(torch.equal(masks[name], expected[name]) for name in weights)
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 1e-9, 0.999999, 1.0])
+def test_global_masks_at_the_edges_keep_or_prune_everything_as_round_says(sparsity):
+    weights = {"a": torch.randn(3, 4), "b": torch.randn(5)}
+    masks = global_masks(weights, sparsity)
+    assert sum(int((~m).sum()) for m in masks.values()) == round(sparsity * 17)
+
+
+def test_layer_scope_and_nm_decisions_are_the_plans_own_on_plain_tensors():
+    weights = {"fc.weight": torch.randn(4, 8), "conv.weight": torch.randn(6, 4, 3)}
+    plan = MaskPlan((0.3,), layer_sparsity={"fc.*": NMPattern(2, 4)}, input_dims={"fc.weight": 1})
+    expected = plan.decide(weights, cycle=0)
+    masks = decide_masks(plan, weights, cycle=0)
+    assert all(torch.equal(masks[n], expected[n]) for n in weights)
+    assert pruned_total(masks, weights) == (32 // 2 + round(0.3 * 72), 32 + 72)
+
+
+def test_counts_and_full_masks_of_plain_tensors_need_no_process_group():
+    weights = {"w": torch.tensor([0.0, 1.0, 0.0]), "v": torch.ones(2, 2)}
+    assert count_zeros(weights) == {"w": 2, "v": 0}
+    assert counts_once(weights["w"])
+    keep = {"w": torch.tensor([False, True, False]), "v": torch.ones(2, 2, dtype=torch.bool)}
+    assert all(torch.equal(FullMasks(keep, weights)[n], keep[n]) for n in weights)
+    assert local_slice(keep["w"], weights["w"]) is keep["w"]
+
+
+@pytest.fixture
+def one_process_mesh(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        yield init_device_mesh("cpu", (1,))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_dtensor_shards_are_sliced_gathered_and_counted_like_the_full_tensor(one_process_mesh):
+    full = torch.tensor([[0.0, 2.0], [-1.0, 0.0], [3.0, 0.5]])
+    sharded = distribute_tensor(full, one_process_mesh, [Shard(0)])
+    replicated = distribute_tensor(full, one_process_mesh, [Replicate()])
+    keep = full != 0
+    assert torch.equal(local_slice(keep, sharded), keep)
+    assert torch.equal(full_mask(keep, sharded), keep)
+    assert count_zeros({"s": sharded, "r": replicated}) == {"s": 2, "r": 2}
+    assert counts_once(sharded) and counts_once(replicated)
+    masks = decide_masks(MaskPlan((0.5,), scope="global"), {"s": sharded, "r": replicated}, cycle=0)
+    expected = global_magnitude_masks({"s": full, "r": full}, 0.5)
+    assert torch.equal(masks["s"], expected["s"]) and torch.equal(masks["r"], expected["r"])
+
+
+def test_a_partial_placement_is_refused_naming_the_parameter(one_process_mesh):
+    pending = DTensor.from_local(torch.ones(2, 2), one_process_mesh, [Partial()])
+    with pytest.raises(ValueError, match=r"`head.weight` has placements \(Partial\(sum\),\).*`exclude` it"):
+        check_placements({"head.weight": pending})
