@@ -17,6 +17,9 @@ Sections:
 3. **Mask building** for 1M to 100M targeted parameters (per-layer and global thresholds).
 4. **Growth**: the bare comparison as the MLP grows from 1M to 50M parameters.
 5. **Memory**: bytes per targeted parameter kept during the sparse phase and in the checkpoint.
+6. **Sharded**: FSDP2 over 2 gloo CPU processes, 25M targeted weights: sparse-phase step ÷ plain FSDP2 step,
+   mask-build time at the transition, memory gathered then and masks held after
+   (``python benchmarks/performance.py --sharded-only``).
 """
 
 from __future__ import annotations
@@ -353,11 +356,139 @@ def memory() -> None:
     ])
 
 
+# --------------------------------------------------------------------------- 6. sharded (FSDP2)
+
+SHARDED_OPTIMIZERS = {"AdamW fused": {"fused": True}, "AdamW (torch's CPU default, for-loop)": {}}
+
+
+def sharded(processes: int = 2, width: int = 2500, depth: int = 4, rounds: int = 8, steps: int = 3) -> None:
+    """FSDP2 over ``processes`` gloo CPU processes on an MLP of ``depth`` square ``width`` layers (4 x 2500:
+    25M targeted weights): step time with DSD's sparse-phase constraint ÷ plain FSDP2 step time (each round
+    runs ``steps`` plain, sparse, then plain steps; the ratio is the median over rounds of sparse ÷ the mean
+    of the two plain medians), mask-build time at the transition and memory; for fused AdamW and for the
+    for-loop AdamW torch uses on the CPU by default."""
+    import torch.multiprocessing as mp
+
+    rows: dict[str, list[object]] = {}
+    for optimizer_options in SHARDED_OPTIMIZERS.values():
+        results = mp.get_context("spawn").SimpleQueue()
+        mp.spawn(_sharded_rank, args=(processes, width, depth, rounds, steps, optimizer_options, results),
+                 nprocs=processes, join=True)
+        by_rank = sorted((results.get() for _ in range(processes)), key=lambda r: r["rank"])
+        measures = {
+            "plain FSDP2 step (ms)": "plain_ms",
+            "sparse-phase step ÷ plain step": "ratio",
+            "control: second plain step ÷ first (the noise floor)": "control",
+            "mask build, scope='layer' (s)": "build_layer_s",
+            "mask build, scope='global' (s)": "build_global_s",
+            "largest tensor gathered at the transition (MiB)": "gathered_mib",
+            "peak RSS rise during the transition (MiB)": "transition_rss_mib",
+            "masks held in the sparse phase (MiB)": "mask_mib",
+            "local targeted weights (MiB)": "local_weights_mib",
+        }
+        for label, key in measures.items():
+            rows.setdefault(label, [label]).extend(r[key] for r in by_rank)
+    header = ["measure", *[f"{name}, rank {rank}" for name in SHARDED_OPTIMIZERS for rank in range(processes)]]
+    table(
+        f"Sharded: FSDP2 over {processes} CPU processes (gloo, 1 thread each), {depth} x {width}x{width} Linear"
+        f" ({depth * width * width / 1e6:.0f}M targeted weights), batch 64, sparsity 0.5; median of {rounds} rounds",
+        header,
+        list(rows.values()),
+    )
+    zeros, positive = torch.zeros(3_000_000), torch.rand(3_000_000) + 0.5
+    sqrt_ratio = median_ms(zeros.sqrt, torch.device("cpu")) / median_ms(positive.sqrt, torch.device("cpu"))
+    print(f"\ntorch.sqrt on 3M exact zeros ÷ on 3M positive floats, this CPU: {sqrt_ratio:.1f}x (the for-loop AdamW"
+          " takes the square root of exp_avg_sq, which DSD zeroes at pruned entries)")
+
+
+def _peak_rss_mib() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+def _sharded_rank(
+    rank: int, processes: int, width: int, depth: int, rounds: int, steps: int, optimizer_options: dict, results
+) -> None:
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_dsd.plan import MaskPlan
+    from lightning_dsd.sharding import decide_masks, local_part
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
+    dist.init_process_group("gloo", rank=rank, world_size=processes)
+    torch.set_num_threads(1)
+    torch.set_flush_denormal(True)  # as in main(): spawned processes do not inherit it
+    torch.manual_seed(rank)
+    layers = [nn.Linear(width, width) for _ in range(depth)]
+    model = nn.Sequential(*[module for layer in layers for module in (layer, nn.ReLU())][:-1])
+    mesh = init_device_mesh("cpu", (processes,))
+    for layer in layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    targets = {f"{2 * i}.weight": layer.weight for i, layer in enumerate(layers)}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, **optimizer_options)
+    x, y = torch.randn(64, width), torch.randn(64, width)
+
+    def step(constraint: SparseConstraint | None) -> float:
+        start = time.perf_counter()
+        nn.functional.mse_loss(model(x), y).backward()
+        if constraint is not None:
+            constraint.mask_gradients(optimizer)  # what DSD's on_before_optimizer_step does
+        optimizer.step()
+        optimizer.zero_grad()
+        return time.perf_counter() - start
+
+    for _ in range(2):
+        step(None)
+    dist.barrier()
+    rss_before = _peak_rss_mib()
+    start = time.perf_counter()
+    masks = decide_masks(MaskPlan((0.5,)), targets, cycle=0)
+    build_layer = time.perf_counter() - start
+    transition_rss = _peak_rss_mib() - rss_before
+    dist.barrier()
+    start = time.perf_counter()
+    decide_masks(MaskPlan((0.5,), scope="global"), targets, cycle=0)
+    build_global = time.perf_counter() - start
+    ratios, plain_times, control = [], [], []
+    for _ in range(rounds):  # plain, sparse, plain: the mean of the two plain runs cancels a linear drift
+        before = statistics.median(step(None) for _ in range(steps))
+        constraint = SparseConstraint(targets, masks)
+        constraint.attach([optimizer])
+        sparse = statistics.median(step(constraint) for _ in range(steps))
+        constraint.detach([optimizer])
+        after = statistics.median(step(None) for _ in range(steps))
+        ratios.append(sparse / ((before + after) / 2))
+        control.append(after / before)
+        plain_times.append((before + after) / 2)
+    mib = 2**20
+    results.put({
+        "rank": rank,
+        "plain_ms": 1e3 * statistics.median(plain_times),
+        "ratio": statistics.median(ratios),
+        "control": statistics.median(control),
+        "build_layer_s": build_layer,
+        "build_global_s": build_global,
+        "gathered_mib": max(w.numel() for w in targets.values()) * 4 / mib,
+        "transition_rss_mib": transition_rss,
+        "mask_mib": sum(m.numel() * m.element_size() for m in constraint.masks) / mib,
+        "local_weights_mib": sum(local_part(w).numel() * w.element_size() for w in targets.values()) / mib,
+    })
+    dist.destroy_process_group()
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and sizes")
     parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda if present)")
+    parser.add_argument("--sharded-only", action="store_true", help="only section 6, FSDP2 over 2 CPU processes")
     args = parser.parse_args(argv)
+    if args.sharded_only:
+        sharded(rounds=3 if args.quick else 8)
+        return
     torch.set_flush_denormal(True)  # the variants' weights drift apart; keep denormal slow paths out of it
     devices = args.device or (["cpu", "cuda"] if torch.cuda.is_available() else ["cpu"])
     print(f"torch {torch.__version__}, lightning {pl.__version__}, {platform.processor() or platform.machine()},"
@@ -371,6 +502,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         mask_building(device, [1, 10] if args.quick else [1, 10, 25, 50, 100])
         growth(device, repeats=5 if args.quick else 15)
     memory()
+    sharded(rounds=3 if args.quick else 8)
 
 
 if __name__ == "__main__":

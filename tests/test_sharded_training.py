@@ -5,6 +5,9 @@ gathered weights; resumes are compared bit for bit with the uninterrupted run.""
 from __future__ import annotations
 
 import glob
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -128,3 +131,16 @@ def test_a_2d_mesh_of_fsdp2_over_tensor_parallel_prunes_one_global_threshold_exa
     # mesh only, so each tensor-parallel rank holds a copy of its shards (counted once in the threshold).
     assert [rank["local_shapes"]["net.0.weight"] for rank in ranks] == [(3, 12), (3, 12), (2, 12), (2, 12)]
     assert [rank["local_shapes"]["net.4.weight"] for rank in ranks] == [(1, 7), (1, 7), (0, 7), (0, 7)]
+
+
+def test_the_readmes_sharded_example_runs_as_written(tmp_path):
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    example = readme.split("## Sharded training", 1)[1].split("```python\n", 1)[1].split("```", 1)[0]
+    script = tmp_path / "sharded_dsd.py"
+    script.write_text(example)
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, timeout=300, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-5000:]
+    assert "DSD cycle 0: sparse phase. Pruned 1056/2112 weights (50.0%) in 2 tensors" in output
+    assert "DSD cycle 0: re-dense phase." in output
