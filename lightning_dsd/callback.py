@@ -598,7 +598,7 @@ class DSDCallback(Callback):
         check_masks = partial(self._plan.check_masks, self._targets)
         schedule, masks = decode_state(state_dict, self._run_config(), check_masks, shapes)
         self._schedule.load_state_dict(schedule)
-        local_masks = {name: local_slice(masks.pop(name), self._targets[name]) for name in list(masks)}
+        local_masks = {name: local_slice(mask, self._targets[name]) for name, mask in masks.items()}  # one at a time
         self._restored_masks = local_masks or None
         self._schedule_completed = False
 

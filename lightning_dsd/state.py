@@ -38,7 +38,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Iterator, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -122,10 +122,11 @@ def encode_state(schedule: Mapping[str, Any], masks: Mapping[str, Tensor], confi
 def decode_state(
     state: Any,
     config: RunConfig,
-    check_masks: Callable[[dict[str, Tensor], int], None],
+    check_masks: Callable[[Mapping[str, Tensor], int], None],
     shapes: Mapping[str, Sequence[int]],
-) -> tuple[dict[str, Any], dict[str, Tensor]]:
-    """Check a checkpoint entry against the resuming callback; return its schedule state and its masks.
+) -> tuple[dict[str, Any], PackedMasks]:
+    """Check a checkpoint entry against the resuming callback; return its schedule state and its masks
+    (unpacked as each is read).
 
     ``check_masks(masks, cycle)`` raises ``ValueError`` for masks that do not prune what the configuration
     prescribes (see :meth:`lightning_dsd.plan.MaskPlan.check_masks`); ``shapes`` are the targets' shapes.
@@ -151,7 +152,7 @@ def decode_state(
             "Resume with the checkpoint's values for these (lengths of phases not yet finished, `lr_scale` and"
             " logging options may change).",
         )
-    masks = _unpack_masks(state.get("masks"), shapes)
+    masks = _checked_masks(state.get("masks"), shapes)
     phase, cycle = stages[index][0], stages[index][1]
     if phase == "sparse" and not masks:
         raise CheckpointStateError(f"it was saved in the sparse phase of cycle {cycle} but holds no masks")
@@ -188,10 +189,28 @@ def _check_schedule(schedule: Any, n_stages: int) -> dict[str, Any]:
     return dict(schedule)
 
 
-def _unpack_masks(masks: Any, shapes: Mapping[str, Sequence[int]]) -> dict[str, Tensor]:
+class PackedMasks(Mapping[str, Tensor]):
+    """Checked packed masks, each unpacked to a bool tensor only when it is read, so a resume holds one full
+    mask at a time (a sharded run keeps just its shard's part of each)."""
+
+    def __init__(self, packed: Mapping[str, tuple[Tensor, list[int]]]) -> None:
+        self._packed = dict(packed)
+
+    def __getitem__(self, name: str) -> Tensor:
+        bits, shape = self._packed[name]
+        return unpack_mask(bits, shape)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._packed)
+
+    def __len__(self) -> int:
+        return len(self._packed)
+
+
+def _checked_masks(masks: Any, shapes: Mapping[str, Sequence[int]]) -> PackedMasks:
     if not isinstance(masks, Mapping):
         raise CheckpointStateError(f"its `masks` entry is {_brief(masks)}, expected a mapping")
-    unpacked = {}
+    checked = {}
     for name, entry in masks.items():
         shape = entry.get("shape") if isinstance(entry, Mapping) else None
         bits = entry.get("bits") if isinstance(entry, Mapping) else None
@@ -204,8 +223,8 @@ def _unpack_masks(masks: Any, shapes: Mapping[str, Sequence[int]]) -> dict[str, 
         if not (isinstance(bits, Tensor) and bits.dtype == torch.uint8 and bits.shape == ((numel + 7) // 8,)):
             raise CheckpointStateError(f"`masks[{name!r}].bits` is {_brief(bits)}, expected a uint8 tensor of"
                                        f" {(numel + 7) // 8} bytes (1 bit for each of {numel} weights)")
-        unpacked[name] = unpack_mask(bits, shape)
-    return unpacked
+        checked[name] = (bits, shape)
+    return PackedMasks(checked)
 
 
 def _is_int(value: Any) -> TypeGuard[int]:

@@ -2,11 +2,11 @@
 a fresh interpreter (the strategy re-executes the launching command for the other ranks).
 
 Layouts: ``fsdp`` (FSDP2 ``fully_shard`` over 2 ranks, uneven shards: the one-row output weight leaves rank 1
-none), ``tp`` (``ColwiseParallel``/``RowwiseParallel`` over 2 ranks, plus one plain layer), ``2d`` (tensor
-parallel inside FSDP2 on a 2 x 2 mesh, 4 ranks). Each rank writes what it saw to ``<out>/rank<r>.pt``: full
-weights at the ends of the dense and sparse phases and at the start of re-dense, the full masks, a check of
-every pruned entry after every optimizer step, of the optimizer state at pruned entries, the learning rates
-and the final full weights.
+none), ``tp`` (``ColwiseParallel``/``RowwiseParallel`` over 2 ranks, plus one plain layer, all built in
+``configure_model``), ``2d`` (tensor parallel inside FSDP2 on a 2 x 2 mesh, 4 ranks). Each rank writes what
+it saw to ``<out>/rank<r>.pt``: full weights at the ends of the dense and sparse phases and at the start of
+re-dense, the full masks, a check of every pruned entry after every optimizer step, of the optimizer state
+at pruned entries, the learning rates and the final full weights.
 """
 
 from __future__ import annotations
@@ -40,9 +40,16 @@ class ShardedNet(pl.LightningModule):
     def __init__(self, layout: str) -> None:
         super().__init__()
         self.layout = layout
-        self.net = nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 1))
+        self.net = None if layout == "tp" else self._build()
+
+    @staticmethod
+    def _build() -> nn.Sequential:
+        return nn.Sequential(nn.Linear(12, 10), nn.ReLU(), nn.Linear(10, 7), nn.ReLU(), nn.Linear(7, 1))
 
     def configure_model(self) -> None:
+        if self.net is None:  # "tp" builds its layers here, as large models do: DSD sees none at `setup`
+            with seeded(3):  # the same plain layer on every rank
+                self.net = self._build()
         if self.layout in ("tp", "2d"):
             plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}  # net.4 stays a plain tensor under "tp"
             parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)

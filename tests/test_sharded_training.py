@@ -55,8 +55,12 @@ def _assert_same_final_weights(uninterrupted: list[dict], resumed: list[dict]) -
 
 
 def test_fsdp2_uneven_shards_match_one_device_and_resume_bit_identically_from_a_sharded_checkpoint(tmp_path):
-    full = _run(tmp_path / "full", "--layout", "fsdp")
+    full = _run(tmp_path / "full", "--layout", "fsdp", "--export-sparse")
     _assert_dsd_held(full, MaskPlan((0.5,)), steps_per_phase=2)
+    exported = tmp_path / "full" / "tb" / "version_0" / "dsd_sparse"
+    assert (exported / "cycle0.ckpt").is_dir(), "the strategy's own sharded checkpoint of the sparse model"
+    sparse_state = torch.load(exported / "cycle0_sparse_state_dict.pt", weights_only=True)
+    assert all(torch.equal(sparse_state[n].to_dense() != 0, full[0]["masks"][n]) for n in TARGETS)
     assert [rank["local_shapes"]["net.4.weight"] for rank in full] == [(1, 7), (0, 7)], "rank 1 holds no row"
     assert all(all(rank["sharded"].values()) for rank in full)
 
@@ -67,6 +71,8 @@ def test_fsdp2_uneven_shards_match_one_device_and_resume_bit_identically_from_a_
     for name, size in SIZES.items():  # histograms of the whole tensor, not of rank zero's shard
         (histogram,) = accumulator.Histograms(f"dsd_weights/{name}/2_after_pruning")
         assert histogram.histogram_value.num == size
+    figures = sorted(path.name for path in (tmp_path / "full" / "tb" / "version_0" / "dsd_figures").iterdir())
+    assert figures == ["cycle0_net.0.weight.png"], "one figure, of the largest layer, drawn by rank zero"
     sparsity = [event.value for event in accumulator.Scalars("dsd/sparsity")]
     assert sparsity[1] == pytest.approx(round(0.5 * 120) / 197 + round(0.5 * 70) / 197 + round(0.5 * 7) / 197)
 
@@ -115,6 +121,7 @@ def test_tensor_parallel_with_a_plain_layer_and_an_nm_pattern_resumes_bit_identi
     full = _run(tmp_path / "full", "--layout", "tp", "--sparsity", "1:2")
     plan = MaskPlan((NMPattern(1, 2),), layer_sparsity={"net.4.*": 0.5})
     _assert_dsd_held(full, plan, steps_per_phase=4)  # data is not split under tensor parallel: 8 batches
+    # The layers are built in configure_model, after DSD's `setup`: DSD finds them at `on_fit_start`.
     assert full[0]["sharded"] == {"net.0.weight": True, "net.2.weight": True, "net.4.weight": False}
     # Colwise splits the output dim, Rowwise the input dim: the 1:2 groups cross the shard boundary of net.2.
     assert [rank["local_shapes"]["net.2.weight"] for rank in full] == [(7, 5), (7, 5)]
