@@ -35,7 +35,7 @@ from torch import Tensor
 
 from lightning_dsd.phases import Moment, Phase
 from lightning_dsd.selection import matches_any
-from lightning_dsd.sharding import count_zeros, full_tensor
+from lightning_dsd.sharding import any_sharded, count_zeros, full_tensor
 
 _MATPLOTLIB_AVAILABLE = RequirementCache("matplotlib")
 FIGURE_SAMPLE_SIZE = 200_000
@@ -174,7 +174,7 @@ class PhaseReporter:
         weights: Mapping[str, Tensor],
         learning_rates: Optional[Sequence[Sequence[float]]] = None,
     ) -> None:
-        if not (self.scalars and trainer.loggers):
+        if not (self.scalars and trainer.loggers) or not (trainer.is_global_zero or any_sharded(weights)):
             return
         zeros = count_zeros(weights)  # a collective for sharded weights: every rank counts its shards
         if not trainer.is_global_zero:

@@ -1,4 +1,4 @@
-"""DSD on sharded parameters: the ``DTensor`` s of FSDP2 (``fully_shard``) and tensor parallelism.
+"""DSD on sharded parameters: the DTensors of FSDP2 (``fully_shard``) and of tensor parallelism.
 
 Under Lightning's ``ModelParallelStrategy`` a parameter is a :class:`~torch.distributed.tensor.DTensor`:
 each rank holds one shard (``to_local()``), and the placements say how the full tensor is split over the
@@ -41,11 +41,6 @@ from lightning_dsd.masks import pruned_count
 from lightning_dsd.plan import MaskPlan
 
 _LARGEST_BITS = 0x7FFFFFFF  # above every non-negative float32 bit pattern, NaN included
-
-
-def is_sharded(tensor: Tensor) -> bool:
-    """Whether ``tensor`` is a ``DTensor`` (a shard of a tensor spread over a device mesh)."""
-    return isinstance(tensor, DTensor)
 
 
 def any_sharded(tensors: Mapping[str, Tensor]) -> bool:
