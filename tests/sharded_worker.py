@@ -150,7 +150,7 @@ def main() -> None:
     layer_sparsity = {"net.4.*": 0.5} if isinstance(sparsity, str) else None
     dsd = DSDCallback(
         sparsity, 1, 2, 1, scope=args.scope, redense_init=args.redense_init, layer_sparsity=layer_sparsity,
-        figure_layers=1, export_sparse="sparse" if args.export_sparse else None,
+        figure_layers=1, export_sparse="sparse" if args.export_sparse else None, histogram_every_n_epochs=1,
     )
     callbacks = [dsd, ShardRecorder(dsd, args.out)]
     if args.resume is None:

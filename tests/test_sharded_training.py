@@ -71,6 +71,8 @@ def test_fsdp2_uneven_shards_match_one_device_and_resume_bit_identically_from_a_
     for name, size in SIZES.items():  # histograms of the whole tensor, not of rank zero's shard
         (histogram,) = accumulator.Histograms(f"dsd_weights/{name}/2_after_pruning")
         assert histogram.histogram_value.num == size
+    timeline = accumulator.Histograms("dsd_weights_timeline/net.4.weight")
+    assert [h.histogram_value.num for h in timeline] == [7] * 4, "every epoch, the whole tensor"
     figures = sorted(path.name for path in (tmp_path / "full" / "tb" / "version_0" / "dsd_figures").iterdir())
     assert figures == ["cycle0_net.0.weight.png"], "one figure, of the largest layer, drawn by rank zero"
     sparsity = [event.value for event in accumulator.Scalars("dsd/sparsity")]
