@@ -252,7 +252,8 @@ class DSDCallback(Callback):
 
     @property
     def selection(self) -> Selection:
-        """What ``setup`` chose to prune, with input dimensions, tied names and what it left dense."""
+        """What was chosen to prune (at ``setup``; under ``ModelParallelStrategy`` at ``on_fit_start``, after
+        ``configure_model``), with input dimensions, tied names and what was left dense."""
         return self._selection
 
     @property
@@ -316,9 +317,8 @@ class DSDCallback(Callback):
     @staticmethod
     def _check_strategy(trainer: "pl.Trainer") -> None:
         strategy = trainer.strategy
-        supported = (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)
-        if isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy)) or not isinstance(strategy, supported):
-            flattens = isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy))
+        flattens = isinstance(strategy, (FSDPStrategy, DeepSpeedStrategy))
+        if flattens or not isinstance(strategy, (SingleDeviceStrategy, DDPStrategy, ModelParallelStrategy)):
             raise ValueError(
                 f"DSDCallback supports single-device training, DDP (`strategy='ddp'`, ...) and sharded models"
                 f" under `ModelParallelStrategy` (FSDP2's `fully_shard`, tensor parallel, or both). Found strategy"

@@ -103,26 +103,28 @@ def _device_of(tensors: Mapping[str, Tensor]) -> torch.device:
     return next(iter(tensors.values())).device if tensors else torch.device("cpu")
 
 
+def _counts_over_ranks(tensors: Mapping[str, Tensor], count: Callable[[str, Tensor], int]) -> list[int]:
+    """``count(name, entries)`` of each full tensor: on plain tensors, counted here; when any is a
+    ``DTensor``, counted on each rank's local part and summed over ranks, each entry once (a collective)."""
+    if not any_sharded(tensors):
+        return [count(name, tensor) for name, tensor in tensors.items()]
+    local = [count(name, local_part(t)) if counts_once(t) else 0 for name, t in tensors.items()]
+    return _sum_over_ranks(torch.tensor(local, dtype=torch.int64, device=_device_of(tensors))).tolist()
+
+
 @torch.no_grad()
 def count_zeros(weights: Mapping[str, Tensor]) -> dict[str, int]:
     """Exact zeros in each full tensor, counted shard by shard (a collective when any is a ``DTensor``)."""
-    if not any_sharded(weights):
-        return {name: int((w == 0).sum()) for name, w in weights.items()}
-    local = [int((local_part(w) == 0).sum()) if counts_once(w) else 0 for w in weights.values()]
-    summed = _sum_over_ranks(torch.tensor(local, dtype=torch.int64, device=_device_of(weights)))
-    return dict(zip(weights, summed.tolist(), strict=True))
+    zeros = _counts_over_ranks(weights, lambda _, entries: int((entries == 0).sum()))
+    return dict(zip(weights, zeros, strict=True))
 
 
 @torch.no_grad()
 def pruned_total(masks: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> tuple[int, int]:
     """How many entries the (local) keep ``masks`` prune over the full ``weights``, out of how many (a
     collective when any weight is a ``DTensor``)."""
-    total = sum(w.numel() for w in weights.values())
-    if not any_sharded(weights):
-        return sum(int((~masks[name]).sum()) for name in weights), total
-    local = [int((~masks[name]).sum()) if counts_once(w) else 0 for name, w in weights.items()]
-    pruned = _sum_over_ranks(torch.tensor(local, dtype=torch.int64, device=_device_of(weights)))
-    return int(pruned.sum()), total
+    pruned = _counts_over_ranks(weights, lambda name, _: int((~masks[name]).sum()))
+    return sum(pruned), sum(w.numel() for w in weights.values())
 
 
 def check_placements(weights: Mapping[str, Tensor]) -> None:
@@ -166,26 +168,24 @@ def global_masks(weights: Mapping[str, Tensor], sparsity: float) -> dict[str, Te
     find which of its tied entries come first.
     """
     bits = {name: local_part(w).detach().abs().float().flatten().view(torch.int32) for name, w in weights.items()}
-    device = _device_of(weights)
     total = sum(w.numel() for w in weights.values())
     k = pruned_count(total, sparsity)
     if k <= 0 or k >= total:
         return {name: torch.full(local_part(w).shape, k <= 0, device=w.device) for name, w in weights.items()}
 
-    def count(predicate: Callable[[Tensor], Tensor]) -> Tensor:
-        local = [int(predicate(b).sum()) if counts_once(weights[n]) else 0 for n, b in bits.items()]
-        return _sum_over_ranks(torch.tensor(local, dtype=torch.int64, device=device))
+    def count(predicate: Callable[[Tensor], Tensor]) -> list[int]:
+        return _counts_over_ranks(weights, lambda name, _: int(predicate(bits[name]).sum()))
 
     low, high = 0, _LARGEST_BITS
     while low < high:  # the smallest t with at least k magnitudes <= t is the k-th smallest
         middle = (low + high) // 2
-        if int(count(partial(torch.le, other=middle)).sum()) >= k:
+        if sum(count(partial(torch.le, other=middle))) >= k:
             high = middle
         else:
             low = middle + 1
     threshold = low
-    missing = k - int(count(partial(torch.lt, other=threshold)).sum())
-    tied = count(partial(torch.eq, other=threshold)).tolist()
+    missing = k - sum(count(partial(torch.lt, other=threshold)))
+    tied = count(partial(torch.eq, other=threshold))
     masks = {}
     for (name, weight), n_tied in zip(weights.items(), tied, strict=True):
         prune_ties = min(missing, n_tied)
