@@ -3,10 +3,11 @@ a fresh interpreter (the strategy re-executes the launching command for the othe
 
 Layouts: ``fsdp`` (FSDP2 ``fully_shard`` over 2 ranks, uneven shards: the one-row output weight leaves rank 1
 none), ``tp`` (``ColwiseParallel``/``RowwiseParallel`` over 2 ranks, plus one plain layer, all built in
-``configure_model``), ``2d`` (tensor parallel inside FSDP2 on a 2 x 2 mesh, 4 ranks). Each rank writes what
-it saw to ``<out>/rank<r>.pt``: full weights at the ends of the dense and sparse phases and at the start of
-re-dense, the full masks, a check of every pruned entry after every optimizer step, of the optimizer state
-at pruned entries, the learning rates and the final full weights.
+``configure_model``), ``2d`` (tensor parallel inside FSDP2 on a 2 x 2 mesh, 4 ranks), ``gpt2`` (a
+``transformers`` GPT-2 under FSDP2, 2 ranks). Each rank writes what it saw to ``<out>/rank<r>.pt``: full
+weights at the ends of the dense and sparse phases and at the start of re-dense, the full masks, a check of
+every pruned entry after every optimizer step, of the optimizer state at pruned entries, the learning rates
+and the final full weights.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import os
 
 import lightning.pytorch as pl
 import torch
+import transformers
 from helpers import seeded  # beside this script
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -30,7 +32,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dsd import DSDCallback, Phase
 from lightning_dsd.sharding import FullMasks, full_tensor, local_part
 
-MESHES = {"fsdp": (2, 1), "tp": (1, 2), "2d": (2, 2)}
+MESHES = {"fsdp": (2, 1), "tp": (1, 2), "2d": (2, 2), "gpt2": (2, 1)}
 
 
 class ShardedNet(pl.LightningModule):
@@ -70,12 +72,44 @@ class ShardedNet(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
-        optimizer = torch.optim.AdamW(self.parameters(), lr=1e-2, weight_decay=0.05)
-        return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.9)}
+        return adamw_with_step_lr(self.parameters())
 
 
-def make_loader() -> DataLoader:
+class TinyGPT2(pl.LightningModule):
+    """A random-init ``transformers`` GPT-2 (its tied word embedding is the output layer), each block and
+    then the whole model sharded with FSDP2, as a user would write it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        config = transformers.GPT2Config(vocab_size=50, n_positions=16, n_embd=24, n_layer=2, n_head=2)
+        self.model = transformers.GPT2LMHeadModel(config)
+
+    def configure_model(self) -> None:
+        dp_mesh = self.device_mesh["data_parallel"]
+        for block in self.model.transformer.h:
+            fully_shard(block, mesh=dp_mesh)
+        fully_shard(self.model, mesh=dp_mesh)
+
+    def training_step(self, batch, batch_idx):
+        (tokens,) = batch
+        return self.model(input_ids=tokens, labels=tokens).loss
+
+    def embedding_is_tied(self) -> bool:
+        return self.model.lm_head.weight is self.model.transformer.wte.weight
+
+    def configure_optimizers(self):
+        return adamw_with_step_lr(self.parameters())
+
+
+def adamw_with_step_lr(params):
+    optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05)
+    return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.9)}
+
+
+def make_loader(layout: str) -> DataLoader:
     generator = torch.Generator().manual_seed(0)
+    if layout == "gpt2":
+        return DataLoader(TensorDataset(torch.randint(0, 50, (64, 16), generator=generator)), batch_size=8)
     x = torch.randn(64, 12, generator=generator)
     return DataLoader(TensorDataset(x, x[:, :3].sum(dim=1)), batch_size=8)
 
@@ -125,6 +159,7 @@ class ShardRecorder(pl.Callback):
         self._handle.remove()
         self.record["final"] = {n: full_tensor(p).clone() for n, p in pl_module.named_parameters()}
         self.record["world_size"] = trainer.world_size
+        self.record["tied"] = pl_module.embedding_is_tied() if isinstance(pl_module, TinyGPT2) else None
         torch.save(self.record, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
 
 
@@ -145,7 +180,7 @@ def main() -> None:
     dp, tp = MESHES[args.layout]
     dp = args.data_parallel or dp
     with seeded(3):
-        model = ShardedNet(args.layout)
+        model = TinyGPT2() if args.layout == "gpt2" else ShardedNet(args.layout)
     # An N:M pattern needs input sizes that divide by M: the 7-input output layer gets a float instead.
     layer_sparsity = {"net.4.*": 0.5} if isinstance(sparsity, str) else None
     dsd = DSDCallback(
@@ -166,8 +201,8 @@ def main() -> None:
         callbacks=callbacks,
         accumulate_grad_batches=2,
         # torch's clip_grad_norm_ cannot mix plain and DTensor gradients ("tp": net.4 is plain) nor DTensors on
-        # different meshes ("2d": net.4 is on the data-parallel mesh only), so only "fsdp" clips.
-        gradient_clip_val=0.5 if args.layout == "fsdp" else None,
+        # different meshes ("2d": net.4 is on the data-parallel mesh only), so those two do not clip.
+        gradient_clip_val=0.5 if args.layout in ("fsdp", "gpt2") else None,
         precision=args.precision,
         enable_checkpointing=args.resume is None,
         enable_progress_bar=False,
@@ -175,7 +210,7 @@ def main() -> None:
         deterministic=True,
         logger=TensorBoardLogger(args.out, name="tb", version=0),
     )
-    trainer.fit(model, make_loader(), ckpt_path=args.resume)
+    trainer.fit(model, make_loader(args.layout), ckpt_path=args.resume)
 
 
 if __name__ == "__main__":

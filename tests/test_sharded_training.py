@@ -40,7 +40,8 @@ def _assert_dsd_held(ranks: list[dict], plan: MaskPlan, steps_per_phase: int) ->
         )
         assert all(zeros for _, zeros in rank["steps"]), "pruned entries are zero after every step on every rank"
         assert rank["state_zero"] == [True, True], "optimizer state of pruned entries is zero"
-        for name in TARGETS:
+        assert sorted(rank["masks"]) == sorted(expected)
+        for name in expected:
             assert torch.equal(rank["masks"][name], expected[name]), f"{name}: not the single-device mask"
             assert rank["local_masks"][name].shape == rank["local_shapes"][name], "each rank keeps its shard's mask"
         # StepLR(gamma=0.9) per epoch, and x0.1 at re-dense: the scheduler keeps the drop.
@@ -140,6 +141,14 @@ def test_a_2d_mesh_of_fsdp2_over_tensor_parallel_prunes_one_global_threshold_exa
     # mesh only, so each tensor-parallel rank holds a copy of its shards (counted once in the threshold).
     assert [rank["local_shapes"]["net.0.weight"] for rank in ranks] == [(3, 12), (3, 12), (2, 12), (2, 12)]
     assert [rank["local_shapes"]["net.4.weight"] for rank in ranks] == [(1, 7), (1, 7), (0, 7), (0, 7)]
+
+
+def test_a_transformers_gpt2_under_fsdp2_prunes_its_tied_embedding_once_and_keeps_it_tied(tmp_path):
+    ranks = _run(tmp_path / "run", "--layout", "gpt2")
+    _assert_dsd_held(ranks, MaskPlan((0.5,)), steps_per_phase=2)
+    assert "model.transformer.wte.weight" in ranks[0]["masks"] and "model.lm_head.weight" not in ranks[0]["masks"]
+    assert [rank["tied"] for rank in ranks] == [True, True], "the output layer is still the word embedding"
+    assert all(rank["sharded"]["model.transformer.wte.weight"] for rank in ranks)
 
 
 def test_the_readmes_sharded_example_runs_as_written(tmp_path):
