@@ -17,6 +17,7 @@ import math
 from numbers import Real
 from typing import Any, Mapping, Optional, Sequence
 
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_dsd.masks import NMPattern, Sparsity
@@ -26,6 +27,85 @@ _SPARSITY_RULE = (
     "`sparsity` must be a float in (0, 1) (the fraction of weights pruned) or an 'N:M' pattern such as '2:4',"
     " or a non-empty sequence of them, one per DSD cycle."
 )
+
+
+class SparsityValue(str):
+    """An ``"N:M"`` sparsity exactly as written in a config file or on the command line (a ``str``).
+
+    Use it first in the annotation of a sparsity option, as in ``Union[SparsityValue, float, str]``, so that
+    jsonargparse (and through it ``LightningCLI``) keeps ``2:4`` as the text ``"2:4"``. Without it,
+    jsonargparse tries ``float`` first and reads ``2:4`` as ``124.0``: YAML 1.1 reads an unquoted ``2:4`` as
+    the base-60 integer ``2 * 60 + 4``, and even a quoted ``"2:4"`` goes through that reading when converted
+    to ``float``. On import, :mod:`lightning_dsd.arguments` registers this type with jsonargparse (when it is
+    installed), so that:
+
+    - a string holding ``":"`` (a quoted ``'2:4'`` in YAML, ``--...sparsity 2:4`` on the command line)
+      becomes a ``SparsityValue`` unchanged, valid or not, so :func:`check_sparsity` shows the error;
+    - an integer of 60 or more, which is how YAML 1.1 reads an unquoted ``N:M`` (``124`` from ``2:4`` in a
+      YAML file or in a ``[2:4, 0.5]`` list), becomes the ``N:M`` it reads back to (``"2:4"``), with a
+      warning to quote it, since the integer may also have been written as such (no integer is a valid
+      sparsity, so this never changes a valid value);
+    - anything else is refused, so jsonargparse goes on to ``float`` (``0.5``) and then ``str``;
+    - it is dumped (``--print_config``, the ``config.yaml`` ``LightningCLI`` saves) as a quoted ``'2:4'``.
+
+    The value is validated where every sparsity is, by :func:`check_sparsity`.
+
+    Examples:
+        >>> SparsityValue.from_parsed("2:4"), SparsityValue.from_parsed("4:2")
+        ('2:4', '4:2')
+        >>> import warnings
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore")  # the warning to quote the pattern
+        ...     SparsityValue.from_parsed(124)  # how YAML 1.1 reads an unquoted 2:4
+        '2:4'
+        >>> SparsityValue.from_parsed(0.5)
+        Traceback (most recent call last):
+        ...
+        ValueError: not an 'N:M' pattern: 0.5.
+        >>> check_sparsity(SparsityValue("2:4"))
+        NMPattern(n=2, m=4)
+    """
+
+    __slots__ = ()
+
+    @classmethod
+    def from_parsed(cls, value: Any) -> "SparsityValue":
+        """``value`` as jsonargparse parsed it (a string, or YAML's base-60 integer) as ``"N:M"`` text."""
+        if isinstance(value, str) and ":" in value:
+            return cls(value)
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
+            n, m = divmod(value, 60)
+            rank_zero_warn(
+                f"Read the sparsity {value} as the N:M pattern '{n}:{m}': YAML 1.1 reads an unquoted {n}:{m} as"
+                f" the base-60 integer {n} * 60 + {m} = {value}. Quote the pattern ('{n}:{m}') to silence this"
+                " warning; if you meant a fraction of the weights, write a float in (0, 1) such as 0.5.",
+                category=UserWarning,
+            )
+            return cls(f"{n}:{m}")
+        raise ValueError(f"not an 'N:M' pattern: {value!r}.")
+
+
+def _serialize_sparsity_value(value: Any) -> str:
+    """Dump a string sparsity as text; refuse anything else, so jsonargparse dumps floats and lists as such."""
+    if not isinstance(value, str):
+        raise TypeError(f"not an 'N:M' pattern: {value!r}.")
+    return str(value)
+
+
+def _register_with_jsonargparse() -> None:
+    try:
+        from jsonargparse.typing import register_type
+    except ImportError:  # jsonargparse comes with LightningCLI's extra, not with this package
+        return
+    register_type(
+        SparsityValue,
+        serializer=_serialize_sparsity_value,
+        deserializer=SparsityValue.from_parsed,
+        deserializer_exceptions=(ValueError, TypeError),
+    )
+
+
+_register_with_jsonargparse()
 
 
 def _is_real(value: Any) -> bool:

@@ -1,13 +1,13 @@
 """``DSDCallback``: Dense-Sparse-Dense training (Han et al., ICLR 2017) for any Lightning ``Trainer``.
 
-The callback only coordinates: the schedule lives in :mod:`lightning_dsd.phases`, the choice of targets in
-:mod:`lightning_dsd.selection`, the masks in :mod:`lightning_dsd.masks`, their enforcement in
-:mod:`lightning_dsd.constraint` and the learning-rate change in :mod:`lightning_dsd.lr`.
+The callback is the ``Trainer``'s front door to :class:`~lightning_dsd.engine.DSDEngine`, which holds every
+DSD rule. It keeps only what is Lightning's: the strategy and callback checks, the mapping of Lightning's
+hooks to the engine's clock (epochs or optimizer steps), the progress bar, the loggers and the output
+directory, sparse exports and the ``Trainer``'s checkpoint state.
 """
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -22,46 +22,20 @@ from lightning.pytorch.strategies import (
 )
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor, nn
+from torch import Tensor
+from torch.optim import Optimizer
 from typing_extensions import override
 
-from lightning_dsd.arguments import (
-    check_bool,
-    check_choice,
-    check_every_n,
-    check_figure_layers,
-    check_layer_sparsity,
-    check_layer_types,
-    check_length,
-    check_non_negative_int,
-    check_patterns,
-    check_real,
-    check_sparsities,
-)
-from lightning_dsd.constraint import MASK_STORAGES, SparseConstraint
+from lightning_dsd.arguments import SparsityValue, check_bool, check_choice
+from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
-from lightning_dsd.lr import current_learning_rates, scale_learning_rates
-from lightning_dsd.masks import NMPattern, pack_mask, unpack_mask
-from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
-from lightning_dsd.plan import SCOPES, MaskPlan, shown
-from lightning_dsd.redense import REDENSE_INITS, reinitialize_pruned
-from lightning_dsd.reporting import PhaseReporter, output_directory
-from lightning_dsd.selection import (
-    LayerSpec,
-    LayerType,
-    Selection,
-    check_selection,
-    matches_any,
-    select_parameters,
-    uninitialized_parameters,
-    unmatched_patterns,
-)
-from lightning_dsd.sharding import FullMasks, any_sharded, check_placements, local_slice, pruned_total
-from lightning_dsd.sharding import decide_masks as decide_sharded_masks
-from lightning_dsd.state import RunConfig, decode_state, encode_state
+from lightning_dsd.options import ReadsOptions, check_options
+from lightning_dsd.phases import Phase
+from lightning_dsd.selection import LayerSpec, LayerType, Selection, uninitialized_parameters
+from lightning_dsd.trainer_output import TrainerSink, output_directory
 
 
-class DSDCallback(Callback):
+class DSDCallback(ReadsOptions, Callback):
     r"""Train Dense → Sparse → Re-dense, exactly as the DSD paper does, with one line in the ``Trainer``.
 
     **Dense**: normal training. **Sparse**: at the transition, in every targeted tensor of ``N`` weights
@@ -132,7 +106,7 @@ class DSDCallback(Callback):
 
     def __init__(
         self,
-        sparsity: Union[float, str, Sequence[Union[float, str]]],
+        sparsity: Union[SparsityValue, float, str, Sequence[Union[SparsityValue, float, str]]],
         dense_epochs: Optional[int],
         sparse_epochs: Optional[int],
         redense_epochs: Optional[int],
@@ -153,67 +127,29 @@ class DSDCallback(Callback):
         histogram_layers: Optional[Union[str, Sequence[str]]] = None,
         log_scalars: bool = True,
         figure_layers: Union[int, Sequence[str]] = 2,
-        layer_sparsity: Optional[Mapping[str, Union[float, str]]] = None,
+        layer_sparsity: Optional[Mapping[str, Union[SparsityValue, float, str]]] = None,
         export_sparse: Optional[str] = None,
         redense_init: str = "zero",
         seed: int = 0,
         mask_storage: str = "weight_dtype",
     ) -> None:
         super().__init__()
-        self.sparsities = check_sparsities(sparsity)
-        lengths = {
-            "dense_epochs": check_length("dense_epochs", dense_epochs),
-            "sparse_epochs": check_length("sparse_epochs", sparse_epochs),
-            "redense_epochs": check_length("redense_epochs", redense_epochs),
-        }
-        self.interval = check_choice("interval", interval, ("epoch", "step"))
-        if monitor is not None and not (isinstance(monitor, str) and monitor):
-            raise ValueError(f"`monitor` must be None or the name of a logged metric. Found: {monitor!r}.")
-        waiting = [name for name, length in lengths.items() if length is None]
-        if waiting and monitor is None:
-            raise ValueError(
-                f"{', '.join(f'`{n}`' for n in waiting)} = None runs a phase until a metric converges, so"
-                " `monitor` must name a logged metric (e.g. monitor='val_loss'). Found: monitor=None."
-            )
-        self.monitor = monitor
-        self.mode = check_choice("mode", mode, ("min", "max"))
-        self.patience = check_non_negative_int("patience", patience)
-        self.min_delta = check_real("min_delta", min_delta)
-        self.lr_scale = check_real("lr_scale", lr_scale, positive=True)
-        self.include = check_patterns("include", include)
-        self.exclude = check_patterns("exclude", exclude)
-        self.layer_types = check_layer_types(layer_types)
-        self.scope = check_choice("scope", scope, SCOPES)
-        self.layer_sparsity = check_layer_sparsity(layer_sparsity)
-        uses_patterns = any(isinstance(s, NMPattern) for s in self.sparsities)
-        if self.scope == "global" and (self.layer_sparsity or uses_patterns):
-            raise ValueError(
-                "`scope='global'` sets one threshold over all targets, so it takes neither `layer_sparsity` nor"
-                f" 'N:M' patterns. Found: layer_sparsity={layer_sparsity!r}, sparsity={sparsity!r}."
-            )
+        self.options = check_options(
+            sparsity, dense_epochs, sparse_epochs, redense_epochs, interval=interval, monitor=monitor, mode=mode,
+            patience=patience, min_delta=min_delta, lr_scale=lr_scale, include=include, exclude=exclude,
+            layer_types=layer_types, scope=scope, layer_sparsity=layer_sparsity, redense_init=redense_init,
+            seed=seed, mask_storage=mask_storage, log_histograms=log_histograms,
+            histogram_every_n_epochs=histogram_every_n_epochs, histogram_layers=histogram_layers,
+            log_scalars=log_scalars, figure_layers=figure_layers,
+        )
         self.export_sparse = None if export_sparse is None else check_choice(
             "export_sparse", export_sparse, ("checkpoint", "sparse")
         )
-        self.redense_init = check_choice("redense_init", redense_init, REDENSE_INITS)
-        self.seed = check_non_negative_int("seed", seed)
-        self.mask_storage = check_choice("mask_storage", mask_storage, MASK_STORAGES)
-        self.exported_sparse_models: list[dict[str, Any]] = []
         self.stop_at_end = check_bool("stop_at_end", stop_at_end)
-        self.histogram_every_n_epochs = check_every_n("histogram_every_n_epochs", histogram_every_n_epochs)
-        self.histogram_layers = check_patterns("histogram_layers", histogram_layers)
-        self._reporter = PhaseReporter(
-            histograms=check_bool("log_histograms", log_histograms),
-            scalars=check_bool("log_scalars", log_scalars),
-            figure_layers=check_figure_layers(figure_layers),
-        )
-
-        tracker = ConvergenceTracker(self.mode, self.patience, self.min_delta) if monitor is not None else None
-        self._schedule = Schedule(build_stages(self.sparsities, *lengths.values()), tracker)
-        self._selection = Selection(selected={})
-        self._plan = MaskPlan(self.sparsities, self.scope, self.layer_sparsity)
-        self._histogram_targets: dict[str, nn.Parameter] = {}
-        self._constraint: Optional[SparseConstraint] = None
-        self._restored_masks: Optional[dict[str, Tensor]] = None
+        self.exported_sparse_models: list[dict[str, Any]] = []
+        self._trainer: Optional[pl.Trainer] = None
+        self._engine = DSDEngine(self.options, self)
+        self._installed_get_metrics: Optional[Any] = None
         self._check_on_train_epoch_end = True
         self._schedule_completed = False
 
@@ -222,59 +158,73 @@ class DSDCallback(Callback):
     @property
     def phase(self) -> Phase:
         """The current phase: :attr:`Phase.DENSE`, :attr:`Phase.SPARSE` or :attr:`Phase.REDENSE`."""
-        return self._schedule.stage.phase
+        return self._engine.phase
 
     @property
     def cycle(self) -> int:
         """The 0-based DSD cycle (one per sparsity)."""
-        return self._schedule.stage.cycle
+        return self._engine.cycle
 
     @property
     def masks(self) -> dict[str, Tensor]:
         """Bool masks by parameter name, ``True`` where the weight is kept; empty outside sparse phases. For
         a sharded parameter (``DTensor``) the mask of this rank's shard, shaped like ``param.to_local()``."""
-        if self._constraint is not None:
-            return self._constraint.keep_masks()
-        return dict(self._restored_masks or {})
+        return self._engine.masks
 
     @property
     def mask_bytes(self) -> int:
         """Memory the masks of the current sparse phase hold on the weights' devices (0 outside one): one
         element of the weight's dtype per targeted weight, or 1 byte with ``mask_storage="bool"``."""
-        if self._constraint is None:
-            return 0
-        return sum(mask.numel() * mask.element_size() for mask in self._constraint.masks)
+        return self._engine.mask_bytes
 
     @property
     def layer_sparsities(self) -> dict[str, list[Union[float, str]]]:
         """The sparsity each targeted parameter gets in each cycle, after ``layer_sparsity`` overrides."""
-        return self._plan.per_layer(list(self._targets))
+        return self._engine.layer_sparsities
 
     @property
     def selection(self) -> Selection:
         """What was chosen to prune (at ``setup``; under ``ModelParallelStrategy`` at ``on_fit_start``, after
         ``configure_model``), with input dimensions, tied names and what was left dense."""
-        return self._selection
-
-    @property
-    def _targets(self) -> dict[str, nn.Parameter]:
-        return self._selection.selected
+        return self._engine.selection
 
     @property
     def phase_label(self) -> str:
         """The phase as the progress bar shows it: ``"sparse"``, or ``"sparse 2/3"`` over several cycles."""
-        cycles = len(self.sparsities)
-        return self.phase.value if cycles == 1 else f"{self.phase.value} {self.cycle + 1}/{cycles}"
+        return self._engine.phase_label
 
     @property
     def in_last_phase(self) -> bool:
         """Whether the schedule has reached its last phase (the final re-dense)."""
-        return self._schedule.is_last
+        return self._engine.schedule.is_last
 
     @property
     def target_names(self) -> list[str]:
         """Names of the parameters this callback prunes (known once ``fit`` has set it up)."""
-        return list(self._targets)
+        return list(self._engine.targets)
+
+    # ------------------------------------------------------------------ what the engine asks of a Trainer
+
+    @property
+    def optimizers(self) -> Sequence[Optimizer]:
+        return self._trainer.optimizers if self._trainer is not None else []
+
+    @property
+    def schedulers(self) -> Sequence[Any]:
+        return [config.scheduler for config in self._trainer.lr_scheduler_configs] if self._trainer is not None else []
+
+    @property
+    def sink(self) -> Optional[TrainerSink]:
+        return TrainerSink(self._trainer) if self._trainer is not None else None
+
+    def sparse_phase_ending(self, cycle: int) -> None:
+        """Export the sparse model, while the schedule still says "sparse" (so its callback state is that of
+        the sparse phase)."""
+        if self.export_sparse is not None and self._trainer is not None:
+            as_sparse_tensors = self.export_sparse == "sparse"
+            self.exported_sparse_models.append(
+                export_sparse_model(self._trainer, self._engine.targets, cycle, sparse_tensors=as_sparse_tensors)
+            )
 
     # ------------------------------------------------------------------ set-up checks
 
@@ -282,12 +232,15 @@ class DSDCallback(Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
+        self._trainer = trainer
         self._check_strategy(trainer)
         self._check_other_callbacks(trainer)
         if not isinstance(trainer.strategy, ModelParallelStrategy):
-            self._choose_targets(trainer, pl_module)
-        self._reporter.check_loggers(trainer)
-        if trainer.is_global_zero and trainer.loggers and (self._reporter.figure_layers or self.export_sparse):
+            self._choose_targets(pl_module)
+        TrainerSink(trainer).check_loggers(
+            self.options.log_histograms, self.options.log_scalars, bool(self.options.figure_layers)
+        )
+        if trainer.is_global_zero and trainer.loggers and (self.options.figure_layers or self.export_sparse):
             rank_zero_info(f"DSDCallback writes its figures and sparse exports under {output_directory(trainer)}.")
         self._show_phase_in_progress_bar(trainer)
         self._warn_if_schedule_does_not_fit(trainer)
@@ -298,21 +251,11 @@ class DSDCallback(Callback):
         # ModelParallelStrategy builds or shards the model in `configure_model`, after `setup`: the targets
         # are the sharded parameters it leaves, known here (before any checkpoint is restored).
         if isinstance(trainer.strategy, ModelParallelStrategy):
-            self._choose_targets(trainer, pl_module)
+            self._choose_targets(pl_module)
 
-    def _choose_targets(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+    def _choose_targets(self, pl_module: "pl.LightningModule") -> None:
         _materialize_lazy_modules(pl_module)
-        self._selection = self._select_targets(pl_module)
-        check_placements(self._targets)
-        self._plan = MaskPlan(self.sparsities, self.scope, self.layer_sparsity, self._selection.input_dims)
-        self._plan.check_fits(self._targets)
-        self._warn_about_unmatched_patterns(pl_module)
-        self._histogram_targets = {
-            name: param
-            for name, param in self._targets.items()
-            if self.histogram_layers is None or matches_any(name, self.histogram_layers)
-        }
-        self._reporter.choose_figure_layers(self._targets)
+        self._engine.bind(pl_module)
 
     @staticmethod
     def _check_strategy(trainer: "pl.Trainer") -> None:
@@ -330,7 +273,8 @@ class DSDCallback(Callback):
             )
 
     def _show_phase_in_progress_bar(self, trainer: "pl.Trainer") -> None:
-        """Add ``dsd=<phase>`` to what the progress bar's public ``get_metrics`` returns, until teardown."""
+        """Add ``dsd=<phase>`` to what the progress bar's public ``get_metrics`` returns, until teardown; a
+        ``get_metrics`` the user set on the bar is left alone."""
         bar = trainer.progress_bar_callback
         if bar is None or "get_metrics" in vars(bar):
             return
@@ -340,14 +284,15 @@ class DSDCallback(Callback):
             return {**metrics_of_bar(trainer, pl_module), "dsd": self.phase_label}
 
         bar.get_metrics = get_metrics  # type: ignore[method-assign]
+        self._installed_get_metrics = get_metrics
 
     def _check_not_finished(self) -> None:
         """Called at train start, after a checkpoint (if any) was restored: it resets the flag."""
         if self._schedule_completed:
             raise RuntimeError(
                 "This DSDCallback already ran its whole schedule in an earlier `fit`"
-                f" ({' -> '.join(f'{s.phase.value}' for s in self._schedule.stages)}), so another `fit` with it"
-                " would train without DSD. To run DSD again, give the Trainer a new DSDCallback(...); to go on"
+                f" ({' -> '.join(f'{s.phase.value}' for s in self._engine.schedule.stages)}), so another `fit` with"
+                " it would train without DSD. To run DSD again, give the Trainer a new DSDCallback(...); to go on"
                 " from a saved run, resume with `trainer.fit(model, ckpt_path=...)`."
             )
 
@@ -366,33 +311,16 @@ class DSDCallback(Callback):
                 " as that phase's length; keep EarlyStopping only if stopping in the middle of DSD is intended."
             )
 
-    def _select_targets(self, pl_module: "pl.LightningModule") -> Selection:
-        selection = select_parameters(pl_module, self.include, self.exclude, self.layer_types)
-        check_selection(pl_module, selection, self.include, self.exclude)
-        return selection
-
-    def _warn_about_unmatched_patterns(self, pl_module: "pl.LightningModule") -> None:
-        every_name = [name for name, _ in pl_module.named_parameters(remove_duplicate=False)]
-        figure_patterns = None if isinstance(self._reporter.figure_layers, int) else self._reporter.figure_layers
-        messages = [
-            *unmatched_patterns("include", self.include, every_name),
-            *unmatched_patterns("exclude", self.exclude, every_name),
-            *unmatched_patterns("layer_sparsity", list(self.layer_sparsity or ()), list(self._targets)),
-            *unmatched_patterns("histogram_layers", self.histogram_layers, list(self._targets)),
-            *unmatched_patterns("figure_layers", figure_patterns, list(self._targets)),
-        ]
-        for message in messages:
-            rank_zero_warn(f"DSDCallback: {message} Check the pattern against `model.named_parameters()`.")
-
     def _warn_if_schedule_does_not_fit(self, trainer: "pl.Trainer") -> None:
-        needed = self._schedule.required_length()
+        schedule = self._engine.schedule
+        needed = schedule.required_length()
         limit = trainer.max_epochs if self.interval == "epoch" else trainer.max_steps
         if needed is not None and limit is not None and limit >= 0 and limit < needed:
             unit = "max_epochs" if self.interval == "epoch" else "max_steps"
             rank_zero_warn(
                 f"The DSD schedule needs {needed} {self.interval}s"
-                f" ({' + '.join(str(s.length) for s in self._schedule.stages)}), but the Trainer has"
-                f" {unit}={limit}: training will stop in the {self._schedule.stage_at(limit).phase.value} phase."
+                f" ({' + '.join(str(s.length) for s in schedule.stages)}), but the Trainer has"
+                f" {unit}={limit}: training will stop in the {schedule.stage_at(limit).phase.value} phase."
                 f" Set {unit}={needed} to run every phase."
             )
 
@@ -401,9 +329,9 @@ class DSDCallback(Callback):
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._check_not_finished()
-        self._reporter.write_chart_layout(trainer)
-        if self.phase is Phase.SPARSE:
-            self._enforce(trainer, self._restored_masks if self._restored_masks is not None else self.masks)
+        self._engine.check_optimizers(trainer.optimizers, every_one_must_own_a_target=False)
+        self._engine.start_reporting()
+        self._engine.resume_sparse_phase()
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -413,16 +341,14 @@ class DSDCallback(Callback):
     def on_train_batch_start(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int
     ) -> None:
-        if self._constraint is not None:
-            self._constraint.forget_masked_gradients()
+        self._engine.forget_masked_gradients()
         self._advance_if_due(trainer)
 
     @override
     def on_before_optimizer_step(
         self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", optimizer: torch.optim.Optimizer
     ) -> None:
-        if self._constraint is not None:
-            self._constraint.mask_gradients(optimizer)
+        self._engine.mask_gradients(optimizer)
 
     @override
     def on_train_batch_end(
@@ -437,12 +363,7 @@ class DSDCallback(Callback):
             self._observe_monitor(trainer)
         if self.interval == "epoch":
             self._stop_if_finished(trainer, trainer.current_epoch + 1)
-        self._reporter.log_scalars(
-            trainer, self.phase, self.cycle, self._targets, current_learning_rates(trainer.optimizers)
-        )
-        every = self.histogram_every_n_epochs
-        if every and self._reporter.histograms and (trainer.current_epoch + 1) % every == 0:
-            self._reporter.log_timeline(trainer, self._histogram_targets)
+        self._engine.epoch_ended(trainer.current_epoch)
 
     @override
     def on_validation_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -452,20 +373,20 @@ class DSDCallback(Callback):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._schedule_completed = self._schedule.is_last and self._schedule.is_over(self._now(trainer))
-        self._release_hooks()
-        final_moment = {Phase.DENSE: Moment.END_OF_DENSE, Phase.SPARSE: Moment.END_OF_SPARSE}
-        self._record(trainer, final_moment.get(self.phase, Moment.END_OF_REDENSE), self.cycle)
-        if self.phase is not Phase.DENSE:
-            self._reporter.draw_figure(trainer, self.cycle)
+        self._schedule_completed = self._engine.is_finished(self._now(trainer))
+        self._engine.training_ended()
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self._release_hooks()
-        if trainer.progress_bar_callback is not None:
-            vars(trainer.progress_bar_callback).pop("get_metrics", None)
+        self._engine.release()
+        bar = trainer.progress_bar_callback
+        if bar is not None and self._installed_get_metrics is not None and vars(bar).get("get_metrics") is (
+            self._installed_get_metrics
+        ):
+            del vars(bar)["get_metrics"]
+        self._installed_get_metrics = None
 
-    # ------------------------------------------------------------------ phase transitions
+    # ------------------------------------------------------------------ the clock
 
     def _now(self, trainer: "pl.Trainer") -> int:
         return trainer.current_epoch if self.interval == "epoch" else trainer.global_step
@@ -476,90 +397,8 @@ class DSDCallback(Callback):
 
     def _advance_if_due(self, trainer: "pl.Trainer") -> None:
         now = self._now(trainer)
-        while self._schedule.is_due(now):
-            finished = self._schedule.stage
-            if finished.phase is Phase.SPARSE:
-                self._finish_sparse(trainer, finished)
-            stage = self._schedule.advance(now)
-            if stage.phase is Phase.SPARSE:
-                self._prune(trainer, stage)
-            else:
-                self._redense(trainer, finished)
+        self._engine.advance_if_due(now)
         self._stop_if_finished(trainer, now)
-
-    def _record(self, trainer: "pl.Trainer", moment: Moment, cycle: int) -> None:
-        self._reporter.record(trainer, moment, cycle, self._histogram_targets)
-
-    def _prune(self, trainer: "pl.Trainer", stage: Stage) -> None:
-        if stage.cycle > 0:
-            self._record(trainer, Moment.END_OF_REDENSE, stage.cycle - 1)
-            self._reporter.draw_figure(trainer, stage.cycle - 1)
-        self._record(trainer, Moment.END_OF_DENSE, stage.cycle)
-        if stage.cycle == 0:
-            rank_zero_info(self._selection.summary())
-            if self.layer_sparsity:
-                rank_zero_info(f"DSD sparsity per parameter, one value per cycle: {self.layer_sparsities}")
-        masks = self._decide_masks(trainer, stage.cycle)
-        self._enforce(trainer, masks)
-        self._record(trainer, Moment.AFTER_PRUNING, stage.cycle)
-        learning_rates = current_learning_rates(trainer.optimizers)
-        self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, learning_rates)
-        pruned, total = pruned_total(masks, self._targets)
-        self._reporter.note_transition(
-            trainer,
-            f"DSD cycle {stage.cycle}: sparse phase. Pruned {pruned}/{total} weights ({pruned / total:.1%}) in"
-            f" {len(masks)} tensors, scope={self.scope!r}; the masks stay fixed for this phase. Learning rate"
-            f" unchanged: {_format_lrs(learning_rates)}.",
-        )
-
-    def _decide_masks(self, trainer: "pl.Trainer", cycle: int) -> dict[str, Tensor]:
-        """Masks from the current weights: for sharded weights, each rank's part of the full tensors' masks
-        (see :mod:`lightning_dsd.sharding`); otherwise decided on rank zero and broadcast (as packed bits) so
-        every rank prunes alike; a single process keeps them as they are."""
-        if any_sharded(self._targets):
-            return decide_sharded_masks(self._plan, self._targets, cycle)
-        if trainer.world_size == 1:
-            return self._plan.decide(self._targets, cycle)
-        packed: dict[str, Tensor] = {}
-        if trainer.is_global_zero:
-            packed = {name: pack_mask(mask) for name, mask in self._plan.decide(self._targets, cycle).items()}
-        packed = trainer.strategy.broadcast(packed, src=0)
-        return {name: unpack_mask(bits, self._targets[name].shape) for name, bits in packed.items()}
-
-    def _enforce(self, trainer: "pl.Trainer", masks: dict[str, Tensor]) -> None:
-        self._release_hooks()
-        self._constraint = SparseConstraint(self._targets, masks, self.mask_storage)
-        self._constraint.attach(trainer.optimizers)
-        self._restored_masks = None
-
-    def _finish_sparse(self, trainer: "pl.Trainer", finished: Stage) -> None:
-        """The sparse phase's last look: its histograms, and the exported sparse model (saved while the
-        schedule still says "sparse", so its callback state is that of the sparse phase)."""
-        self._record(trainer, Moment.END_OF_SPARSE, finished.cycle)
-        if self.export_sparse is not None:
-            as_sparse_tensors = self.export_sparse == "sparse"
-            self.exported_sparse_models.append(
-                export_sparse_model(trainer, self._targets, finished.cycle, sparse_tensors=as_sparse_tensors)
-            )
-
-    def _redense(self, trainer: "pl.Trainer", finished: Stage) -> None:
-        if self._constraint is not None:
-            keep = self._constraint.keep_masks()
-            self._constraint.detach(trainer.optimizers)
-            self._constraint = None
-            reinitialize_pruned(self._targets, keep, self.redense_init, seed=self.seed + finished.cycle)
-        before = current_learning_rates(trainer.optimizers)
-        schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
-        scale_learning_rates(trainer.optimizers, schedulers, self.lr_scale)
-        after = current_learning_rates(trainer.optimizers)
-        self._reporter.note_transition(
-            trainer,
-            f"DSD cycle {finished.cycle}: re-dense phase. The constraint is lifted and pruned weights restart from"
-            f" {'zero' if self.redense_init == 'zero' else 'small noise'}; learning rate x{self.lr_scale:g}:"
-            f" {_format_lrs(before)} -> {_format_lrs(after)}.",
-        )
-        self._record(trainer, Moment.START_OF_REDENSE, finished.cycle)
-        self._reporter.log_scalars(trainer, self.phase, self.cycle, self._targets, after)
 
     def _observe_monitor(self, trainer: "pl.Trainer") -> None:
         if self.monitor is None:
@@ -570,16 +409,12 @@ class DSDCallback(Callback):
                 f"DSDCallback's `monitor={self.monitor!r}` is not among the logged metrics. Log it with"
                 f" `self.log({self.monitor!r}, ...)` or pick one of: {sorted(trainer.callback_metrics)}."
             )
-        self._schedule.observe(trainer.strategy.broadcast(float(value), src=0))
+        self._engine.observe(float(value))
 
     def _stop_if_finished(self, trainer: "pl.Trainer", now: int) -> None:
-        if self.stop_at_end and self._schedule.is_last and self._schedule.is_over(now) and not trainer.should_stop:
+        if self.stop_at_end and self._engine.is_finished(now) and not trainer.should_stop:
             trainer.should_stop = True
             rank_zero_info(f"DSD finished its last phase ({self.phase.value}, cycle {self.cycle}): stopping.")
-
-    def _release_hooks(self) -> None:
-        if self._constraint is not None:
-            self._constraint.detach()
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -587,29 +422,14 @@ class DSDCallback(Callback):
     def state_dict(self) -> dict[str, Any]:
         """The schedule and, in a sparse phase, the full masks at 1 bit per weight (a sharded weight's mask
         is gathered from its shards, one tensor at a time, on every rank), so a resume works on any mesh."""
-        masks = FullMasks(self.masks, self._targets) if self.phase is Phase.SPARSE else {}
-        return encode_state(self._schedule.state_dict(), masks, self._run_config())
+        return self._engine.state_dict()
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check the checkpoint's DSD state against this callback (see :mod:`lightning_dsd.state`), then
         take it; a damaged or mismatched state raises before anything changes."""
-        shapes = {name: list(param.shape) for name, param in self._targets.items()}
-        check_masks = partial(self._plan.check_masks, self._targets)
-        schedule, masks = decode_state(state_dict, self._run_config(), check_masks, shapes)
-        self._schedule.load_state_dict(schedule)
-        local_masks = {name: local_slice(mask, self._targets[name]) for name, mask in masks.items()}  # one at a time
-        self._restored_masks = local_masks or None
+        self._engine.load_state_dict(state_dict)
         self._schedule_completed = False
-
-    def _run_config(self) -> RunConfig:
-        stages = [[s.phase.value, s.cycle, s.length, shown(s.sparsity)] for s in self._schedule.stages]
-        layer_sparsity = {p: shown(s) for p, s in self.layer_sparsity.items()} if self.layer_sparsity else None
-        return RunConfig(stages, self.interval, self.scope, layer_sparsity, list(self._targets))
-
-
-def _format_lrs(lrs: list[list[float]]) -> str:
-    return ", ".join(f"{lr:.3g}" for group_lrs in lrs for lr in group_lrs)
 
 
 def _materialize_lazy_modules(pl_module: "pl.LightningModule") -> None:

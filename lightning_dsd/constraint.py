@@ -11,16 +11,16 @@ state are multiplied through ``to_local()``. It
 * zeroes the gradients of pruned entries before every optimizer step (:meth:`mask_gradients`, called by
   the callback from Lightning's ``on_before_optimizer_step``, which runs after backward and gradient
   unscaling and before gradient clipping, so clipping sees the sparse network's true gradient; a step
-  called after backward outside Lightning gets its gradients masked by a torch step pre-hook instead);
+  called after backward outside Lightning, as in a plain loop, gets its gradients masked by a torch step
+  pre-hook instead);
 * re-zeroes the pruned weights after every optimizer step through
   ``torch.optim.Optimizer.register_step_post_hook``, which fires once per real step whatever drives it
   (gradient accumulation, manual optimization, and not at all for steps an AMP scaler skips).
 
 The second pass is skipped for the element-wise optimizers in :data:`ZERO_PRESERVING_OPTIMIZERS` when
-:meth:`mask_gradients` masked the gradients of this very step: with zero weight, zero gradient and zero
-state, their update of a
-pruned entry is exactly zero (weight decay, momentum, Nesterov, AMSGrad included), so one masked pass per
-step is enough. Every other optimizer gets the post-step re-mask.
+:meth:`mask_gradients` or the step pre-hook masked the gradients of this very step: with zero weight, zero
+gradient and zero state, their update of a pruned entry is exactly zero (weight decay, momentum, Nesterov,
+AMSGrad included), so one masked pass per step is enough. Every other optimizer gets the post-step re-mask.
 
 Examples:
     >>> import torch
@@ -162,7 +162,8 @@ class SparseConstraint:
             targets.gradients_masked = False
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        # A step called after backward without Lightning's hook (a plain loop): mask the gradients here.
+        # A step called after backward without Lightning's hook (a plain loop): mask the gradients here; they
+        # are this step's, so they count as masked and the post-step pass can be skipped.
         # With a closure (Lightning's automatic optimization, LBFGS) this hook runs *before* the closure's
         # zero_grad and backward, so the gradients here are stale: leave them, and leave the mark unset so
         # the post-step re-mask runs unless on_before_optimizer_step masked the fresh ones.
@@ -171,6 +172,7 @@ class SparseConstraint:
         has_closure = kwargs.get("closure") is not None or any(callable(arg) for arg in args)
         if not (has_closure or targets.gradients_masked):
             _mask_gradients_of(targets)
+            targets.gradients_masked = True
 
     @torch.no_grad()
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:

@@ -1,6 +1,6 @@
 """Saving the model at the end of a sparse phase: a compressed model with the paper's "Sparse" accuracy.
 
-Files go to ``<output directory>/dsd_sparse/`` (:func:`lightning_dsd.reporting.output_directory`):
+Files go to ``<output directory>/dsd_sparse/`` (:func:`lightning_dsd.trainer_output.output_directory`):
 ``cycle<c>.ckpt`` is a normal Lightning checkpoint (load its ``state_dict`` into the plain module; under
 ``ModelParallelStrategy`` it is whatever the strategy saves, a folder of shards by default); with
 ``sparse_tensors=True``, ``cycle<c>_sparse_state_dict.pt`` also holds the model's ``state_dict`` with every
@@ -19,8 +19,8 @@ import torch
 from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
-from lightning_dsd.reporting import output_directory
 from lightning_dsd.sharding import full_tensor
+from lightning_dsd.trainer_output import output_directory
 
 
 def to_sparse_tensor(tensor: Tensor) -> Tensor:

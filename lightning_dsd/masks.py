@@ -158,6 +158,26 @@ def _common_device(weights: Mapping[str, Tensor]) -> torch.device:
     return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
 
+def disconnected_units(keep: Tensor, input_dim: int = 1) -> tuple[int, int]:
+    """How many output units of a weight lost every input connection under the keep mask, out of how many.
+
+    An output unit is a slice along the output dimension (dim 0, or dim 1 for weights stored ``(in, out)``,
+    whose ``input_dim`` is 0); it is cut off when none of its entries is kept. Tensors of fewer than two
+    dimensions have no such units.
+
+    Examples:
+        >>> disconnected_units(torch.tensor([[True, False], [False, False], [False, True]]))
+        (1, 3)
+        >>> disconnected_units(torch.tensor([[True, False], [False, False], [False, True]]), input_dim=0)
+        (0, 2)
+    """
+    if keep.dim() < 2:
+        return 0, 0
+    output_dim = 1 if input_dim == 0 else 0
+    kept_per_unit = keep.movedim(output_dim, 0).reshape(keep.shape[output_dim], -1).any(dim=1)
+    return int((~kept_per_unit).sum()), keep.shape[output_dim]
+
+
 def pack_mask(mask: Tensor) -> Tensor:
     """Pack a bool mask into a flat ``uint8`` tensor, 8 entries per byte (on the CPU, for checkpoints)."""
     flat = mask.detach().flatten().to(device="cpu", dtype=torch.uint8)

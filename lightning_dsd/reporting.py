@@ -5,31 +5,33 @@ Tags (``<layer>`` is the parameter name, e.g. ``conv1.weight``):
 * ``dsd_weights/<layer>/<n>_<moment>``: all weights at moment ``n`` of each cycle (``1_end_of_dense``,
   ``2_after_pruning``, ``3_end_of_sparse``, ``4_start_of_redense``, ``5_end_of_redense``);
   ``dsd_weights_nonzero/...`` the same without the exact zeros, whose spike otherwise hides the gap and
-  the bimodal "soft boundary". The step is the ``global_step`` of the moment, so a multi-cycle run shows
-  one histogram per cycle in each tag.
+  the bimodal "soft boundary" (a tensor with no non-zero entry has no such histogram: it is skipped, and
+  said once). The step is the training step of the moment, so a multi-cycle run shows one histogram per
+  cycle in each tag.
 * ``dsd_weights_timeline/<layer>``: all weights every ``histogram_every_n_epochs`` epochs, if asked.
 * ``dsd/phase`` (0 dense, 1 sparse, 2 re-dense), ``dsd/cycle``, ``dsd/sparsity`` (exact zeros among all
   targeted weights, measured) and ``dsd_sparsity/<layer>``: at every epoch end and transition;
-  ``dsd_lr/optimizer<i>_group<j>``: at every epoch end and transition. Scalars go to every logger.
+  ``dsd_lr/optimizer<i>_group<j>``: at every epoch end and transition.
 * ``dsd/transitions`` (TEXT tab): what each transition did (what was pruned, the learning-rate change);
   the CUSTOM SCALARS tab groups phase, sparsity and learning rate in charts of their own.
 * ``dsd_figure/<layer>``: the paper's five-panel figure for each cycle, also saved as
-  ``<output directory>/dsd_figures/cycle<c>_<layer>.png`` (see :func:`output_directory`).
+  ``<output directory>/dsd_figures/cycle<c>_<layer>.png``.
 
-Histograms and figures need a ``TensorBoardLogger``; without one they are skipped with one warning.
-Only rank zero writes, and only at transitions and epoch ends, never per step. Sharded weights (``DTensor``)
-are shown whole: every rank takes part in gathering them, one tensor at a time, and in counting zeros.
+Where things go is the :class:`ReportSink`'s business: the ``Trainer``'s loggers for ``DSDCallback``
+(:class:`lightning_dsd.trainer_output.TrainerSink`), a ``SummaryWriter`` for ``DSD``
+(:class:`lightning_dsd.loop.WriterSink`). Only rank zero writes, and only at transitions and epoch ends,
+never per step. Sharded weights (``DTensor``) are shown whole: every rank takes part in gathering them,
+one tensor at a time, and in counting zeros; a write that fails on rank zero fails only after every rank
+has left the gathers, so no rank is left waiting in a collective.
 """
 
 from __future__ import annotations
 
 import os
-from typing import Iterator, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
-import lightning.pytorch as pl
 import torch
-from lightning.pytorch.loggers import TensorBoardLogger
-from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from lightning_utilities.core.imports import RequirementCache
 from torch import Tensor
 
@@ -42,25 +44,30 @@ FIGURE_SAMPLE_SIZE = 200_000
 PHASE_CODES = {Phase.DENSE: 0, Phase.SPARSE: 1, Phase.REDENSE: 2}
 
 
-def output_directory(trainer: "pl.Trainer") -> str:
-    """Where everything DSD writes goes (figures, sparse exports): the TensorBoard logger's directory, else
-    the first logger's ``log_dir`` or ``save_dir`` (what ``Trainer.log_dir`` reads, without its collective),
-    else ``default_root_dir``.
+class ReportSink(Protocol):
+    """Where a :class:`PhaseReporter` writes: a TensorBoard ``SummaryWriter`` (or anything with its
+    ``add_histogram``/``add_text``/``add_figure``/``add_custom_scalars``) and scalar loggers."""
 
-    Examples:
-        >>> import lightning.pytorch as pl
-        >>> output_directory(pl.Trainer(logger=False, default_root_dir="runs", enable_progress_bar=False))
-        'runs'
-    """
-    tensorboard = next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
-    if tensorboard is not None:
-        return tensorboard.log_dir
-    if trainer.loggers:
-        first = trainer.loggers[0]
-        directory = getattr(first, "log_dir", None) or first.save_dir
-        if directory:
-            return str(directory)
-    return trainer.default_root_dir
+    @property
+    def is_rank_zero(self) -> bool:
+        """Whether this process writes (every process takes part in gathers all the same)."""
+
+    @property
+    def step(self) -> int:
+        """The step logged values are filed under."""
+
+    @property
+    def has_loggers(self) -> bool:
+        """Whether anything is logged at all."""
+
+    def tensorboard(self) -> Optional[Any]:
+        """The ``SummaryWriter`` for histograms, text and figures, or ``None``."""
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Log scalars (on rank zero) at :attr:`step`."""
+
+    def figure_directory(self) -> Optional[str]:
+        """Where figure PNGs are saved, or ``None`` for nowhere."""
 
 
 class PhaseReporter:
@@ -77,30 +84,10 @@ class PhaseReporter:
         self.scalars = scalars
         self.figure_layers = figure_layers
         self._warned_matplotlib = False
+        self._warned_empty: set[str] = set()
         self._figure_names: list[str] = []
         self._samples: dict[str, Tensor] = {}
         self._snapshots: dict[tuple[int, Moment], dict[str, Tensor]] = {}
-
-    # -------------------------------------------------------------- where things go
-
-    @staticmethod
-    def _tensorboard(trainer: "pl.Trainer") -> Optional[TensorBoardLogger]:
-        return next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
-
-    def check_loggers(self, trainer: "pl.Trainer") -> None:
-        """Say once, before training, what the Trainer's loggers cannot show."""
-        if not trainer.loggers:
-            if self.histograms or self.scalars or self.figure_layers:
-                rank_zero_info("DSDCallback logs nothing: the Trainer has no logger (logger=False).")
-        elif self._tensorboard(trainer) is None and (self.histograms or self.figure_layers):
-            rank_zero_warn(
-                "DSDCallback skips weight histograms and the figure's TensorBoard image: they need a"
-                f" TensorBoardLogger and the loggers are {[type(lg).__name__ for lg in trainer.loggers]}."
-                f" Scalars go to every logger; figures are saved as PNG under {self.figure_directory(trainer)}."
-            )
-
-    def figure_directory(self, trainer: "pl.Trainer") -> str:
-        return os.path.join(output_directory(trainer), "dsd_figures")
 
     # -------------------------------------------------------------- the five moments
 
@@ -113,23 +100,38 @@ class PhaseReporter:
             self._figure_names = [name for name in weights if matches_any(name, self.figure_layers)]
 
     @torch.no_grad()
-    def record(self, trainer: "pl.Trainer", moment: Moment, cycle: int, weights: Mapping[str, Tensor]) -> None:
+    def record(self, sink: ReportSink, moment: Moment, cycle: int, weights: Mapping[str, Tensor]) -> None:
         """Log the histograms of ``moment`` and keep a sample of the figure layers for the cycle's figure."""
-        if not trainer.loggers:
+        if not sink.has_loggers:
             return
-        tensorboard = self._tensorboard(trainer) if self.histograms else None
+        tensorboard = sink.tensorboard() if self.histograms else None
         wanted = [name for name in weights if tensorboard is not None or name in self._figure_names]
         snapshot = {}
-        for name, values in _full_values(trainer, weights, wanted):
+
+        def write(name: str, values: Tensor) -> None:
             if tensorboard is not None:
-                tensorboard.experiment.add_histogram(f"dsd_weights/{name}/{moment.value}", values, trainer.global_step)
-                tensorboard.experiment.add_histogram(
-                    f"dsd_weights_nonzero/{name}/{moment.value}", values[values != 0], trainer.global_step
-                )
+                tensorboard.add_histogram(f"dsd_weights/{name}/{moment.value}", values, sink.step)
+                self._histogram_of_nonzero(tensorboard, f"dsd_weights_nonzero/{name}/{moment.value}", values, sink)
             if name in self._figure_names:
                 snapshot[name] = self._sample(name, values)
-        if trainer.is_global_zero and self._figure_names:
+
+        _write_each(sink, weights, wanted, write)
+        if sink.is_rank_zero and self._figure_names:
             self._snapshots[(cycle, moment)] = snapshot
+
+    def _histogram_of_nonzero(self, tensorboard: Any, tag: str, values: Tensor, sink: ReportSink) -> None:
+        nonzero = values[values != 0]
+        if nonzero.numel():
+            tensorboard.add_histogram(tag, nonzero, sink.step)
+            return
+        layer = tag.split("/")[1]
+        if layer not in self._warned_empty:
+            self._warned_empty.add(layer)
+            rank_zero_warn(
+                f"DSD skips the histogram `{tag}` (and later ones of `{layer}` while it stays so): every entry of"
+                " the tensor is zero, so there is no non-zero value to show. Its `dsd_weights/` histogram shows"
+                " the zeros."
+            )
 
     def _sample(self, name: str, flat: Tensor) -> Tensor:
         """The same random subset of entries at every moment, so panels compare like with like."""
@@ -140,25 +142,27 @@ class PhaseReporter:
             self._samples[name] = torch.randperm(flat.numel(), generator=generator)[:FIGURE_SAMPLE_SIZE]
         return flat[self._samples[name]]
 
-    def log_timeline(self, trainer: "pl.Trainer", weights: Mapping[str, Tensor]) -> None:
-        if (tensorboard := self._tensorboard(trainer)) is not None:
-            for name, values in _full_values(trainer, weights, list(weights)):
-                tensorboard.experiment.add_histogram(f"dsd_weights_timeline/{name}", values, trainer.global_step)
+    def log_timeline(self, sink: ReportSink, weights: Mapping[str, Tensor]) -> None:
+        if not self.histograms or (tensorboard := sink.tensorboard()) is None:
+            return
+        _write_each(sink, weights, list(weights), lambda name, values: tensorboard.add_histogram(
+            f"dsd_weights_timeline/{name}", values, sink.step
+        ))
 
     # -------------------------------------------------------------- transitions and charts
 
-    def note_transition(self, trainer: "pl.Trainer", text: str) -> None:
+    def note_transition(self, sink: ReportSink, text: str) -> None:
         """Say what a transition did, on the console and, kept with the run, in TensorBoard's TEXT tab."""
         rank_zero_info(text)
-        if self.scalars and trainer.is_global_zero and (tensorboard := self._tensorboard(trainer)) is not None:
-            tensorboard.experiment.add_text("dsd/transitions", text, trainer.global_step)
+        if self.scalars and sink.is_rank_zero and (tensorboard := sink.tensorboard()) is not None:
+            tensorboard.add_text("dsd/transitions", text, sink.step)
 
-    def write_chart_layout(self, trainer: "pl.Trainer") -> None:
+    def write_chart_layout(self, sink: ReportSink) -> None:
         """Group DSD's scalars in TensorBoard's CUSTOM SCALARS tab: phase, sparsity and learning rate, each a
         chart of its own (values are logged at every epoch end and at every transition, so each reads as
         a step at the transition)."""
-        if self.scalars and trainer.is_global_zero and (tensorboard := self._tensorboard(trainer)) is not None:
-            tensorboard.experiment.add_custom_scalars({"DSD": {
+        if self.scalars and sink.is_rank_zero and (tensorboard := sink.tensorboard()) is not None:
+            tensorboard.add_custom_scalars({"DSD": {
                 "phase (0 dense, 1 sparse, 2 re-dense)": ["Multiline", [r"dsd/phase"]],
                 "measured sparsity of the targets": ["Multiline", [r"dsd/sparsity", r"dsd_sparsity/.*"]],
                 "learning rate": ["Multiline", [r"dsd_lr/.*"]],
@@ -168,68 +172,84 @@ class PhaseReporter:
 
     def log_scalars(
         self,
-        trainer: "pl.Trainer",
+        sink: ReportSink,
         phase: Phase,
         cycle: int,
         weights: Mapping[str, Tensor],
         learning_rates: Optional[Sequence[Sequence[float]]] = None,
     ) -> None:
-        if not (self.scalars and trainer.loggers) or not (trainer.is_global_zero or any_sharded(weights)):
+        if not (self.scalars and sink.has_loggers) or not (sink.is_rank_zero or any_sharded(weights)):
             return
         zeros = count_zeros(weights)  # a collective for sharded weights: every rank counts its shards
-        if not trainer.is_global_zero:
+        if not sink.is_rank_zero:
             return
         total = sum(w.numel() for w in weights.values())
         metrics = {
             "dsd/phase": float(PHASE_CODES[phase]),
             "dsd/cycle": float(cycle),
-            "dsd/sparsity": sum(zeros.values()) / total,
-            **{f"dsd_sparsity/{name}": zeros[name] / w.numel() for name, w in weights.items()},
+            **({"dsd/sparsity": sum(zeros.values()) / total} if total else {}),
+            **{f"dsd_sparsity/{name}": zeros[name] / w.numel() for name, w in weights.items() if w.numel()},
         }
         for i, group_lrs in enumerate(learning_rates or ()):
             metrics.update({f"dsd_lr/optimizer{i}_group{j}": lr for j, lr in enumerate(group_lrs)})
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=trainer.global_step)
+        sink.log_metrics(metrics)
 
     # -------------------------------------------------------------- the figure
 
-    def draw_figure(self, trainer: "pl.Trainer", cycle: int) -> list[str]:
+    def draw_figure(self, sink: ReportSink, cycle: int) -> list[str]:
         """Draw, log and save the five-panel figure of ``cycle`` for each figure layer; return the PNG paths."""
-        if not (trainer.is_global_zero and trainer.loggers and self._figure_names):
+        if not (sink.is_rank_zero and sink.has_loggers and self._figure_names):
             return []
         if not _MATPLOTLIB_AVAILABLE:
             if not self._warned_matplotlib:
                 self._warned_matplotlib = True
                 rank_zero_warn(
-                    "DSDCallback skips the five-panel figure: matplotlib is not installed"
+                    "DSD skips the five-panel figure: matplotlib is not installed"
                     " (`pip install lightning-dsd[figures]`). Histograms and scalars are unaffected."
                 )
             return []
         from lightning_dsd.figure import five_panel_figure
 
-        tensorboard = self._tensorboard(trainer)
-        directory = self.figure_directory(trainer)
-        os.makedirs(directory, exist_ok=True)
+        tensorboard = sink.tensorboard()
+        directory = sink.figure_directory()
+        if directory is not None:
+            os.makedirs(directory, exist_ok=True)
         paths = []
         for name in self._figure_names:
             panels = {m: self._snapshots[(cycle, m)][name] for m in Moment if (cycle, m) in self._snapshots}
             figure = five_panel_figure(name, cycle, panels)
-            path = os.path.join(directory, f"cycle{cycle}_{name}.png")
-            figure.savefig(path, dpi=80)
-            paths.append(path)
+            if directory is not None:
+                path = os.path.join(directory, f"cycle{cycle}_{name}.png")
+                figure.savefig(path, dpi=80)
+                paths.append(path)
             if tensorboard is not None:
-                tensorboard.experiment.add_figure(f"dsd_figure/{name}", figure, trainer.global_step, close=False)
+                tensorboard.add_figure(f"dsd_figure/{name}", figure, sink.step, close=False)
         for moment in Moment:
             self._snapshots.pop((cycle, moment), None)
         return paths
 
 
-def _full_values(
-    trainer: "pl.Trainer", weights: Mapping[str, Tensor], names: Sequence[str]
-) -> Iterator[tuple[str, Tensor]]:
+def _write_each(
+    sink: ReportSink, weights: Mapping[str, Tensor], names: Sequence[str], write: Callable[[str, Tensor], None]
+) -> None:
+    """``write(name, values)`` on rank zero for each named weight, gathered whole one tensor at a time. Every
+    rank gathers a sharded weight with the others (a collective); an error of a write is raised only after
+    the last gather, so it cannot leave the other ranks waiting in one."""
+    failure: Optional[BaseException] = None
+    for name, values in _full_values(sink, weights, names):
+        if failure is None:
+            try:
+                write(name, values)
+            except Exception as error:  # re-raised below, once every rank is past the gathers
+                failure = error
+    if failure is not None:
+        raise failure
+
+
+def _full_values(sink: ReportSink, weights: Mapping[str, Tensor], names: Sequence[str]) -> Iterator[tuple[str, Tensor]]:
     """The flattened float values of each named weight, whole, on rank zero; one tensor at a time. Every
     rank gathers a sharded weight with the others (a collective), only rank zero gets the values."""
     for name in names:
         values = full_tensor(weights[name])
-        if trainer.is_global_zero:
+        if sink.is_rank_zero:
             yield name, values.flatten().float().cpu()

@@ -1,19 +1,20 @@
-"""DSD on sharded parameters: the DTensors of FSDP2 (``fully_shard``) and of tensor parallelism.
+"""DSD across processes: plain weights under DDP, and the sharded DTensors of FSDP2 and tensor parallelism.
 
-Under Lightning's ``ModelParallelStrategy`` a parameter is a :class:`~torch.distributed.tensor.DTensor`:
+Under ``fully_shard`` or tensor parallelism a parameter is a :class:`~torch.distributed.tensor.DTensor`:
 each rank holds one shard (``to_local()``), and the placements say how the full tensor is split over the
 device mesh (``Shard(d)`` splits dim ``d``, unevenly when it does not divide; ``Replicate()`` copies it).
 DSD must prune exactly what it would prune on the full tensor, so:
 
-* masks are decided on full tensors gathered **one at a time** (:func:`decide_masks`, scope ``"layer"``
-  and N:M), with the very function used on one device; each rank keeps only the slice of its shard
+* :func:`decide_masks` is the one place masks are decided, for one process, DDP (rank zero decides and
+  broadcasts) and DTensors: full tensors are gathered **one at a time** (scope ``"layer"`` and N:M) and
+  decided with the very function used on one device; each rank keeps only the slice of its shard
   (:func:`local_slice`). Scope ``"global"`` gathers nothing: :func:`global_masks` finds the exact k-th
   smallest magnitude over all targets by bisection on float bit patterns, summing counts over ranks;
-* counts over ranks take every entry once (:func:`counts_once`);
+* counts over ranks take every entry once (:func:`counts_once`), one host sync and one all-reduce per count;
 * checkpoints hold full masks (gathered one at a time by :class:`FullMasks`), so they resume on any mesh.
 
-Every function here that gathers or sums is a collective: all ranks must call it, in the same order. On
-plain tensors they are the identity and need no process group, so one process runs them as is.
+Every function here that gathers, sums or broadcasts is a collective: all ranks must call it, in the same
+order. On plain tensors in one process they are the identity and need no process group.
 
 Examples:
     >>> import torch
@@ -23,22 +24,24 @@ Examples:
     >>> masks["a"], masks["b"]
     (tensor([ True,  True, False]), tensor([[False,  True],
             [ True, False]]))
-    >>> pruned_total(masks, weights)
-    (3, 7)
+    >>> pruned_per_tensor(masks, weights)
+    {'a': 1, 'b': 2}
 """
 
 from __future__ import annotations
 
-from functools import partial
-from typing import Callable, Iterator, Mapping, Sequence
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from lightning_dsd.masks import pruned_count
+from lightning_dsd.masks import pack_mask, pruned_count, unpack_mask
 from lightning_dsd.plan import MaskPlan
+
+T = TypeVar("T")
 
 _LARGEST_BITS = 0x7FFFFFFF  # above every non-negative float32 bit pattern, NaN included
 
@@ -55,8 +58,17 @@ def local_part(tensor: Tensor) -> Tensor:
 
 
 def full_tensor(tensor: Tensor) -> Tensor:
-    """The whole tensor on every rank (a collective for a ``DTensor``), the tensor itself otherwise."""
-    return tensor.full_tensor().detach() if isinstance(tensor, DTensor) else tensor.detach()
+    """The whole tensor on every rank, on the tensor's device (a collective for a ``DTensor``, which travels
+    through :func:`collective_device`), the tensor itself otherwise."""
+    if not isinstance(tensor, DTensor):
+        return tensor.detach()
+    device = collective_device(tensor.device)
+    if device == tensor.device:
+        return tensor.full_tensor().detach()
+    moved = DTensor.from_local(
+        tensor.to_local().to(device), tensor.device_mesh, tensor.placements, shape=tensor.shape, stride=tensor.stride()
+    )
+    return moved.full_tensor().detach().to(tensor.device)
 
 
 def local_slice(full: Tensor, like: Tensor) -> Tensor:
@@ -74,7 +86,7 @@ def full_mask(local_mask: Tensor, like: Tensor) -> Tensor:
     shards = DTensor.from_local(
         local_mask.to(torch.uint8), like.device_mesh, like.placements, shape=like.shape, stride=like.stride()
     )
-    return shards.full_tensor().bool()
+    return full_tensor(shards).bool()
 
 
 def counts_once(tensor: Tensor) -> bool:
@@ -93,38 +105,64 @@ def counts_once(tensor: Tensor) -> bool:
 
 
 def _sum_over_ranks(counts: Tensor) -> Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
+    if dist.is_initialized():
         dist.all_reduce(counts)
     return counts
 
 
-def _device_of(tensors: Mapping[str, Tensor]) -> torch.device:
-    """Where counts travel: the weights' device (NCCL needs CUDA tensors, gloo takes CPU ones)."""
-    return next(iter(tensors.values())).device if tensors else torch.device("cpu")
+def collective_device(data: torch.device) -> torch.device:
+    """Where tensors of ``data``'s device travel between ranks: the current CUDA device when the default
+    process group is NCCL (which takes only CUDA tensors, also for the CPU shards of FSDP2's
+    ``CPUOffloadPolicy``), ``data`` itself otherwise (gloo takes both)."""
+    if data.type == "cpu" and dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return data
 
 
-def _counts_over_ranks(tensors: Mapping[str, Tensor], count: Callable[[str, Tensor], int]) -> list[int]:
-    """``count(name, entries)`` of each full tensor: on plain tensors, counted here; when any is a
-    ``DTensor``, counted on each rank's local part and summed over ranks, each entry once (a collective)."""
-    if not any_sharded(tensors):
-        return [count(name, tensor) for name, tensor in tensors.items()]
-    local = [count(name, local_part(t)) if counts_once(t) else 0 for name, t in tensors.items()]
-    return _sum_over_ranks(torch.tensor(local, dtype=torch.int64, device=_device_of(tensors))).tolist()
+def _counts_over_ranks(tensors: Mapping[str, Tensor], count: Callable[[str, Tensor], Tensor]) -> Tensor:
+    """``count(name, entries)`` (a 0-dim integer tensor) of each full tensor, stacked on the CPU: on plain
+    tensors, counted here; when any is a ``DTensor``, counted on each rank's local part and summed over
+    ranks, each entry once (a collective). The counts stay on their device until one transfer brings the
+    stack back: one host sync and at most one all-reduce per call, whatever the number of tensors."""
+    if not tensors:
+        return torch.zeros(0, dtype=torch.int64)
+    sharded = any_sharded(tensors)
+    device = collective_device(next(iter(tensors.values())).device) if sharded else torch.device("cpu")
+    counts = [
+        count(name, local_part(t)).to(device=device, dtype=torch.int64)
+        if not sharded or counts_once(t) else torch.zeros((), dtype=torch.int64, device=device)
+        for name, t in tensors.items()
+    ]
+    stacked = torch.stack(counts)
+    return (_sum_over_ranks(stacked) if sharded else stacked).cpu()
 
 
 @torch.no_grad()
 def count_zeros(weights: Mapping[str, Tensor]) -> dict[str, int]:
     """Exact zeros in each full tensor, counted shard by shard (a collective when any is a ``DTensor``)."""
-    zeros = _counts_over_ranks(weights, lambda _, entries: int((entries == 0).sum()))
-    return dict(zip(weights, zeros, strict=True))
+    zeros = _counts_over_ranks(weights, lambda _, entries: (entries == 0).sum())
+    return dict(zip(weights, zeros.tolist(), strict=True))
 
 
 @torch.no_grad()
-def pruned_total(masks: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> tuple[int, int]:
-    """How many entries the (local) keep ``masks`` prune over the full ``weights``, out of how many (a
-    collective when any weight is a ``DTensor``)."""
-    pruned = _counts_over_ranks(weights, lambda name, _: int((~masks[name]).sum()))
-    return sum(pruned), sum(w.numel() for w in weights.values())
+def pruned_per_tensor(masks: Mapping[str, Tensor], weights: Mapping[str, Tensor]) -> dict[str, int]:
+    """How many entries of each full weight the (local) keep ``masks`` prune (a collective when any weight is
+    a ``DTensor``)."""
+    pruned = _counts_over_ranks(weights, lambda name, _: (~masks[name]).sum())
+    return dict(zip(weights, pruned.tolist(), strict=True))
+
+
+def reshard_gathered(model: nn.Module) -> None:
+    """Free the gathered (unsharded) parameters FSDP2 keeps after a forward without backward (the root
+    module's, and every module's with ``reshard_after_forward=False``), so the next forward gathers the
+    shards afresh: called after every change DSD makes to sharded weights. Local: no collective.
+
+    Examples:
+        >>> reshard_gathered(torch.nn.Linear(2, 2))  # no FSDP2 module: nothing to do
+    """
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
 
 
 def check_placements(weights: Mapping[str, Tensor]) -> None:
@@ -142,18 +180,50 @@ def check_placements(weights: Mapping[str, Tensor]) -> None:
             )
 
 
+def from_rank_zero(value: T) -> T:
+    """``value`` as rank zero has it, on every rank (a broadcast when a process group runs several ranks), so
+    that every rank takes the same decision from it.
+
+    Examples:
+        >>> from_rank_zero(0.5)  # one process: the value itself
+        0.5
+    """
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return holder[0]
+
+
 @torch.no_grad()
 def decide_masks(plan: MaskPlan, weights: Mapping[str, Tensor], cycle: int) -> dict[str, Tensor]:
-    """Each rank's keep masks for its shards, equal to the slices of the masks ``plan.decide`` gives on
-    the full tensors (a collective): per tensor, each full tensor is gathered in turn, decided, sliced
-    and let go; for ``scope="global"``, by :func:`global_masks`, which gathers at most one tensor."""
-    if plan.scope == "global":
-        return global_masks(weights, float(plan.sparsities[cycle]))  # type: ignore[arg-type]
-    masks = {}
-    for name, weight in weights.items():
-        decided = plan.decide({name: full_tensor(weight)}, cycle)[name]
-        masks[name] = local_slice(decided, weight)
-    return masks
+    """This rank's keep masks for ``cycle``, equal on every rank to ``plan.decide`` on the full tensors (a
+    collective when a process group runs more than one rank). The one place that says how:
+
+    * sharded weights (any ``DTensor``): for ``scope="global"`` by :func:`global_masks`, which gathers at
+      most one tensor; otherwise each full tensor is gathered in turn, decided, sliced to this rank's
+      shard and let go;
+    * plain weights over several ranks (DDP): decided on rank zero and broadcast as packed bits, so every
+      rank prunes alike even where their weights differ in the last bit;
+    * one process: decided here.
+    """
+    if any_sharded(weights):
+        if plan.scope == "global":
+            return global_masks(weights, float(plan.sparsities[cycle]))  # type: ignore[arg-type]
+        masks = {}
+        for name, weight in weights.items():
+            decided = plan.decide({name: full_tensor(weight)}, cycle)[name]
+            masks[name] = local_slice(decided, weight)
+        return masks
+    if not (dist.is_initialized() and dist.get_world_size() > 1):
+        return plan.decide(weights, cycle)
+    packed = [
+        {name: pack_mask(mask).cpu() for name, mask in plan.decide(weights, cycle).items()}
+        if dist.get_rank() == 0 else None
+    ]
+    dist.broadcast_object_list(packed, src=0)
+    broadcast: dict[str, Tensor] = packed[0] or {}
+    return {name: unpack_mask(bits, weights[name].shape).to(weights[name].device) for name, bits in broadcast.items()}
 
 
 @torch.no_grad()
@@ -163,45 +233,50 @@ def global_masks(weights: Mapping[str, Tensor], sparsity: float) -> dict[str, Te
     :func:`lightning_dsd.masks.global_magnitude_masks` on the full tensors, without gathering them.
 
     The threshold is the k-th smallest ``float32`` magnitude, found by bisection over its bit pattern
-    (non-negative floats order like their bits): 31 rounds, each a count of the local shards and one
-    all-reduce of a number per tensor. Only a tensor whose ties are split by the count is gathered, to
-    find which of its tied entries come first.
+    (non-negative floats order like their bits): 31 rounds, each counting every local shard on its device,
+    then one all-reduce of the stacked counts and one host sync. Magnitudes are made one tensor at a time,
+    so at most one float32 copy of a shard exists at once. Only a tensor whose ties are split by the count
+    is gathered, to find which of its tied entries come first.
     """
-    bits = {name: local_part(w).detach().abs().float().flatten().view(torch.int32) for name, w in weights.items()}
     total = sum(w.numel() for w in weights.values())
     k = pruned_count(total, sparsity)
     if k <= 0 or k >= total:
         return {name: torch.full(local_part(w).shape, k <= 0, device=w.device) for name, w in weights.items()}
 
-    def count(predicate: Callable[[Tensor], Tensor]) -> list[int]:
-        return _counts_over_ranks(weights, lambda name, _: int(predicate(bits[name]).sum()))
+    def count(compare: Callable[[Tensor, int], Tensor], threshold: int) -> Tensor:
+        return _counts_over_ranks(weights, lambda _, entries: compare(_magnitude_bits(entries), threshold).sum())
 
     low, high = 0, _LARGEST_BITS
     while low < high:  # the smallest t with at least k magnitudes <= t is the k-th smallest
         middle = (low + high) // 2
-        if sum(count(partial(torch.le, other=middle))) >= k:
+        if int(count(torch.le, middle).sum()) >= k:
             high = middle
         else:
             low = middle + 1
     threshold = low
-    missing = k - sum(count(partial(torch.lt, other=threshold)))
-    tied = count(partial(torch.eq, other=threshold))
+    missing = k - int(count(torch.lt, threshold).sum())
+    tied = count(torch.eq, threshold).tolist()
     masks = {}
     for (name, weight), n_tied in zip(weights.items(), tied, strict=True):
         prune_ties = min(missing, n_tied)
         missing -= prune_ties
-        local_bits = bits[name]
+        local_bits = _magnitude_bits(local_part(weight))
         keep = local_bits > threshold
         if prune_ties == 0:
             keep |= local_bits == threshold
         elif prune_ties < n_tied:  # the first prune_ties tied entries of the full tensor go
-            full_bits = full_tensor(weight).abs().float().flatten().view(torch.int32)
+            full_bits = _magnitude_bits(full_tensor(weight))
             full_keep = full_bits > threshold
             later_ties = torch.nonzero(full_bits == threshold).flatten()[prune_ties:]
             full_keep[later_ties] = True
             keep = local_slice(full_keep.view(weight.shape), weight).flatten()
         masks[name] = keep.view(local_part(weight).shape)
     return masks
+
+
+def _magnitude_bits(entries: Tensor) -> Tensor:
+    """The float32 magnitudes of ``entries``, flattened, as their int32 bit patterns (which order alike)."""
+    return entries.detach().abs().float().flatten().view(torch.int32)
 
 
 class FullMasks(Mapping[str, Tensor]):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from functools import partial
 
 import lightning.pytorch as pl
 import torch
@@ -32,17 +33,20 @@ from torch.utils.data import DataLoader, TensorDataset
 from lightning_dsd import DSDCallback, Phase
 from lightning_dsd.sharding import FullMasks, full_tensor, local_part
 
-MESHES = {"fsdp": (2, 1), "tp": (1, 2), "2d": (2, 2), "gpt2": (2, 1)}
+MESHES = {"fsdp": (2, 1), "fsdp_root": (2, 1), "tp": (1, 2), "2d": (2, 2), "gpt2": (2, 1)}
 
 
 class ShardedNet(pl.LightningModule):
     """12 -> 10 -> 7 -> 1: FSDP2 shards 7 rows 4/3 and the one-row output weight 1/0; tensor parallel splits
     10 evenly (torch's tensor parallel layers need that), and FSDP2 then splits each 5-row half 3/2."""
 
-    def __init__(self, layout: str) -> None:
+    def __init__(self, layout: str, reshard_after_forward: bool = True, zero_output_layer: bool = False) -> None:
         super().__init__()
         self.layout = layout
+        self.reshard_after_forward = reshard_after_forward
         self.net = None if layout == "tp" else self._build()
+        if zero_output_layer and self.net is not None:  # zero-initialised, as LoRA's B or adaLN-Zero
+            nn.init.zeros_(self.net[4].weight)
 
     @staticmethod
     def _build() -> nn.Sequential:
@@ -55,12 +59,16 @@ class ShardedNet(pl.LightningModule):
         if self.layout in ("tp", "2d"):
             plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}  # net.4 stays a plain tensor under "tp"
             parallelize_module(self.net, self.device_mesh["tensor_parallel"], plan)
-        if self.layout in ("fsdp", "2d"):
+        if self.layout in ("fsdp", "fsdp_root", "2d"):
             dp_mesh = self.device_mesh["data_parallel"]
-            for layer in self.net:
-                if isinstance(layer, nn.Linear):
-                    fully_shard(layer, mesh=dp_mesh)
-            fully_shard(self, mesh=dp_mesh)
+            # "fsdp_root" gives only net.0 a group of its own: net.2 and net.4 are the root's, which FSDP2
+            # keeps gathered after a forward without backward (an evaluation, the sanity check).
+            layers = [self.net[0]] if self.layout == "fsdp_root" else [m for m in self.net if isinstance(m, nn.Linear)]
+            # By default (None) FSDP2 reshards every module after its forward except the root.
+            reshard = {} if self.reshard_after_forward else {"reshard_after_forward": False}
+            for layer in layers:
+                fully_shard(layer, mesh=dp_mesh, **reshard)
+            fully_shard(self, mesh=dp_mesh, **reshard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)
@@ -70,6 +78,10 @@ class ShardedNet(pl.LightningModule):
         loss = nn.functional.mse_loss(self(x).squeeze(-1), y)
         self.log("train_loss", loss)
         return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        self.log("val_loss", nn.functional.mse_loss(self(x).squeeze(-1), y), sync_dist=True)
 
     def configure_optimizers(self):
         return adamw_with_step_lr(self.parameters())
@@ -93,6 +105,10 @@ class TinyGPT2(pl.LightningModule):
     def training_step(self, batch, batch_idx):
         (tokens,) = batch
         return self.model(input_ids=tokens, labels=tokens).loss
+
+    def validation_step(self, batch, batch_idx):
+        (tokens,) = batch
+        self.log("val_loss", self.model(input_ids=tokens, labels=tokens).loss, sync_dist=True)
 
     def embedding_is_tied(self) -> bool:
         return self.model.lm_head.weight is self.model.transformer.wte.weight
@@ -119,6 +135,7 @@ class ShardRecorder(pl.Callback):
 
     def __init__(self, dsd: DSDCallback, out: str) -> None:
         self.dsd, self.out = dsd, out
+        self.probe: ForwardProbe | None = None
         self.record: dict = {"steps": [], "lrs": [], "local_shapes": {}, "state_zero": []}
 
     def _targets(self):
@@ -160,7 +177,49 @@ class ShardRecorder(pl.Callback):
         self.record["final"] = {n: full_tensor(p).clone() for n, p in pl_module.named_parameters()}
         self.record["world_size"] = trainer.world_size
         self.record["tied"] = pl_module.embedding_is_tied() if isinstance(pl_module, TinyGPT2) else None
+        self.record["forwards"] = self.probe.forwards if self.probe is not None else None
         torch.save(self.record, os.path.join(self.out, f"rank{trainer.global_rank}.pt"))
+
+
+class ForwardProbe(pl.Callback):
+    """What the forward pass computes with: a forward pre-hook on the module of every target compares the
+    weight the module holds at that moment (FSDP2's gathered copy, or the DTensor itself) with the full
+    stored weight (gathered from the shards DSD writes) and, in a sparse phase, checks the pruned entries
+    are zero. Every rank runs every forward, so the gathers inside the hook are collectives all reach."""
+
+    def __init__(self, dsd: DSDCallback) -> None:
+        self.dsd = dsd
+        self.forwards: list[dict] = []
+        self._full_masks: dict = {}
+        self._handles: list = []
+
+    def on_fit_start(self, trainer, pl_module):  # after DSD chose its targets (its on_fit_start runs first)
+        for name, param in self.dsd.selection.selected.items():
+            names = self.dsd.selection.tied.get(name, [name])
+            for alias in names:
+                module_name, _, attribute = alias.rpartition(".")
+                module = pl_module.get_submodule(module_name)
+                hook = partial(self._check, trainer=trainer, name=name, alias=alias, attribute=attribute, param=param)
+                self._handles.append(module.register_forward_pre_hook(hook))
+
+    def _check(self, module, args, *, trainer, name, alias, attribute, param):
+        used = full_tensor(getattr(module, attribute))
+        stored = full_tensor(param)
+        phase = self.dsd.phase
+        pruned_zero = None
+        if phase is Phase.SPARSE:
+            if name not in self._full_masks or self._full_masks[name][0] != self.dsd.cycle:
+                self._full_masks[name] = (self.dsd.cycle, FullMasks(self.dsd.masks, self.dsd.selection.selected)[name])
+            keep = self._full_masks[name][1]
+            pruned_zero = bool((used[~keep] == 0).all())
+        self.forwards.append({
+            "phase": phase.value, "training": module.training, "sanity": trainer.sanity_checking, "name": alias,
+            "step": trainer.global_step, "same_as_stored": torch.equal(used, stored), "pruned_zero": pruned_zero,
+        })
+
+    def on_train_end(self, trainer, pl_module):
+        for handle in self._handles:
+            handle.remove()
 
 
 def main() -> None:
@@ -175,21 +234,33 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--export-sparse", action="store_true", help="export_sparse='sparse'")
     parser.add_argument("--data-parallel", type=int, default=None, help="another data-parallel size")
+    parser.add_argument("--probe", action="store_true", help="check the weights every forward pass uses")
+    parser.add_argument("--validate", choices=["none", "sanity", "epoch"], default="none",
+                        help="evaluation forwards: none, the sanity check only, or also a validation every epoch")
+    parser.add_argument("--keep-gathered", action="store_true", help="fully_shard(reshard_after_forward=False)")
+    parser.add_argument("--zero-output-layer", action="store_true", help="net.4 starts at zero")
+    parser.add_argument("--dense-epochs", type=int, default=1)
+    parser.add_argument("--no-checkpoints", action="store_true", help="no ModelCheckpoint (its save reshards)")
     args = parser.parse_args()
     sparsity = args.sparsity if ":" in args.sparsity else float(args.sparsity)
     dp, tp = MESHES[args.layout]
     dp = args.data_parallel or dp
     with seeded(3):
-        model = TinyGPT2() if args.layout == "gpt2" else ShardedNet(args.layout)
+        model = TinyGPT2() if args.layout == "gpt2" else ShardedNet(
+            args.layout, reshard_after_forward=not args.keep_gathered, zero_output_layer=args.zero_output_layer
+        )
     # An N:M pattern needs input sizes that divide by M: the 7-input output layer gets a float instead.
     layer_sparsity = {"net.4.*": 0.5} if isinstance(sparsity, str) else None
     dsd = DSDCallback(
-        sparsity, 1, 2, 1, scope=args.scope, redense_init=args.redense_init, layer_sparsity=layer_sparsity,
-        figure_layers=1, export_sparse="sparse" if args.export_sparse else None, histogram_every_n_epochs=1,
+        sparsity, args.dense_epochs, 2, 1, scope=args.scope, redense_init=args.redense_init,
+        layer_sparsity=layer_sparsity, figure_layers=1, export_sparse="sparse" if args.export_sparse else None,
+        histogram_every_n_epochs=1,
     )
-    callbacks = [dsd, ShardRecorder(dsd, args.out)]
-    if args.resume is None:
-        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_top_k=-1, filename="{epoch}"))
+    recorder = ShardRecorder(dsd, args.out)
+    callbacks = [dsd, ForwardProbe(dsd), recorder] if args.probe else [dsd, recorder]
+    if args.resume is None and not args.no_checkpoints:
+        callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_top_k=-1, filename="{epoch}",
+                                         save_on_train_epoch_end=True))
     strategy = ModelParallelStrategy(
         data_parallel_size=dp, tensor_parallel_size=tp, save_distributed_checkpoint=not args.single_file
     )
@@ -197,20 +268,25 @@ def main() -> None:
         accelerator="cpu",
         devices=dp * tp,
         strategy=strategy,
-        max_epochs=4,
+        max_epochs=args.dense_epochs + 3,
         callbacks=callbacks,
         accumulate_grad_batches=2,
         # torch's clip_grad_norm_ cannot mix plain and DTensor gradients ("tp": net.4 is plain) nor DTensors on
         # different meshes ("2d": net.4 is on the data-parallel mesh only), so those two do not clip.
         gradient_clip_val=0.5 if args.layout in ("fsdp", "gpt2") else None,
         precision=args.precision,
-        enable_checkpointing=args.resume is None,
+        enable_checkpointing=args.resume is None and not args.no_checkpoints,
         enable_progress_bar=False,
         enable_model_summary=False,
         deterministic=True,
         logger=TensorBoardLogger(args.out, name="tb", version=0),
+        limit_val_batches=2,  # the sanity check's 2 batches, and as many every epoch with --validate epoch
+        check_val_every_n_epoch=1 if args.validate == "epoch" else 1000,
     )
-    trainer.fit(model, make_loader(args.layout), ckpt_path=args.resume)
+    if args.probe:
+        recorder.probe = callbacks[1]
+    val_loader = None if args.validate == "none" else make_loader(args.layout)
+    trainer.fit(model, make_loader(args.layout), val_loader, ckpt_path=args.resume)
 
 
 if __name__ == "__main__":

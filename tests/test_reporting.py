@@ -18,6 +18,7 @@ from helpers import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_traine
 from lightning.pytorch.callbacks import RichProgressBar, TQDMProgressBar
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+from torch import nn
 
 from lightning_dsd import DSDCallback
 from lightning_dsd.phases import Moment
@@ -232,6 +233,34 @@ def test_the_progress_bar_shows_the_phase_and_forgets_it_after_fit(bar, capfd):
         assert "dsd=redense 2/2" in "".join(capfd.readouterr())
 
 
+class _SetsGetMetricsOnTheBar(pl.Callback):
+    """Sets the user's own ``get_metrics`` on the bar instance, after DSD installed its one, at ``epoch``."""
+
+    def __init__(self, get_metrics, epoch: int) -> None:
+        self.get_metrics, self.epoch = get_metrics, epoch
+
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.progress_bar_callback.get_metrics = self.get_metrics
+
+
+@pytest.mark.parametrize("set_during_fit", [False, True], ids=["set before fit", "set during fit"])
+def test_a_get_metrics_the_user_set_on_the_bar_outlives_fit(tmp_path, set_during_fit):
+    def users_get_metrics(trainer, pl_module):
+        return {"mine": 1}
+
+    bar = TQDMProgressBar()
+    callbacks = [DSDCallback(0.5, 1, 1, 1), bar]
+    if set_during_fit:
+        callbacks.append(_SetsGetMetricsOnTheBar(users_get_metrics, epoch=1))
+    else:
+        bar.get_metrics = users_get_metrics
+    trainer = make_trainer(callbacks, max_epochs=3, enable_progress_bar=True, default_root_dir=tmp_path)
+    trainer.fit(ConvLSTMNet(), make_loader())
+    assert vars(bar).get("get_metrics") is users_get_metrics
+    assert bar.get_metrics(trainer, trainer.lightning_module) == {"mine": 1}
+
+
 @pytest.mark.slow
 def test_the_real_tensorboard_server_serves_the_histograms(tmp_path):
     logger = TensorBoardLogger(tmp_path, name="run", version=0)
@@ -245,3 +274,75 @@ def test_the_real_tensorboard_server_serves_the_histograms(tmp_path):
         (wall_time, step, buckets), = get_json(f"/data/plugin/histograms/histograms?{query}")
         assert step == 8
         assert sum(count for _, _, count in buckets) == pytest.approx(torch.Size([3, 16]).numel())
+
+
+class ZeroInitHead(ConvLSTMNet):
+    """A zero-initialised output layer (LoRA's B, adaLN-Zero, zero-init residual branches), pruned at once."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        nn.init.zeros_(self.head.weight)
+
+
+def test_a_zero_initialised_layer_pruned_before_any_step_logs_what_is_true_and_trains_on(tmp_path):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    dsd = DSDCallback(0.5, 0, 2, 1)
+    with seeded():
+        model = ZeroInitHead()
+    with pytest.warns(UserWarning, match=r"skips the histogram `dsd_weights_nonzero/head.weight/1_end_of_dense`.*"
+                                         r"every entry of the tensor is zero") as warned:
+        make_trainer([dsd], max_epochs=3, logger=logger).fit(model, make_loader())
+    assert sum("skips the histogram" in str(w.message) for w in warned) == 1, "said once"
+    tags = set(_accumulator(logger.log_dir).Tags()["histograms"])
+    assert {"dsd_weights/head.weight/1_end_of_dense", "dsd_weights/head.weight/2_after_pruning"} <= tags
+    assert "dsd_weights_nonzero/head.weight/2_after_pruning" not in tags, "nothing non-zero to show"
+    assert "dsd_weights_nonzero/head.weight/3_end_of_sparse" in tags, "trained away from zero: shown again"
+    assert "dsd_weights_nonzero/conv.weight/2_after_pruning" in tags
+
+
+class TinyLayerNet(ConvLSTMNet):
+    """One layer 1000x smaller in magnitude than the rest: a global threshold prunes it whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        with torch.no_grad():
+            self.head.weight.mul_(1e-3)
+
+
+def test_a_global_threshold_that_prunes_a_tensor_whole_says_so_and_logs_on(tmp_path, caplog):
+    logger = TensorBoardLogger(tmp_path, name="run")
+    dsd = DSDCallback(0.5, 1, 1, 1, scope="global")
+    with seeded():
+        model = TinyLayerNet()
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    make_trainer([dsd], max_epochs=3, logger=logger).fit(model, make_loader())
+    assert "Pruned whole (every entry): head.weight." in caplog.text
+    notes = _accumulator(logger.log_dir).Tensors("dsd/transitions/text_summary")
+    (note,) = [e.tensor_proto.string_val[0].decode() for e in notes if b"sparse phase" in e.tensor_proto.string_val[0]]
+    assert "Pruned whole (every entry): head.weight." in note
+    assert "Output units cut off from every input: " in note and note.endswith(", head.weight 3/3.")
+
+
+def test_output_units_cut_off_from_every_input_are_counted_per_tensor_and_a_large_share_warned_about(caplog):
+    class OneFeatureGRU(pl.LightningModule):  # each step reads one value: weight_ih_l0 is 48 x 1
+        def __init__(self) -> None:
+            super().__init__()
+            self.gru = nn.GRU(1, 16, batch_first=True)
+            self.head = nn.Linear(16, 3)
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            out, _ = self.gru(x[:, 0].unsqueeze(-1))
+            return nn.functional.cross_entropy(self.head(out[:, -1]), y)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    dsd = DSDCallback(0.8, 1, 1, 1)
+    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    with seeded():
+        model = OneFeatureGRU()
+    with pytest.warns(UserWarning, match=r"cut gru.weight_ih_l0 \(38/48\) output units off from every input"):
+        make_trainer([dsd], max_epochs=3).fit(model, make_loader())
+    # weight_ih_l0 is 48 x 1: each of the round(0.8 * 48) = 38 pruned entries is a whole row.
+    assert "Output units cut off from every input: gru.weight_ih_l0 38/48" in caplog.text

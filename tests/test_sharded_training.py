@@ -48,6 +48,18 @@ def _assert_dsd_held(ranks: list[dict], plan: MaskPlan, steps_per_phase: int) ->
         assert [lr for (lr,) in rank["lrs"]] == pytest.approx([1e-2, 9e-3, 8.1e-3, 7.29e-4])
 
 
+def _assert_forwards_compute_with_what_dsd_stored(ranks: list[dict], phases: set[str]) -> None:
+    """Every forward pass, training and evaluation, on every rank, computed with the weights DSD stored (no
+    stale gathered copy), pruned entries zero in sparse phases; and forwards were seen in ``phases``."""
+    for rank in ranks:
+        forwards = rank["forwards"]
+        stale = [f for f in forwards if not f["same_as_stored"]]
+        assert not stale, f"forward passes computed with stale gathered weights: {stale[:3]}"
+        assert all(f["pruned_zero"] for f in forwards if f["phase"] == "sparse"), "a pruned entry was not zero"
+        assert {f["phase"] for f in forwards if f["training"]} >= phases
+        assert any(not f["training"] for f in forwards), "evaluation forwards were probed too"
+
+
 def _assert_same_final_weights(uninterrupted: list[dict], resumed: list[dict]) -> None:
     for before, after in zip(uninterrupted, resumed, strict=True):
         assert set(before["final"]) == set(after["final"])
@@ -95,6 +107,40 @@ def test_fsdp2_uneven_shards_match_one_device_and_resume_bit_identically_from_a_
     assert all(zeros for _, zeros in one_process["steps"])
 
 
+def test_fsdp2_forwards_use_the_pruned_and_restarted_weights_with_gathered_copies_kept_between_steps(tmp_path):
+    # reshard_after_forward=False keeps every module's gathered weights after the validation that precedes
+    # each transition: without a reshard, the first step of each phase would compute with the old weights.
+    # No checkpoints: their save happens to reshard (FSDP2's state-dict hook), which would hide a stale copy.
+    ranks = _run(tmp_path / "run", "--layout", "fsdp", "--probe", "--validate", "epoch", "--keep-gathered",
+                 "--redense-init", "small_normal", "--no-checkpoints")
+    _assert_dsd_held(ranks, MaskPlan((0.5,)), steps_per_phase=2)
+    _assert_forwards_compute_with_what_dsd_stored(ranks, {"dense", "sparse", "redense"})
+
+
+def test_fsdp2_root_managed_layers_pruned_before_the_first_step_a_zero_initialised_layer_and_a_resume(tmp_path):
+    # dense_epochs=0 (a pre-trained model): the sanity check gathers the root's weights (net.2, net.4), then
+    # DSD prunes before the first step. net.4 starts at zero: it has no non-zero entry to show.
+    options = ["--layout", "fsdp_root", "--probe", "--validate", "sanity", "--dense-epochs", "0",
+               "--zero-output-layer"]
+    ranks = _run(tmp_path / "full", *options)
+    _assert_forwards_compute_with_what_dsd_stored(ranks, {"sparse", "redense"})
+    first_sparse = [f for f in ranks[0]["forwards"] if f["training"] and f["step"] == 0]
+    assert {f["name"] for f in first_sparse} == set(TARGETS), "the very first step, every layer probed"
+
+    (event_file,) = glob.glob(str(tmp_path / "full" / "tb" / "version_0" / "events.out.tfevents.*"))
+    accumulator = EventAccumulator(event_file, size_guidance={"histograms": 0})
+    accumulator.Reload()
+    tags = set(accumulator.Tags()["histograms"])
+    assert "dsd_weights/net.4.weight/2_after_pruning" in tags, "the all-zero tensor's histogram of every entry"
+    assert "dsd_weights_nonzero/net.4.weight/2_after_pruning" not in tags, "no non-zero entry: skipped"
+    assert "dsd_weights_nonzero/net.2.weight/2_after_pruning" in tags
+
+    checkpoint = tmp_path / "full" / "ckpt" / "epoch=0.ckpt"  # mid-sparse: restored masks at train start
+    resumed = _run(tmp_path / "resumed", *options, "--resume", str(checkpoint))
+    _assert_forwards_compute_with_what_dsd_stored(resumed, {"sparse", "redense"})
+    _assert_same_final_weights(ranks, resumed)
+
+
 def test_fsdp2_global_threshold_bf16_small_normal_and_a_single_file_checkpoint(tmp_path):
     options = ["--layout", "fsdp", "--scope", "global", "--precision", "bf16-mixed", "--redense-init",
                "small_normal", "--single-file"]
@@ -135,8 +181,10 @@ def test_tensor_parallel_with_a_plain_layer_and_an_nm_pattern_resumes_bit_identi
 
 
 def test_a_2d_mesh_of_fsdp2_over_tensor_parallel_prunes_one_global_threshold_exactly(tmp_path):
-    ranks = _run(tmp_path / "run", "--layout", "2d", "--scope", "global", ranks=4)
+    ranks = _run(tmp_path / "run", "--layout", "2d", "--scope", "global", "--probe", "--validate", "epoch",
+                 "--keep-gathered", "--no-checkpoints", ranks=4)
     _assert_dsd_held(ranks, MaskPlan((0.5,), scope="global"), steps_per_phase=2)
+    _assert_forwards_compute_with_what_dsd_stored(ranks, {"dense", "sparse", "redense"})
     # Tensor parallel halves net.0's 10 rows, FSDP2 splits each half 3/2; net.4 sits on the data-parallel
     # mesh only, so each tensor-parallel rank holds a copy of its shards (counted once in the threshold).
     assert [rank["local_shapes"]["net.0.weight"] for rank in ranks] == [(3, 12), (3, 12), (2, 12), (2, 12)]
@@ -144,8 +192,10 @@ def test_a_2d_mesh_of_fsdp2_over_tensor_parallel_prunes_one_global_threshold_exa
 
 
 def test_a_transformers_gpt2_under_fsdp2_prunes_its_tied_embedding_once_and_keeps_it_tied(tmp_path):
-    ranks = _run(tmp_path / "run", "--layout", "gpt2")
+    ranks = _run(tmp_path / "run", "--layout", "gpt2", "--probe", "--validate", "epoch", "--no-checkpoints")
     _assert_dsd_held(ranks, MaskPlan((0.5,)), steps_per_phase=2)
+    # The tied wte/lm_head sits in the root group, which stays gathered after each validation.
+    _assert_forwards_compute_with_what_dsd_stored(ranks, {"dense", "sparse", "redense"})
     assert "model.transformer.wte.weight" in ranks[0]["masks"] and "model.lm_head.weight" not in ranks[0]["masks"]
     assert [rank["tied"] for rank in ranks] == [True, True], "the output layer is still the word embedding"
     assert all(rank["sharded"]["model.transformer.wte.weight"] for rank in ranks)

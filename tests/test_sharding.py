@@ -20,7 +20,7 @@ from lightning_dsd.sharding import (
     full_mask,
     global_masks,
     local_slice,
-    pruned_total,
+    pruned_per_tensor,
 )
 
 
@@ -55,7 +55,7 @@ def test_layer_scope_and_nm_decisions_are_the_plans_own_on_plain_tensors():
     expected = plan.decide(weights, cycle=0)
     masks = decide_masks(plan, weights, cycle=0)
     assert all(torch.equal(masks[n], expected[n]) for n in weights)
-    assert pruned_total(masks, weights) == (32 // 2 + round(0.3 * 72), 32 + 72)
+    assert pruned_per_tensor(masks, weights) == {"fc.weight": 32 // 2, "conv.weight": round(0.3 * 72)}
 
 
 def test_counts_and_full_masks_of_plain_tensors_need_no_process_group():
@@ -94,3 +94,27 @@ def test_a_partial_placement_is_refused_naming_the_parameter(one_process_mesh):
     pending = DTensor.from_local(torch.ones(2, 2), one_process_mesh, [Partial()])
     with pytest.raises(ValueError, match=r"`head.weight` has placements \(Partial\(sum\),\).*`exclude` it"):
         check_placements({"head.weight": pending})
+
+
+def test_the_global_threshold_sends_one_stacked_count_per_bisection_round_whatever_the_number_of_targets(
+    one_process_mesh, monkeypatch
+):
+    generator = torch.Generator().manual_seed(0)
+    full = {f"layer{i}.weight": torch.randn(3, 5, generator=generator) for i in range(64)}
+    sharded = {name: distribute_tensor(w, one_process_mesh, [Shard(0)]) for name, w in full.items()}
+    sent = []
+    all_reduce = dist.all_reduce
+
+    def counting_all_reduce(tensor, *args, **kwargs):
+        sent.append(tensor.shape)
+        return all_reduce(tensor, *args, **kwargs)
+
+    monkeypatch.setattr(dist, "all_reduce", counting_all_reduce)
+    to_python = []  # each read of a count into Python is a host sync on a GPU
+    monkeypatch.setattr(torch.Tensor, "__int__", lambda t: to_python.append(1) or t.item())
+    masks = global_masks(sharded, 0.3)
+    expected = global_magnitude_masks(full, 0.3)
+    assert all(torch.equal(masks[name], expected[name]) for name in full)
+    # 31 bisection rounds over the float32 bit patterns, then the count below the threshold and the ties.
+    assert sent == [torch.Size([64])] * 33, "one all-reduce of all 64 counts per round, not one per target"
+    assert len(to_python) <= 34, "about one read of the summed count per round, not one per target per round"

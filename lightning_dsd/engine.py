@@ -1,0 +1,411 @@
+"""The DSD engine: every rule of a Dense-Sparse-Dense run, for one model and its optimizers, in any loop.
+
+:class:`DSDEngine` owns the schedule, the choice of targets, the masks of a sparse phase and their
+enforcement, the learning-rate change and re-dense restart, the checkpoint state and what is reported at
+each transition. It holds no clock and knows no training framework: a front door tells it where training
+stands (:meth:`DSDEngine.advance_if_due` with the elapsed epochs or optimizer steps) and gives it a
+:class:`Training`, which hands over the model's optimizers and schedulers and where reports go. The two
+front doors are :class:`~lightning_dsd.DSDCallback` (a ``Trainer``) and :class:`~lightning_dsd.DSD`
+(Lightning Fabric and plain PyTorch loops).
+
+Every change DSD makes to weights (pruning, restored masks, a re-dense restart) is followed by
+``FSDPModule.reshard()`` on the model's FSDP2 modules (a local operation), so no forward pass computes with
+a gathered copy taken before the change.
+
+Examples:
+    >>> import torch
+    >>> from torch import nn
+    >>> from lightning_dsd.options import check_options
+    >>> model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    >>> class Quiet:  # a Training that logs nothing
+    ...     optimizers, schedulers, sink = [optimizer], [], None
+    ...     def sparse_phase_ending(self, cycle): pass
+    >>> engine = DSDEngine(check_options(0.5, 1, 1, 1, log_scalars=False, log_histograms=False), Quiet())
+    >>> engine.bind(model)
+    >>> engine.advance_if_due(1)  # one epoch done: prune
+    >>> engine.phase.value, int((model[0].weight == 0).sum())
+    ('sparse', 8)
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+
+from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from lightning_dsd.constraint import SparseConstraint
+from lightning_dsd.lr import current_learning_rates, scale_learning_rates
+from lightning_dsd.masks import disconnected_units
+from lightning_dsd.options import DSDOptions
+from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
+from lightning_dsd.plan import MaskPlan, shown
+from lightning_dsd.redense import reinitialize_pruned
+from lightning_dsd.reporting import PhaseReporter, ReportSink
+from lightning_dsd.selection import (
+    Selection,
+    check_selection,
+    matches_any,
+    select_parameters,
+    unmatched_patterns,
+)
+from lightning_dsd.sharding import (
+    FullMasks,
+    check_placements,
+    decide_masks,
+    from_rank_zero,
+    full_mask,
+    local_slice,
+    pruned_per_tensor,
+    reshard_gathered,
+)
+from lightning_dsd.state import RunConfig, decode_state, encode_state
+
+#: A transition warns when a tensor has at least this share of its output units cut off from every input.
+DISCONNECTED_WARNING_SHARE = 0.1
+
+
+class Training(Protocol):
+    """What a front door gives the engine: the optimizers and schedulers DSD acts on, where reports go
+    (``None``: nowhere), and a hook called while the schedule still says "sparse", at the end of each
+    sparse phase."""
+
+    @property
+    def optimizers(self) -> Sequence[Optimizer]: ...
+
+    @property
+    def schedulers(self) -> Sequence[Any]: ...
+
+    @property
+    def sink(self) -> Optional[ReportSink]: ...
+
+    def sparse_phase_ending(self, cycle: int) -> None: ...
+
+
+class DSDEngine:
+    """Every DSD rule for one model (see the module docstring). ``owner`` names the front door in messages."""
+
+    def __init__(self, options: DSDOptions, training: Training, owner: str = "DSDCallback") -> None:
+        self.options = options
+        self.training = training
+        self.owner = owner
+        tracker = None
+        if options.monitor is not None or None in options.lengths:
+            tracker = ConvergenceTracker(options.mode, options.patience, options.min_delta)
+        self.schedule = Schedule(build_stages(options.sparsities, *options.lengths), tracker)
+        self.reporter = PhaseReporter(options.log_histograms, options.log_scalars, options.figure_layers)
+        self.selection = Selection(selected={})
+        self.plan = MaskPlan(options.sparsities, options.scope, options.layer_sparsity)
+        self.histogram_targets: dict[str, nn.Parameter] = {}
+        self._model: Optional[nn.Module] = None
+        self._constraint: Optional[SparseConstraint] = None
+        self._restored_masks: Optional[dict[str, Tensor]] = None
+
+    # ------------------------------------------------------------------ read-only state
+
+    @property
+    def phase(self) -> Phase:
+        return self.schedule.stage.phase
+
+    @property
+    def cycle(self) -> int:
+        return self.schedule.stage.cycle
+
+    @property
+    def targets(self) -> dict[str, nn.Parameter]:
+        return self.selection.selected
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """Bool keep masks by parameter name in a sparse phase (this rank's shard of a ``DTensor``), else empty."""
+        if self._constraint is not None:
+            return self._constraint.keep_masks()
+        return dict(self._restored_masks or {})
+
+    @property
+    def mask_bytes(self) -> int:
+        if self._constraint is None:
+            return 0
+        return sum(mask.numel() * mask.element_size() for mask in self._constraint.masks)
+
+    @property
+    def layer_sparsities(self) -> dict[str, list[Union[float, str]]]:
+        return self.plan.per_layer(list(self.targets))
+
+    @property
+    def phase_label(self) -> str:
+        cycles = len(self.options.sparsities)
+        return self.phase.value if cycles == 1 else f"{self.phase.value} {self.cycle + 1}/{cycles}"
+
+    def is_finished(self, now: int) -> bool:
+        """Whether the last phase has run its course at ``now``."""
+        return self.schedule.is_last and self.schedule.is_over(now)
+
+    @property
+    def _sink(self) -> Optional[ReportSink]:
+        return self.training.sink
+
+    # ------------------------------------------------------------------ set-up
+
+    def bind(self, model: nn.Module) -> None:
+        """Choose the targets in ``model`` (its FSDP2 modules resharded first, so they are the shards the
+        optimizers own) and check everything that can be checked before training."""
+        reshard_gathered(model)
+        options = self.options
+        selection = select_parameters(model, options.include, options.exclude, options.layer_types)
+        check_selection(model, selection, options.include, options.exclude)
+        check_placements(selection.selected)
+        plan = MaskPlan(options.sparsities, options.scope, options.layer_sparsity, selection.input_dims)
+        plan.check_fits(selection.selected)
+        self._model, self.selection, self.plan = model, selection, plan
+        self._warn_about_unmatched_patterns(model)
+        self.histogram_targets = {
+            name: param
+            for name, param in self.targets.items()
+            if options.histogram_layers is None or matches_any(name, options.histogram_layers)
+        }
+        self.reporter.choose_figure_layers(self.targets)
+
+    def check_optimizers(self, optimizers: Sequence[Optimizer], every_one_must_own_a_target: bool) -> None:
+        """Refuse targets that no optimizer updates and, where the user named the optimizers for DSD, an
+        optimizer that updates none of the targets (usually one built for another copy of the model)."""
+        owned: set[int] = set()
+        for index, optimizer in enumerate(optimizers):
+            params = {id(p) for group in optimizer.param_groups for p in group["params"]}
+            mine = params & {id(p) for p in self.targets.values()}
+            if every_one_must_own_a_target and not mine:
+                raise ValueError(
+                    f"{self.owner} was given optimizer {index} ({type(optimizer).__name__}), which updates none of"
+                    f" the {len(self.targets)} weights DSD prunes ({_shortened(list(self.targets))}). Build the"
+                    " optimizer from this model's parameters (after `fabric.setup(model)` or `fully_shard`,"
+                    " which replace them) and pass it, or leave it out."
+                )
+            owned |= mine
+        orphans = [name for name, param in self.targets.items() if id(param) not in owned]
+        if orphans:
+            raise ValueError(
+                f"{self.owner} prunes {_shortened(orphans)}, but no optimizer it was given updates"
+                f" {'it' if len(orphans) == 1 else 'them'}: pruned weights would stay exactly as pruned and the"
+                " optimizer state could not be masked. Give every optimizer that trains the model (an optimizer"
+                " built before `fully_shard` or `fabric.setup` holds the old parameters), or `exclude` these."
+            )
+
+    def _warn_about_unmatched_patterns(self, model: nn.Module) -> None:
+        options = self.options
+        every_name = [name for name, _ in model.named_parameters(remove_duplicate=False)]
+        figure_patterns = None if isinstance(options.figure_layers, int) else options.figure_layers
+        targets = list(self.targets)
+        messages = [
+            *unmatched_patterns("include", options.include, every_name),
+            *unmatched_patterns("exclude", options.exclude, every_name),
+            *unmatched_patterns("layer_sparsity", list(options.layer_sparsity or ()), targets),
+            *unmatched_patterns("histogram_layers", options.histogram_layers, targets),
+            *unmatched_patterns("figure_layers", figure_patterns, targets),
+        ]
+        for message in messages:
+            rank_zero_warn(f"{self.owner}: {message} Check the pattern against `model.named_parameters()`.")
+
+    # ------------------------------------------------------------------ the schedule
+
+    def advance_if_due(self, now: int) -> None:
+        """Make every transition due at ``now`` (elapsed epochs or optimizer steps since training began)."""
+        while self.schedule.is_due(now):
+            finished = self.schedule.stage
+            if finished.phase is Phase.SPARSE:
+                self._record(Moment.END_OF_SPARSE, finished.cycle)
+                self.training.sparse_phase_ending(finished.cycle)
+            stage = self.schedule.advance(now)
+            if stage.phase is Phase.SPARSE:
+                self._prune(stage)
+            else:
+                self._redense(finished)
+
+    def observe(self, value: float) -> None:
+        """One check of the monitored metric, rank zero's value on every rank (so every rank moves alike)."""
+        self.schedule.observe(float(from_rank_zero(float(value))))
+
+    # ------------------------------------------------------------------ transitions
+
+    def _prune(self, stage: Stage) -> None:
+        if stage.cycle > 0:
+            self._record(Moment.END_OF_REDENSE, stage.cycle - 1)
+            self._draw_figure(stage.cycle - 1)
+        self._record(Moment.END_OF_DENSE, stage.cycle)
+        if stage.cycle == 0:
+            rank_zero_info(self.selection.summary())
+            if self.options.layer_sparsity:
+                rank_zero_info(f"DSD sparsity per parameter, one value per cycle: {self.layer_sparsities}")
+        masks = decide_masks(self.plan, self.targets, stage.cycle)
+        self.enforce(masks)
+        self._record(Moment.AFTER_PRUNING, stage.cycle)
+        learning_rates = current_learning_rates(self.training.optimizers)
+        self._log_scalars(learning_rates)
+        pruned = pruned_per_tensor(masks, self.targets)
+        total, pruned_sum = sum(p.numel() for p in self.targets.values()), sum(pruned.values())
+        text = (
+            f"DSD cycle {stage.cycle}: sparse phase. Pruned {pruned_sum}/{total} weights ({pruned_sum / total:.1%}) in"
+            f" {len(masks)} tensors, scope={self.options.scope!r}; the masks stay fixed for this phase. Learning rate"
+            f" unchanged: {_format_lrs(learning_rates)}."
+        )
+        whole = [name for name, count in pruned.items() if count and count == self.targets[name].numel()]
+        if whole:
+            text += f" Pruned whole (every entry): {', '.join(whole)}."
+        text += self._disconnected_note(masks)
+        self._note(text)
+
+    def _disconnected_note(self, masks: Mapping[str, Tensor]) -> str:
+        """Per tensor, the output units the masks cut off from every input (a collective for sharded weights:
+        each mask is gathered whole in turn); a warning when that is a large share of a tensor's units."""
+        found = []
+        for name, local in masks.items():
+            param = self.targets[name]
+            cut, units = disconnected_units(full_mask(local, param), self.selection.input_dims.get(name, 1))
+            if cut:
+                found.append((name, cut, units))
+        if not found:
+            return ""
+        listed = ", ".join(f"{name} {cut}/{units}" for name, cut, units in found)
+        large = [f"{name} ({cut}/{units})" for name, cut, units in found if cut >= DISCONNECTED_WARNING_SHARE * units]
+        if large:
+            rank_zero_warn(
+                f"DSD cycle {self.cycle}: pruning cut {', '.join(large)} output units off from every input, so"
+                " they compute only their bias until re-dense. A small tensor that feeds the whole network (an"
+                " RNN's `weight_ih` reading one feature, a first layer) is best left dense: `exclude` it, or give"
+                " it a lower `layer_sparsity`."
+            )
+        return f" Output units cut off from every input: {listed}."
+
+    def enforce(self, masks: Mapping[str, Tensor]) -> None:
+        """Start enforcing ``masks`` (this rank's parts): zero the pruned weights, their gradients and optimizer
+        state, hook the optimizers, and drop FSDP2's gathered copies of the changed weights."""
+        self.release()
+        self._constraint = SparseConstraint(self.targets, masks, self.options.mask_storage)
+        self._constraint.attach(self.training.optimizers)
+        self._restored_masks = None
+        self._weights_changed()
+
+    def resume_sparse_phase(self) -> None:
+        """At the start of training in a sparse phase (a resume): enforce the restored masks."""
+        if self.phase is Phase.SPARSE:
+            self.enforce(self._restored_masks if self._restored_masks is not None else self.masks)
+
+    def _redense(self, finished: Stage) -> None:
+        if self._constraint is not None:
+            keep = self._constraint.keep_masks()
+            self._constraint.detach(self.training.optimizers)
+            self._constraint = None
+            seed = self.options.seed + finished.cycle
+            reinitialize_pruned(self.targets, keep, self.options.redense_init, seed=seed)
+            self._weights_changed()
+        optimizers = self.training.optimizers
+        before = current_learning_rates(optimizers)
+        scale_learning_rates(optimizers, self.training.schedulers, self.options.lr_scale)
+        after = current_learning_rates(optimizers)
+        restart = "zero" if self.options.redense_init == "zero" else "small noise"
+        self._note(
+            f"DSD cycle {finished.cycle}: re-dense phase. The constraint is lifted and pruned weights restart from"
+            f" {restart}; learning rate x{self.options.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(after)}."
+        )
+        self._record(Moment.START_OF_REDENSE, finished.cycle)
+        self._log_scalars(after)
+
+    def _weights_changed(self) -> None:
+        if self._model is not None:
+            reshard_gathered(self._model)
+
+    # ------------------------------------------------------------------ the sparse phase, step by step
+
+    def mask_gradients(self, optimizer: Any) -> None:
+        """Zero the pruned entries' gradients before ``optimizer`` steps (after backward and unscaling)."""
+        if self._constraint is not None:
+            self._constraint.mask_gradients(optimizer)
+
+    def forget_masked_gradients(self) -> None:
+        """A new batch: its gradients are not masked yet."""
+        if self._constraint is not None:
+            self._constraint.forget_masked_gradients()
+
+    def release(self) -> None:
+        """Remove the optimizer hooks (the masks are kept for :attr:`masks` and checkpoints)."""
+        if self._constraint is not None:
+            self._constraint.detach()
+
+    # ------------------------------------------------------------------ reporting
+
+    def _record(self, moment: Moment, cycle: int) -> None:
+        if self._sink is not None:
+            self.reporter.record(self._sink, moment, cycle, self.histogram_targets)
+
+    def _draw_figure(self, cycle: int) -> None:
+        if self._sink is not None:
+            self.reporter.draw_figure(self._sink, cycle)
+
+    def _note(self, text: str) -> None:
+        if self._sink is None:
+            rank_zero_info(text)
+        else:
+            self.reporter.note_transition(self._sink, text)
+
+    def _log_scalars(self, learning_rates: Optional[list[list[float]]] = None) -> None:
+        if self._sink is not None:
+            lrs = learning_rates if learning_rates is not None else current_learning_rates(self.training.optimizers)
+            self.reporter.log_scalars(self._sink, self.phase, self.cycle, self.targets, lrs)
+
+    def start_reporting(self) -> None:
+        """Before the first step: the TensorBoard chart layout."""
+        if self._sink is not None:
+            self.reporter.write_chart_layout(self._sink)
+
+    def epoch_ended(self, epoch: int) -> None:
+        """At the end of epoch ``epoch`` (0-based): scalars, and the histogram timeline when it is due."""
+        self._log_scalars()
+        every = self.options.histogram_every_n_epochs
+        if every and self.reporter.histograms and (epoch + 1) % every == 0 and self._sink is not None:
+            self.reporter.log_timeline(self._sink, self.histogram_targets)
+
+    def training_ended(self) -> None:
+        """The last look: the histograms of the moment training stopped at, and the cycle's figure."""
+        self.release()
+        final_moment = {Phase.DENSE: Moment.END_OF_DENSE, Phase.SPARSE: Moment.END_OF_SPARSE}
+        self._record(final_moment.get(self.phase, Moment.END_OF_REDENSE), self.cycle)
+        if self.phase is not Phase.DENSE:
+            self._draw_figure(self.cycle)
+
+    # ------------------------------------------------------------------ checkpointing
+
+    def state_dict(self) -> dict[str, Any]:
+        """The schedule and, in a sparse phase, the full masks at 1 bit per weight (a sharded weight's mask is
+        gathered from its shards, one tensor at a time, on every rank), so a resume works on any mesh."""
+        masks = FullMasks(self.masks, self.targets) if self.phase is Phase.SPARSE else {}
+        return encode_state(self.schedule.state_dict(), masks, self.run_config())
+
+    def load_state_dict(self, state: Any) -> None:
+        """Check a saved DSD state against this run (see :mod:`lightning_dsd.state`), then take it; a damaged
+        or mismatched state raises before anything changes. The masks apply at :meth:`resume_sparse_phase`."""
+        shapes = {name: list(param.shape) for name, param in self.targets.items()}
+        check_masks = partial(self.plan.check_masks, self.targets)
+        schedule, masks = decode_state(state, self.run_config(), check_masks, shapes)
+        if self._constraint is not None:  # a sparse phase this run had started gives way to the saved one
+            self._constraint.detach()
+            self._constraint = None
+        self.schedule.load_state_dict(schedule)
+        local_masks = {name: local_slice(mask, self.targets[name]) for name, mask in masks.items()}  # one at a time
+        self._restored_masks = local_masks or None
+
+    def run_config(self) -> RunConfig:
+        stages = [[s.phase.value, s.cycle, s.length, shown(s.sparsity)] for s in self.schedule.stages]
+        layer_sparsity = self.options.layer_sparsity
+        shown_layers = {p: shown(s) for p, s in layer_sparsity.items()} if layer_sparsity else None
+        return RunConfig(stages, self.options.interval, self.options.scope, shown_layers, list(self.targets))
+
+
+def _format_lrs(lrs: list[list[float]]) -> str:
+    return ", ".join(f"{lr:.3g}" for group_lrs in lrs for lr in group_lrs)
+
+
+def _shortened(names: Sequence[str], limit: int = 4) -> str:
+    shown_names = ", ".join(f"`{name}`" for name in names[:limit])
+    return shown_names + (f" and {len(names) - limit} more" if len(names) > limit else "")

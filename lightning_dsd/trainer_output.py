@@ -1,0 +1,82 @@
+"""Where ``DSDCallback`` writes: the ``Trainer``'s loggers, and the output directory beside them.
+
+Examples:
+    >>> import lightning.pytorch as pl
+    >>> trainer = pl.Trainer(logger=False, default_root_dir="runs", enable_progress_bar=False)
+    >>> output_directory(trainer)
+    'runs'
+    >>> TrainerSink(trainer).has_loggers
+    False
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import lightning.pytorch as pl
+from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+
+def output_directory(trainer: "pl.Trainer") -> str:
+    """Where everything DSD writes goes (figures, sparse exports): the TensorBoard logger's directory, else
+    the first logger's ``log_dir`` or ``save_dir`` (what ``Trainer.log_dir`` reads, without its collective),
+    else ``default_root_dir``."""
+    tensorboard = _tensorboard_logger(trainer)
+    if tensorboard is not None:
+        return tensorboard.log_dir
+    if trainer.loggers:
+        first = trainer.loggers[0]
+        directory = getattr(first, "log_dir", None) or first.save_dir
+        if directory:
+            return str(directory)
+    return trainer.default_root_dir
+
+
+def _tensorboard_logger(trainer: "pl.Trainer") -> Optional[TensorBoardLogger]:
+    return next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
+
+
+class TrainerSink:
+    """A :class:`~lightning_dsd.reporting.ReportSink` over a ``Trainer``: histograms, text and figures to its
+    ``TensorBoardLogger``, scalars to every logger, at the ``global_step``; figures also as PNG files under
+    ``<output directory>/dsd_figures``."""
+
+    def __init__(self, trainer: "pl.Trainer") -> None:
+        self.trainer = trainer
+
+    @property
+    def is_rank_zero(self) -> bool:
+        return self.trainer.is_global_zero
+
+    @property
+    def step(self) -> int:
+        return self.trainer.global_step
+
+    @property
+    def has_loggers(self) -> bool:
+        return bool(self.trainer.loggers)
+
+    def tensorboard(self) -> Optional[Any]:
+        logger = _tensorboard_logger(self.trainer)
+        return None if logger is None else logger.experiment
+
+    def log_metrics(self, metrics: dict[str, float]) -> None:
+        for logger in self.trainer.loggers:
+            logger.log_metrics(metrics, step=self.trainer.global_step)
+
+    def figure_directory(self) -> Optional[str]:
+        return os.path.join(output_directory(self.trainer), "dsd_figures")
+
+    def check_loggers(self, histograms: bool, scalars: bool, figures: bool) -> None:
+        """Say once, before training, what the Trainer's loggers cannot show."""
+        if not self.trainer.loggers:
+            if histograms or scalars or figures:
+                rank_zero_info("DSDCallback logs nothing: the Trainer has no logger (logger=False).")
+        elif _tensorboard_logger(self.trainer) is None and (histograms or figures):
+            rank_zero_warn(
+                "DSDCallback skips weight histograms and the figure's TensorBoard image: they need a"
+                f" TensorBoardLogger and the loggers are {[type(lg).__name__ for lg in self.trainer.loggers]}."
+                f" Scalars go to every logger; figures are saved as PNG under {self.figure_directory()}."
+            )
