@@ -1,4 +1,5 @@
-"""Dense-Sparse-Dense training (Han et al., ICLR 2017) as a PyTorch Lightning callback.
+"""Dense-Sparse-Dense training (Han et al., ICLR 2017): a PyTorch Lightning callback, and ``DSD`` for Lightning
+Fabric and plain PyTorch loops, over one engine.
 
 Examples:
     >>> from lightning_dsd import DSDCallback, Phase
@@ -8,12 +9,14 @@ Examples:
 
 from lightning_dsd.callback import DSDCallback
 from lightning_dsd.checkpoint import FinalPhaseCheckpoint
+from lightning_dsd.loop import DSD
 from lightning_dsd.phases import Phase
 from lightning_dsd.selection import LayerSpec
 from lightning_dsd.sensitivity import SensitivityTable, sensitivity_scan
 from lightning_dsd.version import __version__
 
 __all__ = [
+    "DSD",
     "DSDCallback",
     "FinalPhaseCheckpoint",
     "LayerSpec",
