@@ -1,0 +1,50 @@
+"""``DSD`` in Lightning Fabric loops over 2 real gloo processes (``fabric_worker.py``): DDP through
+``fabric.setup(model, optimizer)`` and FSDP2 through Fabric's ``ModelParallelStrategy`` with
+``fabric.setup_optimizers``; masks equal to the one-device masks on every rank, zeros after every step and in
+every forward pass (FSDP2's gathered copies included), and a bit-identical resume through ``fabric.save`` /
+``fabric.load``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import run_worker
+
+from lightning_dsd.plan import MaskPlan
+
+WORKER = Path(__file__).with_name("fabric_worker.py")
+TARGETS = ["0.weight", "2.weight", "4.weight"]
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_a_fabric_loop_prunes_like_one_device_keeps_every_forward_sparse_and_resumes_bit_identically(
+    tmp_path, strategy
+):
+    (tmp_path / "full").mkdir()
+    full = run_worker(WORKER, tmp_path / "full", "--strategy", strategy, "--save-at", "2", ranks=2)
+    expected = MaskPlan((0.5,)).decide(full[0]["dense_end"], cycle=0)
+    for rank in full:
+        assert rank["names"] == TARGETS, "the model's own names, without Fabric's `_forward_module.` prefix"
+        assert set(rank["sharded"].values()) == ({"DTensor"} if strategy == "fsdp" else {"Parameter"})
+        assert all(torch.equal(rank["masks"][n], expected[n]) for n in TARGETS), "the one-device masks"
+        assert [phase for phase, _ in rank["steps"]] == ["dense"] * 4 + ["sparse"] * 8 + ["redense"] * 4
+        assert all(zeros for _, zeros in rank["steps"]), "pruned entries zero after every step"
+        assert all(same for _, same, _ in rank["forwards"]), "every forward computed with the stored weights"
+        assert all(zeros for phase, _, zeros in rank["forwards"] if phase == "sparse")
+        assert rank["lrs"] == pytest.approx([9e-3, 8.1e-3, 7.29e-4, 6.561e-4]), "StepLR, and x0.1 at re-dense"
+        assert rank["finished"]
+    assert all(torch.equal(full[0]["final"][n], full[1]["final"][n]) for n in TARGETS), "ranks agree"
+
+    checkpoint = tmp_path / "full" / "mid_sparse.ckpt"  # after epoch 2 of 4: mid-sparse
+    (tmp_path / "resumed").mkdir()
+    resumed = run_worker(WORKER, tmp_path / "resumed", "--strategy", strategy, "--resume", str(checkpoint), ranks=2)
+    for before, after in zip(full, resumed, strict=True):
+        assert [phase for phase, _ in after["steps"]] == ["sparse"] * 4 + ["redense"] * 4
+        assert all(zeros for _, zeros in after["steps"])
+        assert all(same for _, same, _ in after["forwards"])
+        for name in TARGETS:
+            assert torch.equal(before["final"][name], after["final"][name]), f"{name} differs after the resume"
