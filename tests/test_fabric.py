@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_worker
+from test_loop import run_docs_example
 
 from lightning_dsd.plan import MaskPlan
 
@@ -48,3 +49,9 @@ def test_a_fabric_loop_prunes_like_one_device_keeps_every_forward_sparse_and_res
         assert all(same for _, same, _ in after["forwards"])
         for name in TARGETS:
             assert torch.equal(before["final"][name], after["final"][name]), f"{name} differs after the resume"
+
+
+def test_the_docs_fabric_script_runs_as_written(tmp_path):
+    output = run_docs_example(tmp_path, "# fabric_dsd.py")
+    assert "DSD cycle 0: sparse phase. Pruned 1056/2112 weights (50.0%) in 2 tensors" in output
+    assert "resumed in the sparse phase after 3 epochs" in output
