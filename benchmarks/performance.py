@@ -9,7 +9,8 @@ Sections:
    ``masked_fill_`` vs ``where``, foreach vs a loop), against a plain ``copy_`` of the same tensors, the
    memory-bandwidth yardstick.
 2. **Training step**, bare: the model's forward, backward and optimizer step alone, for plain training,
-   DSD's sparse phase and ModelPruning's reparametrization, interleaved a few steps at a time.
+   DSD's sparse phase (the callback's constraint, and the ``DSD`` class of plain loops, whose step
+   pre-hook masks the gradients) and ModelPruning's reparametrization, interleaved a few steps at a time.
    Then the same inside real ``lightning.Trainer`` runs on three workloads (MLP 3x1024, small CNN, LSTM;
    batch 64) for plain training, DSD in a dense phase, DSD in a sparse phase and Lightning's
    ``ModelPruning`` at the same sparsity, pruning the same parameters. Variants run in alternation, round
@@ -20,6 +21,9 @@ Sections:
 6. **Sharded**: FSDP2 over 2 gloo CPU processes, 25M targeted weights: sparse-phase step ÷ plain FSDP2 step,
    mask-build time at the transition, memory gathered then and masks held after
    (``python benchmarks/performance.py --sharded-only``).
+7. **The global threshold's transition** on FSDP2 for 64 and 256 bf16 targets: seconds and the rise of
+   resident memory while the masks are decided (``--global-only``; run it with ``PYTHONPATH`` set to another
+   checkout to compare two versions side by side).
 """
 
 from __future__ import annotations
@@ -257,12 +261,14 @@ def bare_step_overheads(device: torch.device, repeats: int, workloads: dict, bat
     ``torch.nn.utils.prune.l1_unstructured`` is what ModelPruning applies."""
     from torch.nn.utils import prune
 
+    from lightning_dsd import DSD  # here, so that --global-only also runs against checkouts without it
+
     rows = []
     for workload, (build, shape) in workloads.items():
         x = torch.randn(batch, *shape, device=device)
         y = torch.randint(0, 10, (batch,), device=device)
         models, optimizers = {}, {}
-        for variant in ("plain", "DSD sparse phase", "ModelPruning"):
+        for variant in ("plain", "DSD sparse phase", "DSD plain loop, sparse", "ModelPruning"):
             torch.manual_seed(0)
             model = build().to(device)
             optimizers[variant] = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
@@ -270,6 +276,8 @@ def bare_step_overheads(device: torch.device, repeats: int, workloads: dict, bat
             if variant == "DSD sparse phase":
                 constraint = SparseConstraint(targets, magnitude_masks(targets, dict.fromkeys(targets, 0.5)))
                 constraint.attach([optimizers[variant]])
+            elif variant == "DSD plain loop, sparse":  # the DSD class, pruned before the first forward
+                DSD(model, optimizers[variant], 0.5, 0, 10**9, 1, log_scalars=False, log_histograms=False)
             elif variant == "ModelPruning":
                 for module, name in _dsd_targets(model):
                     prune.l1_unstructured(module, name, amount=0.5)
@@ -294,12 +302,13 @@ def bare_step_overheads(device: torch.device, repeats: int, workloads: dict, bat
                         times[variant].append(time.perf_counter() - start)
         plain = statistics.median(times["plain"])
         dsd = statistics.median(times["DSD sparse phase"]) / plain
+        loop = statistics.median(times["DSD plain loop, sparse"]) / plain
         pruning = statistics.median(times["ModelPruning"]) / plain
         ratio = f"{(pruning - 1) / (dsd - 1):.1f}" if dsd > 1 else "inf (DSD overhead <= 0)"
-        rows.append((workload, 1e3 * plain, f"{dsd:.3f}", f"{pruning:.3f}", ratio))
+        rows.append((workload, 1e3 * plain, f"{dsd:.3f}", f"{loop:.3f}", f"{pruning:.3f}", ratio))
     table(
         f"Bare training step on {device.type}, batch 64, SGD momentum, sparsity 0.5 (medians over {repeats}x3 steps)",
-        ["workload", "plain step ms", "DSD sparse / plain", "ModelPruning / plain",
+        ["workload", "plain step ms", "DSD sparse / plain", "DSD plain loop sparse / plain", "ModelPruning / plain",
          "ModelPruning overhead / DSD overhead"],
         rows,
     )
@@ -401,6 +410,88 @@ def sharded(processes: int = 2, width: int = 2500, depth: int = 4, rounds: int =
           " takes the square root of exp_avg_sq, which DSD zeroes at pruned entries)")
 
 
+def global_threshold(processes: int = 2, counts: Sequence[int] = (64, 256), width: int = 256, repeat: int = 3) -> None:
+    """The ``scope="global"`` transition on FSDP2 over ``processes`` gloo CPU processes, for models of ``counts``
+    bf16 ``width`` x ``width`` Linear targets: seconds to decide the masks (median of ``repeat``) and the rise
+    of resident memory during the call (sampled every millisecond), per rank. Run it on two checkouts to
+    compare them (``PYTHONPATH=<checkout> python benchmarks/performance.py --global-only``)."""
+    import torch.multiprocessing as mp
+
+    import lightning_dsd
+
+    # Every allocation of 128 KiB or more gets its own mapping, returned to the system when freed, so resident
+    # memory follows the live tensors instead of the allocator's reuse of earlier frees.
+    os.environ["MALLOC_MMAP_THRESHOLD_"] = str(128 * 1024)
+    rows = []
+    for count in counts:
+        results = mp.get_context("spawn").SimpleQueue()
+        mp.spawn(_global_threshold_rank, args=(processes, count, width, repeat, results), nprocs=processes, join=True)
+        by_rank = sorted((results.get() for _ in range(processes)), key=lambda r: r["rank"])
+        rows.append((count, f"{count * width * width / 1e6:.1f}M", *[f"{r['seconds']:.3f}" for r in by_rank],
+                     *[f"{r['rss_rise_mib']:.1f}" for r in by_rank], f"{by_rank[0]['local_mib']:.1f}"))
+    table(
+        f"scope='global' transition, FSDP2 over {processes} CPU processes (gloo), bf16 {width}x{width} Linear targets;"
+        f" lightning_dsd from {os.path.dirname(lightning_dsd.__file__)}",
+        ["targets", "weights", *[f"seconds, rank {r}" for r in range(processes)],
+         *[f"RSS rise MiB, rank {r}" for r in range(processes)], "local bf16 weights MiB"],
+        rows,
+    )
+
+
+def _global_threshold_rank(rank: int, processes: int, count: int, width: int, repeat: int, results) -> None:
+    import threading
+
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from lightning_dsd.plan import MaskPlan
+    from lightning_dsd.sharding import decide_masks, local_part
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29518")
+    dist.init_process_group("gloo", rank=rank, world_size=processes)
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    mesh = init_device_mesh("cpu", (processes,))
+    model = nn.Sequential(*[nn.Linear(width, width, bias=False, dtype=torch.bfloat16) for _ in range(count)])
+    for layer in model:
+        fully_shard(layer, mesh=mesh)
+    targets = {f"{i}.weight": layer.weight for i, layer in enumerate(model)}
+    gc.collect()
+
+    def rss_mib() -> float:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+    times, rises = [], []
+    for _ in range(repeat):
+        dist.barrier()
+        baseline, peak, done = rss_mib(), [0.0], threading.Event()
+
+        def sample() -> None:
+            while not done.is_set():
+                peak[0] = max(peak[0], rss_mib())
+                time.sleep(0.001)
+
+        sampler = threading.Thread(target=sample)
+        sampler.start()
+        start = time.perf_counter()
+        masks = decide_masks(MaskPlan((0.5,), scope="global"), targets, cycle=0)
+        times.append(time.perf_counter() - start)
+        done.set()
+        sampler.join()
+        rises.append(max(peak[0], rss_mib()) - baseline)
+        del masks
+        gc.collect()
+    results.put({
+        "rank": rank,
+        "seconds": statistics.median(times),
+        "rss_rise_mib": statistics.median(rises),
+        "local_mib": sum(local_part(w).numel() * w.element_size() for w in targets.values()) / 2**20,
+    })
+    dist.destroy_process_group()
+
+
 def _peak_rss_mib() -> float:
     import resource
 
@@ -485,7 +576,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--quick", action="store_true", help="fewer rounds and sizes")
     parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda if present)")
     parser.add_argument("--sharded-only", action="store_true", help="only section 6, FSDP2 over 2 CPU processes")
+    parser.add_argument("--global-only", action="store_true", help="only section 7, the global threshold's transition")
     args = parser.parse_args(argv)
+    if args.global_only:
+        global_threshold(repeat=2 if args.quick else 3)
+        return
     if args.sharded_only:
         sharded(rounds=3 if args.quick else 8)
         return
@@ -503,6 +598,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         growth(device, repeats=5 if args.quick else 15)
     memory()
     sharded(rounds=3 if args.quick else 8)
+    global_threshold(repeat=2 if args.quick else 3)
 
 
 if __name__ == "__main__":
