@@ -32,6 +32,7 @@ from lightning_dsd.export import export_sparse_model
 from lightning_dsd.options import ReadsOptions, check_options
 from lightning_dsd.phases import Phase
 from lightning_dsd.selection import LayerSpec, LayerType, Selection, uninitialized_parameters
+from lightning_dsd.sharding import from_rank_zero
 from lightning_dsd.trainer_output import TrainerSink, output_directory
 
 
@@ -409,7 +410,7 @@ class DSDCallback(ReadsOptions, Callback):
                 f"DSDCallback's `monitor={self.monitor!r}` is not among the logged metrics. Log it with"
                 f" `self.log({self.monitor!r}, ...)` or pick one of: {sorted(trainer.callback_metrics)}."
             )
-        self._engine.observe(float(value))
+        self._engine.observe(float(from_rank_zero(float(value))))
 
     def _stop_if_finished(self, trainer: "pl.Trainer", now: int) -> None:
         if self.stop_at_end and self._engine.is_finished(now) and not trainer.should_stop:

@@ -12,7 +12,8 @@ state are multiplied through ``to_local()``. It
   the callback from Lightning's ``on_before_optimizer_step``, which runs after backward and gradient
   unscaling and before gradient clipping, so clipping sees the sparse network's true gradient; a step
   called after backward outside Lightning, as in a plain loop, gets its gradients masked by a torch step
-  pre-hook instead);
+  pre-hook instead, and a step given a closure (LBFGS, ``step(closure)``) gets the closure wrapped so that
+  every evaluation computes with the sparse weights and returns masked gradients);
 * re-zeroes the pruned weights after every optimizer step through
   ``torch.optim.Optimizer.register_step_post_hook``, which fires once per real step whatever drives it
   (gradient accumulation, manual optimization, and not at all for steps an AMP scaler skips).
@@ -38,7 +39,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import Tensor
@@ -161,18 +162,38 @@ class SparseConstraint:
         for targets in self._targets.values():
             targets.gradients_masked = False
 
-    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        # A step called after backward without Lightning's hook (a plain loop): mask the gradients here; they
-        # are this step's, so they count as masked and the post-step pass can be skipped.
-        # With a closure (Lightning's automatic optimization, LBFGS) this hook runs *before* the closure's
-        # zero_grad and backward, so the gradients here are stale: leave them, and leave the mark unset so
-        # the post-step re-mask runs unless on_before_optimizer_step masked the fresh ones.
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> Optional[tuple[Any, Any]]:
         targets = self._targets[id(optimizer)]
         # args[0] is the optimizer itself; a closure, if any, is the callable after it or the keyword.
-        has_closure = kwargs.get("closure") is not None or any(callable(arg) for arg in args)
-        if not (has_closure or targets.gradients_masked):
-            _mask_gradients_of(targets)
-            targets.gradients_masked = True
+        position = next((i for i, arg in enumerate(args) if i and callable(arg)), None)
+        closure = kwargs.get("closure") if position is None else args[position]
+        if closure is None:
+            # A step called after backward without Lightning's hook (a plain loop): mask the gradients here;
+            # they are this step's, so they count as masked and the post-step pass can be skipped.
+            if not targets.gradients_masked:
+                _mask_gradients_of(targets)
+                targets.gradients_masked = True
+            return None
+        # With a closure (Lightning's automatic optimization, LBFGS, `step(closure)`) this hook runs before the
+        # closure's backward: wrap the closure so that every evaluation computes with the sparse weights (LBFGS
+        # moves them between evaluations) and hands the optimizer masked gradients (unless Lightning's
+        # on_before_optimizer_step, inside the closure, already masked them).
+        evaluations = 0
+
+        def sparse_closure() -> Any:
+            nonlocal evaluations
+            if evaluations:
+                zero_pruned(_local_parts(targets.params), targets.masks)
+            evaluations += 1
+            loss = closure()
+            if not targets.gradients_masked:
+                _mask_gradients_of(targets)
+                targets.gradients_masked = evaluations == 1
+            return loss
+
+        if position is None:
+            return args, {**kwargs, "closure": sparse_closure}
+        return (*args[:position], sparse_closure, *args[position + 1:]), kwargs
 
     @torch.no_grad()
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:

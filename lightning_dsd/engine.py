@@ -31,7 +31,7 @@ Examples:
 from __future__ import annotations
 
 from functools import partial
-from typing import Any, Mapping, Optional, Protocol, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
 
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
@@ -54,9 +54,9 @@ from lightning_dsd.selection import (
 )
 from lightning_dsd.sharding import (
     FullMasks,
+    check_finite,
     check_placements,
     decide_masks,
-    from_rank_zero,
     full_mask,
     local_slice,
     pruned_per_tensor,
@@ -211,25 +211,31 @@ class DSDEngine:
     # ------------------------------------------------------------------ the schedule
 
     def advance_if_due(self, now: int) -> None:
-        """Make every transition due at ``now`` (elapsed epochs or optimizer steps since training began)."""
+        """Make every transition due at ``now`` (elapsed epochs or optimizer steps since training began).
+
+        A transition happens whole or not at all: what can refuse (the masks, from non-finite weights) is
+        decided before the schedule moves, and a report that fails to be written is warned about, not
+        raised, so it cannot leave a phase that says "sparse" without its masks."""
         while self.schedule.is_due(now):
             finished = self.schedule.stage
             if finished.phase is Phase.SPARSE:
                 self._record(Moment.END_OF_SPARSE, finished.cycle)
                 self.training.sparse_phase_ending(finished.cycle)
-            stage = self.schedule.advance(now)
-            if stage.phase is Phase.SPARSE:
-                self._prune(stage)
+            upcoming = self.schedule.stages[self.schedule.index + 1]
+            if upcoming.phase is Phase.SPARSE:
+                self._prune(upcoming, now)
             else:
+                self.schedule.advance(now)
                 self._redense(finished)
 
     def observe(self, value: float) -> None:
-        """One check of the monitored metric, rank zero's value on every rank (so every rank moves alike)."""
-        self.schedule.observe(float(from_rank_zero(float(value))))
+        """One check of the monitored metric: give every rank the same value (rank zero's, see
+        :func:`~lightning_dsd.sharding.from_rank_zero`) so that every rank moves alike."""
+        self.schedule.observe(float(value))
 
     # ------------------------------------------------------------------ transitions
 
-    def _prune(self, stage: Stage) -> None:
+    def _prune(self, stage: Stage, now: int) -> None:
         if stage.cycle > 0:
             self._record(Moment.END_OF_REDENSE, stage.cycle - 1)
             self._draw_figure(stage.cycle - 1)
@@ -238,7 +244,9 @@ class DSDEngine:
             rank_zero_info(self.selection.summary())
             if self.options.layer_sparsity:
                 rank_zero_info(f"DSD sparsity per parameter, one value per cycle: {self.layer_sparsities}")
+        check_finite(self.targets, self.owner)
         masks = decide_masks(self.plan, self.targets, stage.cycle)
+        self.schedule.advance(now)
         self.enforce(masks)
         self._record(Moment.AFTER_PRUNING, stage.cycle)
         learning_rates = current_learning_rates(self.training.optimizers)
@@ -335,36 +343,43 @@ class DSDEngine:
 
     # ------------------------------------------------------------------ reporting
 
+    def _report(self, write: Callable[[ReportSink], Any]) -> None:
+        """Run one report on the sink, if any. A report that fails (a full disk, a closed writer) is warned
+        about and training goes on: every rank has finished the report's gathers by then (see
+        :mod:`lightning_dsd.reporting`), and DSD's own state is never left half-changed by a log."""
+        if self._sink is None:
+            return
+        try:
+            write(self._sink)
+        except Exception as error:  # a log must not stop training nor corrupt a transition
+            rank_zero_warn(f"{self.owner} could not write a report ({type(error).__name__}: {error}); training and"
+                           " DSD go on, the report is missing.")
+
     def _record(self, moment: Moment, cycle: int) -> None:
-        if self._sink is not None:
-            self.reporter.record(self._sink, moment, cycle, self.histogram_targets)
+        self._report(lambda sink: self.reporter.record(sink, moment, cycle, self.histogram_targets))
 
     def _draw_figure(self, cycle: int) -> None:
-        if self._sink is not None:
-            self.reporter.draw_figure(self._sink, cycle)
+        self._report(lambda sink: self.reporter.draw_figure(sink, cycle))
 
     def _note(self, text: str) -> None:
         if self._sink is None:
             rank_zero_info(text)
-        else:
-            self.reporter.note_transition(self._sink, text)
+        self._report(lambda sink: self.reporter.note_transition(sink, text))
 
     def _log_scalars(self, learning_rates: Optional[list[list[float]]] = None) -> None:
-        if self._sink is not None:
-            lrs = learning_rates if learning_rates is not None else current_learning_rates(self.training.optimizers)
-            self.reporter.log_scalars(self._sink, self.phase, self.cycle, self.targets, lrs)
+        lrs = learning_rates if learning_rates is not None else current_learning_rates(self.training.optimizers)
+        self._report(lambda sink: self.reporter.log_scalars(sink, self.phase, self.cycle, self.targets, lrs))
 
     def start_reporting(self) -> None:
         """Before the first step: the TensorBoard chart layout."""
-        if self._sink is not None:
-            self.reporter.write_chart_layout(self._sink)
+        self._report(self.reporter.write_chart_layout)
 
     def epoch_ended(self, epoch: int) -> None:
         """At the end of epoch ``epoch`` (0-based): scalars, and the histogram timeline when it is due."""
         self._log_scalars()
         every = self.options.histogram_every_n_epochs
-        if every and self.reporter.histograms and (epoch + 1) % every == 0 and self._sink is not None:
-            self.reporter.log_timeline(self._sink, self.histogram_targets)
+        if every and (epoch + 1) % every == 0:
+            self._report(lambda sink: self.reporter.log_timeline(sink, self.histogram_targets))
 
     def training_ended(self) -> None:
         """The last look: the histograms of the moment training stopped at, and the cycle's figure."""

@@ -45,7 +45,7 @@ from lightning_dsd.arguments import SparsityValue
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.options import ReadsOptions, check_options
 from lightning_dsd.phases import Phase
-from lightning_dsd.selection import LayerSpec, LayerType, Selection
+from lightning_dsd.selection import LayerSpec, LayerType, Selection, uninitialized_parameters
 from lightning_dsd.sharding import from_rank_zero
 from lightning_dsd.state import CheckpointStateError
 
@@ -53,7 +53,8 @@ from lightning_dsd.state import CheckpointStateError
 class WriterSink:
     """A :class:`~lightning_dsd.reporting.ReportSink` over a ``torch.utils.tensorboard.SummaryWriter`` (or
     anything with its ``add_histogram``/``add_scalar``/``add_text``): rank zero writes, every rank gathers.
-    Whether anything is logged is rank zero's call (it has the writer), so every rank joins the same gathers.
+    What is logged is rank zero's call (it has the writer; other ranks may pass ``None`` or their own), so
+    every rank joins the same gathers.
 
     Examples:
         >>> WriterSink(None, lambda: 0).has_loggers
@@ -64,7 +65,7 @@ class WriterSink:
         self._writer = writer
         self._step = step
         self._rank = dist.get_rank() if dist.is_initialized() else 0
-        self._logs = bool(from_rank_zero(writer is not None))
+        self._logs, self._histograms = from_rank_zero((writer is not None, hasattr(writer, "add_histogram")))
 
     @property
     def is_rank_zero(self) -> bool:
@@ -78,11 +79,15 @@ class WriterSink:
     def has_loggers(self) -> bool:
         return self._logs
 
+    @property
+    def has_histograms(self) -> bool:
+        return self._histograms
+
     def tensorboard(self) -> Optional[Any]:
-        return self._writer if hasattr(self._writer, "add_histogram") else None
+        return self._writer if self.is_rank_zero and hasattr(self._writer, "add_histogram") else None
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
-        if self._writer is not None:
+        if self.is_rank_zero and self._writer is not None:
             for tag, value in metrics.items():
                 self._writer.add_scalar(tag, value, self.step)
 
@@ -108,7 +113,8 @@ class DSD(ReadsOptions):
         sparsity, dense_epochs, sparse_epochs, redense_epochs: as for :class:`~lightning_dsd.DSDCallback`; a
             length of ``None`` runs that phase until the metric given to :meth:`step` converges (``mode``,
             ``patience``, ``min_delta``).
-        schedulers: the learning-rate schedulers to keep the re-dense learning-rate change through.
+        schedulers: the learning-rate scheduler, or a list of them, to keep the re-dense learning-rate change
+            through.
         writer: where histograms, scalars and transition notes go: a ``SummaryWriter`` (on rank zero; other
             ranks may pass ``None``), or ``None`` for console notes only.
 
@@ -124,7 +130,7 @@ class DSD(ReadsOptions):
         sparse_epochs: Optional[int],
         redense_epochs: Optional[int],
         *,
-        schedulers: Optional[Sequence[Any]] = None,
+        schedulers: Optional[Union[Any, Sequence[Any]]] = None,
         writer: Optional[Any] = None,
         interval: str = "epoch",
         mode: str = "min",
@@ -154,8 +160,16 @@ class DSD(ReadsOptions):
             log_scalars=log_scalars, figure_layers=figure_layers, monitor_required=False,
         )
         self._model = _unwrapped_module(model)
-        self._optimizers = [_unwrapped_optimizer(o) for o in _as_list(optimizers, "optimizers", Optimizer)]
-        self._schedulers = list(schedulers or [])
+        lazy = uninitialized_parameters(self._model)
+        if lazy:
+            raise ValueError(
+                f"DSD needs the shapes of the weights it prunes, but {lazy} belong to lazy modules that no forward"
+                " pass has shaped yet. Run one forward pass (e.g. `model(example_batch)`) before `DSD(...)`."
+            )
+        unwrapped = [_unwrapped_optimizer(o) for o in _as_list(optimizers, "optimizers", Optimizer)]
+        self._optimizers = list({id(o): o for o in unwrapped}.values())  # one optimizer given twice is one
+        many = isinstance(schedulers, (list, tuple))
+        self._schedulers = list(schedulers) if many else [] if schedulers is None else [schedulers]
         self._elapsed = 0
         self._said_finished = False
         self._sink = WriterSink(writer, lambda: self._elapsed)
@@ -236,13 +250,15 @@ class DSD(ReadsOptions):
                 )
             return
         self._start_if_pending()
-        if metric is not None:
-            self._engine.observe(float(metric))
-        elif self._engine.schedule.stage.length is None:
-            raise ValueError(
-                f"The {self.phase.value} phase runs until a metric converges (its length is None), so `step()` needs"
-                " that metric each time, e.g. `dsd.step(val_loss)`."
-            )
+        if None in self.options.lengths:  # the metric decides: every rank takes rank zero's (None included)
+            shared = from_rank_zero(None if metric is None else float(metric))
+            if shared is not None:
+                self._engine.observe(shared)
+            elif self._engine.schedule.stage.length is None:
+                raise ValueError(
+                    f"The {self.phase.value} phase runs until a metric converges (its length is None), so `step()`"
+                    " needs that metric each time on rank zero, e.g. `dsd.step(val_loss)`."
+                )
         if self.interval == "epoch":
             self._engine.epoch_ended(self._elapsed)
         self._elapsed += 1
@@ -284,6 +300,10 @@ class DSD(ReadsOptions):
                 f"its `elapsed` entry is {elapsed!r}, expected the int >= 0 of `DSD.step()` calls"
                 " (a Trainer's checkpoint keeps DSDCallback's state, which has none)"
             )
+        started_at = state.get("schedule", {}).get("started_at") if isinstance(state.get("schedule"), Mapping) else None
+        if isinstance(started_at, int) and elapsed < started_at:
+            raise CheckpointStateError(f"its `elapsed` entry is {elapsed}, before the current phase began"
+                                       f" (`schedule.started_at` = {started_at})")
         self._engine.load_state_dict({key: value for key, value in state.items() if key != "elapsed"})
         self._elapsed = elapsed
         self._said_finished = False
@@ -294,6 +314,7 @@ class DSD(ReadsOptions):
 
 
 def _as_list(value: Any, name: str, kind: type) -> list[Any]:
+    """One object or a list of them, as a list (``kind`` checked)."""
     values = list(value) if isinstance(value, (list, tuple)) else [value]
     if not values or not all(isinstance(v, kind) for v in values):
         raise TypeError(f"`{name}` must be a torch {kind.__name__} or a non-empty list of them. Found: {value!r}.")

@@ -58,7 +58,12 @@ class ReportSink(Protocol):
 
     @property
     def has_loggers(self) -> bool:
-        """Whether anything is logged at all."""
+        """Whether anything is logged at all (the same answer on every rank)."""
+
+    @property
+    def has_histograms(self) -> bool:
+        """Whether rank zero has a writer for histograms (the same answer on every rank, which decides what
+        every rank gathers)."""
 
     def tensorboard(self) -> Optional[Any]:
         """The ``SummaryWriter`` for histograms, text and figures, or ``None``."""
@@ -104,8 +109,9 @@ class PhaseReporter:
         """Log the histograms of ``moment`` and keep a sample of the figure layers for the cycle's figure."""
         if not sink.has_loggers:
             return
-        tensorboard = sink.tensorboard() if self.histograms else None
-        wanted = [name for name in weights if tensorboard is not None or name in self._figure_names]
+        histograms = self.histograms and sink.has_histograms
+        wanted = [name for name in weights if histograms or name in self._figure_names]
+        tensorboard = sink.tensorboard() if histograms else None
         snapshot = {}
 
         def write(name: str, values: Tensor) -> None:
@@ -143,11 +149,15 @@ class PhaseReporter:
         return flat[self._samples[name]]
 
     def log_timeline(self, sink: ReportSink, weights: Mapping[str, Tensor]) -> None:
-        if not self.histograms or (tensorboard := sink.tensorboard()) is None:
+        if not (self.histograms and sink.has_histograms):
             return
-        _write_each(sink, weights, list(weights), lambda name, values: tensorboard.add_histogram(
-            f"dsd_weights_timeline/{name}", values, sink.step
-        ))
+        tensorboard = sink.tensorboard()
+
+        def write(name: str, values: Tensor) -> None:
+            if tensorboard is not None:
+                tensorboard.add_histogram(f"dsd_weights_timeline/{name}", values, sink.step)
+
+        _write_each(sink, weights, list(weights), write)
 
     # -------------------------------------------------------------- transitions and charts
 

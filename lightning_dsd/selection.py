@@ -237,12 +237,12 @@ def check_selection(
         >>> check_selection(nn.LayerNorm(4), select_parameters(nn.LayerNorm(4)), None, None)
         Traceback (most recent call last):
         ...
-        ValueError: DSDCallback found nothing to prune with include=None, exclude=[]. ...
+        ValueError: DSD found nothing to prune with include=None, exclude=[]. ...
     """
     if not selection.selected:
         available = [name for name, _ in model.named_parameters()]
         raise ValueError(
-            f"DSDCallback found nothing to prune with include={list(include) if include else None},"
+            f"DSD found nothing to prune with include={list(include) if include else None},"
             f" exclude={list(exclude or [])}. By default it prunes the connection weights of Linear, Conv,"
             " RNN/LSTM/GRU, MultiheadAttention and transformers' Conv1D layers (declare others with"
             " `layer_types`); `include` patterns may name any parameter of 2+ dimensions. The model's parameters"
@@ -256,7 +256,7 @@ def check_selection(
     ]
     if sparse:
         raise ValueError(
-            f"DSDCallback cannot prune {sparse}: the embedding has `sparse=True`, whose sparse gradients cannot"
+            f"DSD cannot prune {sparse}: the embedding has `sparse=True`, whose sparse gradients cannot"
             " be masked. Use `sparse=False` or `exclude` it."
         )
 

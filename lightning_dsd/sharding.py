@@ -165,6 +165,29 @@ def reshard_gathered(model: nn.Module) -> None:
             module.reshard()
 
 
+@torch.no_grad()
+def check_finite(weights: Mapping[str, Tensor], owner: str = "DSD") -> None:
+    """Refuse to decide masks from weights with NaN or infinite entries (a diverged run): magnitudes that do
+    not order would silently prune fewer than ``round(sparsity * N)``. A collective when any weight is a
+    ``DTensor``, so every rank raises alike.
+
+    Examples:
+        >>> check_finite({"w": torch.tensor([1.0, float("nan")])})
+        Traceback (most recent call last):
+        ...
+        ValueError: DSD cannot prune `w`: 1 of its 2 weights are NaN or infinite ...
+    """
+    bad = _counts_over_ranks(weights, lambda _, entries: (~torch.isfinite(entries)).sum()).tolist()
+    found = [(name, count) for name, count in zip(weights, bad, strict=True) if count]
+    if found:
+        listed = ", ".join(f"`{name}`: {count} of its {weights[name].numel()} weights" for name, count in found)
+        raise ValueError(
+            f"{owner} cannot prune {listed} are NaN or infinite at the transition to the sparse phase, so their"
+            " magnitudes cannot be ranked. Training has diverged: lower the learning rate or clip gradients,"
+            " and resume from an earlier checkpoint. Nothing was pruned."
+        )
+
+
 def check_placements(weights: Mapping[str, Tensor]) -> None:
     """Refuse, before training, a sharded target with a ``Partial`` placement (values still to be summed).
 
@@ -174,7 +197,7 @@ def check_placements(weights: Mapping[str, Tensor]) -> None:
     for name, weight in weights.items():
         if isinstance(weight, DTensor) and any(p.is_partial() for p in weight.placements):
             raise ValueError(
-                f"DSDCallback prunes sharded parameters that are split or copied over the mesh, but `{name}` has"
+                f"DSD prunes sharded parameters that are split or copied over the mesh, but `{name}` has"
                 f" placements {weight.placements}: its full values are a pending reduction, not a weight."
                 " Shard it with `fully_shard` or `parallelize_module`, or `exclude` it."
             )

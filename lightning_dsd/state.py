@@ -57,10 +57,10 @@ class CheckpointStateError(ValueError):
 
     def __init__(self, problem: str, advice: str = "") -> None:
         advice = advice or (
-            "Resume with the DSDCallback configuration and model the checkpoint was saved with, or start a new"
+            "Resume with the DSD configuration and model the checkpoint was saved with, or start a new"
             " DSD run."
         )
-        super().__init__(f"DSDCallback cannot resume from this checkpoint: {problem}. {advice} The checkpoint"
+        super().__init__(f"DSD cannot resume from this checkpoint: {problem}. {advice} The checkpoint"
                          " file is unchanged.")
 
 
@@ -93,19 +93,19 @@ class RunConfig:
         found = []
         for field in ("interval", "scope", "layer_sparsity", "targets"):
             if getattr(saved, field) != getattr(self, field):
-                found.append(f"`{field}`: checkpoint {getattr(saved, field)!r}, this callback {getattr(self, field)!r}")
+                found.append(f"`{field}`: checkpoint {getattr(saved, field)!r}, this run {getattr(self, field)!r}")
         for i in range(index + 1):
             old, new = saved.stages[i], self.stages[i] if i < len(self.stages) else None
             phase, cycle = old[0], old[1]
             if new is None or new[:2] != old[:2]:
-                found.append(f"stage {i}: checkpoint {phase} of cycle {cycle}, this callback has"
+                found.append(f"stage {i}: checkpoint {phase} of cycle {cycle}, this run has"
                              f" {'no such stage' if new is None else f'{new[0]} of cycle {new[1]}'}")
                 continue
             if old[3] != new[3] and phase == "sparse":
-                found.append(f"sparsity of cycle {cycle}: checkpoint {old[3]!r}, this callback {new[3]!r}")
+                found.append(f"sparsity of cycle {cycle}: checkpoint {old[3]!r}, this run {new[3]!r}")
             if i < index and old[2] != new[2]:
                 found.append(f"length of the finished {phase} phase of cycle {cycle}: checkpoint {old[2]!r},"
-                             f" this callback {new[2]!r}")
+                             f" this run {new[2]!r}")
         return found
 
 
@@ -147,7 +147,7 @@ def decode_state(
     index = schedule["index"]
     if saved is not None and (differences := config.differences(saved, index)):
         raise CheckpointStateError(
-            "its DSD configuration differs from this callback's in what has already happened: "
+            "its DSD configuration differs from this run's in what has already happened: "
             + "; ".join(differences),
             "Resume with the checkpoint's values for these (lengths of phases not yet finished, `lr_scale` and"
             " logging options may change).",

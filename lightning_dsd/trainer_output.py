@@ -58,6 +58,10 @@ class TrainerSink:
     def has_loggers(self) -> bool:
         return bool(self.trainer.loggers)
 
+    @property
+    def has_histograms(self) -> bool:
+        return _tensorboard_logger(self.trainer) is not None
+
     def tensorboard(self) -> Optional[Any]:
         logger = _tensorboard_logger(self.trainer)
         return None if logger is None else logger.experiment

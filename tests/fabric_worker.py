@@ -23,6 +23,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.tensorboard import SummaryWriter
 
 from lightning_dsd import DSD, Phase
 from lightning_dsd.sharding import FullMasks, full_tensor, local_part
@@ -58,6 +59,7 @@ class Record:
         self.steps: list[tuple[str, bool]] = []
         self.forwards: list[tuple[str, bool, bool]] = []
         self.lrs: list[float] = []
+        self.phases: list[str] = []
         self.full_masks: dict = {}
         register_optimizer_step_post_hook(self._after_step)
         for name in dsd.target_names:
@@ -87,6 +89,9 @@ def main() -> None:
     parser.add_argument("--out", required=True)
     parser.add_argument("--save-at", type=int, default=None, help="fabric.save after this many epochs")
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--writer", action="store_true", help="a SummaryWriter on rank 0 only, None elsewhere")
+    parser.add_argument("--convergence", action="store_true",
+                        help="a sparse phase that ends when the metric, given on rank 0 only, stops improving")
     args = parser.parse_args()
 
     strategy = DDPStrategy() if args.strategy == "ddp" else ModelParallelStrategy(
@@ -95,7 +100,9 @@ def main() -> None:
     fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy)
     fabric.launch()
     model, optimizer, scheduler = build(args.strategy, fabric)
-    dsd = DSD(model, optimizer, 0.5, dense_epochs=1, sparse_epochs=2, redense_epochs=1, schedulers=[scheduler])
+    writer = SummaryWriter(os.path.join(args.out, "tb")) if args.writer and fabric.global_rank == 0 else None
+    dsd = DSD(model, optimizer, 0.5, dense_epochs=1, sparse_epochs=None if args.convergence else 2, redense_epochs=1,
+              schedulers=[scheduler], writer=writer, patience=1, histogram_every_n_epochs=1)
     record = Record(model, dsd)
     first_epoch = 0
     if args.resume is not None:
@@ -123,8 +130,10 @@ def main() -> None:
         scheduler.step()
         if dsd.phase is Phase.DENSE:
             out["dense_end"] = {n: full_tensor(p).clone() for n, p in dsd.selection.selected.items()}
-        dsd.step()
+        # --convergence: the metric exists on rank 0 only (1.0 every epoch: converged after one flat check)
+        dsd.step(1.0 if args.convergence and fabric.global_rank == 0 else None)
         record.lrs.append(optimizer.param_groups[0]["lr"])
+        record.phases.append(dsd.phase.value)
         if dsd.phase is Phase.SPARSE and "masks" not in out:
             out["masks"] = {n: m.clone() for n, m in FullMasks(dsd.masks, dsd.selection.selected).items()}
         if args.save_at == epoch + 1:
@@ -134,10 +143,12 @@ def main() -> None:
             break
 
     out.update(
-        steps=record.steps, forwards=record.forwards, lrs=record.lrs, finished=dsd.finished,
+        steps=record.steps, forwards=record.forwards, lrs=record.lrs, phases=record.phases, finished=dsd.finished,
         names=dsd.target_names, final={n: full_tensor(p).clone() for n, p in dsd.selection.selected.items()},
         sharded={n: type(p).__name__ for n, p in dsd.selection.selected.items()},
     )
+    if writer is not None:
+        writer.close()
     torch.save(out, os.path.join(args.out, f"rank{fabric.global_rank}.pt"))
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import re
 import runpy
@@ -98,27 +99,47 @@ def test_the_walkthrough_notebook_runs_top_to_bottom(tmp_path, monkeypatch):
     assert "dense baseline" in printed and "tensorboard --logdir" in printed
 
 
+def _cells(table: str) -> list[dict[str, str]]:
+    header, _, *rows = table.strip().splitlines()
+    columns = [cell.strip() for cell in header.strip("|").split("|")]
+    return [dict(zip(columns, (c.strip() for c in row.strip("|").split("|")), strict=True)) for row in rows]
+
+
+def _interval(text: str) -> tuple[float, float, float]:
+    match = re.fullmatch(r"([+-]\d+\.\d\d) \[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]\*?", text)
+    assert match, text
+    mean, low, high = map(float, match.groups())
+    assert low <= mean <= high
+    assert text.endswith("*") == (low > 0 or high < 0), "* marks exactly the intervals that exclude 0"
+    return mean, low, high
+
+
 @pytest.mark.slow
-def test_the_accuracy_study_smoke_run_writes_its_paired_table_and_plot(tmp_path):
+def test_the_accuracy_study_smoke_run_writes_paired_tables_per_seed_results_and_a_plot(tmp_path):
     study = runpy.run_path(str(ROOT / "benchmarks" / "accuracy_study.py"))
     table_path, plot_path = tmp_path / "study.md", tmp_path / "study.png"
-    table = study["main"](["--seeds", "2", "--families", "mlp", "--epochs-scale", "0.05",
-                           "--table", str(table_path), "--plot", str(plot_path)])
-    header, _, *rows = table.splitlines()
-    columns = [cell.strip() for cell in header.strip("|").split("|")]
-    assert columns == ["setting", "sparsity", "dense", "LLR", "sparse", "DSD", "DSD - LLR (95% CI)",
-                       "DSD - dense (95% CI)"]
-    cells = [dict(zip(columns, (c.strip() for c in row.strip("|").split("|")), strict=True)) for row in rows]
-    assert [(c["setting"], c["sparsity"]) for c in cells] == [("mlp", "0.5"), ("mlp-s0.3", "0.3"), ("mlp-s0.8", "0.8")]
-    assert len({(c["dense"], c["LLR"]) for c in cells}) == 1  # the sweep shares one dense phase and its controls
-    for c in cells:
-        means = {arm: float(c[arm].split(" ± ")[0]) for arm in ("dense", "LLR", "sparse", "DSD")}
-        assert all(0 <= mean <= 100 for mean in means.values())
-        for comparison, control in (("DSD - LLR (95% CI)", "LLR"), ("DSD - dense (95% CI)", "dense")):
-            match = re.fullmatch(r"([+-]\d+\.\d\d) \[([+-]\d+\.\d\d), ([+-]\d+\.\d\d)\]\*?", c[comparison])
-            assert match, c[comparison]
-            mean, low, high = map(float, match.groups())
-            assert low <= mean <= high
-            assert mean == pytest.approx(means["DSD"] - means[control], abs=0.011)  # paired mean = difference of means
-    assert table in table_path.read_text()
+    text = study["main"](["--seeds", "2", "--families", "mlp", "charlm", "--epochs-scale", "0.05", "--processes", "1",
+                          "--table", str(table_path), "--plot", str(plot_path)])
+    classifiers, language_model, controls = [_cells(t) for t in text.split("\n\n")[1:4]]
+    raw = json.loads(table_path.with_suffix(".json").read_text())
+    seeds = raw["per_seed"]["mlp"]
+    assert [s["seed"] for s in seeds] == [0, 1] and raw["families"]["mlp"]["epochs"] == [2, 1, 1]
+    assert [row["arm"] for row in classifiers] == [arm["name"] for arm in raw["families"]["mlp"]["arms"]]
+    for row in classifiers:
+        tests = [s["arms"][row["arm"]]["test"] for s in seeds]
+        assert float(row["test accuracy %"].split(" ± ")[0]) == pytest.approx(100 * sum(tests) / 2, abs=0.006)
+        assert float(row["train loss"]) == pytest.approx(sum(s["arms"][row["arm"]]["train_loss"] for s in seeds) / 2,
+                                                         abs=6e-4)
+        if row["arm"] not in ("dense", "LLR"):
+            mean, _, _ = _interval(row["- LLR (95% CI)"])
+            llr = [s["arms"]["LLR"]["test"] for s in seeds]
+            assert mean == pytest.approx(100 * (sum(tests) - sum(llr)) / 2, abs=0.006), "paired mean"
+    assert [row["arm"] for row in language_model] == ["dense", "LLR", "DSD 0.3", "DSD 0.5"]
+    assert all(2 < float(row["bits/char (val)"].split(" ± ")[0]) < 8 for row in language_model)
+    assert [row["DSD 0.8 -"] for row in controls] == ["WD-tuned", "sparse-only 0.8", "random-mask DSD 0.8",
+                                                      "DSD 0.8, Adam state cleared", "LLR"]
+    for row in controls:
+        _interval(row["points (95% CI)"])
+    assert all(s["arms"]["WD-tuned"]["weight_decay"] in raw["weight_decays"] for s in seeds)
+    assert text in table_path.read_text() or table_path.read_text() in text
     assert matplotlib.image.imread(plot_path).shape[2] in (3, 4)

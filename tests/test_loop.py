@@ -265,7 +265,7 @@ def test_the_writer_gets_the_callbacks_histograms_scalars_and_transition_notes(t
     ("build", "message"),
     [
         (lambda m, o: DSD(m, o, 0.5, 1, 1, 1, include="norm.*"),
-         r"DSDCallback found nothing to prune|found nothing to prune"),
+         r"DSD found nothing to prune with include=\[.norm\.\*.\]"),
         (lambda m, o: DSD(m, torch.optim.SGD(nn.Linear(2, 2).parameters(), lr=0.1), 0.5, 1, 1, 1),
          r"optimizer 0 \(SGD\), which updates none of the 4 weights"),
         (lambda m, o: DSD(m, torch.optim.SGD(m.head.parameters(), lr=0.1), 0.5, 1, 1, 1),
@@ -294,7 +294,7 @@ def test_a_state_from_another_configuration_or_damaged_is_refused_before_anythin
 
     other_model, other_optimizer, _ = _model_and_optimizer()
     other = DSD(other_model, other_optimizer, 0.3, 1, 2, 1)
-    with pytest.raises(CheckpointStateError, match=r"sparsity of cycle 0: checkpoint 0.5, this callback 0.3"):
+    with pytest.raises(CheckpointStateError, match=r"sparsity of cycle 0: checkpoint 0.5, this run 0.3"):
         other.load_state_dict(state)
     assert other.phase is Phase.DENSE and other.elapsed == 0 and other.masks == {}
 
@@ -352,3 +352,88 @@ def test_the_readme_points_to_this_page_and_stays_a_door():
     readme = (Path(__file__).parents[1] / "README.md").read_text()
     assert len(readme) < 8000
     assert "dsd = DSD(model, optimizer, 0.5, 10, 10, 10)" in readme and "(docs/loops.md)" in readme
+
+
+def test_steps_given_a_closure_compute_every_evaluation_sparse_lbfgs_and_sgd_included():
+    for make_optimizer in (lambda p: torch.optim.LBFGS(p, lr=0.5, max_iter=4),
+                           lambda p: torch.optim.SGD(p, lr=0.1, momentum=0.9)):
+        with seeded(0):
+            model = ConvLSTMNet()
+        optimizer = make_optimizer(model.parameters())
+        dsd = DSD(model, optimizer, 0.5, 1, 2, 1)
+        probe = Probe(model, dsd)
+        for _ in range(2):
+            for x, y in make_loader():
+                def closure(x=x, y=y, model=model, optimizer=optimizer):
+                    optimizer.zero_grad()
+                    loss = nn.functional.cross_entropy(model(x), y)
+                    loss.backward()
+                    return loss
+
+                optimizer.step(closure)
+                probe.after_step()
+            dsd.step()
+        evaluations = [zeros for phase, zeros in probe.forwards if phase == "sparse"]
+        assert len(evaluations) >= 4 and all(evaluations), f"{type(optimizer).__name__}: a closure saw pruned weights"
+        assert all(zeros for _, zeros in probe.steps)
+        params = dict(model.named_parameters())
+        for name, keep in dsd.masks.items():
+            for value in optimizer.state[params[name]].values():
+                if isinstance(value, torch.Tensor) and value.shape == keep.shape:
+                    assert bool((value[~keep] == 0).all()), f"{type(optimizer).__name__} state of {name}"
+
+
+def test_non_finite_weights_are_refused_at_the_transition_and_nothing_is_pruned():
+    model, optimizer, _ = _model_and_optimizer()
+    dsd = DSD(model, optimizer, 0.5, 1, 1, 1)
+    with torch.no_grad():
+        model.head.weight[0, :3] = float("nan")
+    with pytest.raises(ValueError, match=r"cannot prune `head.weight`: 3 of its 48 weights are NaN or infinite"):
+        dsd.step()
+    assert dsd.phase is Phase.DENSE and dsd.masks == {} and int((model.conv.weight == 0).sum()) == 0
+
+
+def test_a_report_that_fails_is_warned_about_and_the_transition_still_happens():
+    class FailsOnce:
+        failed = False
+
+        def add_histogram(self, *args, **kwargs):
+            if not FailsOnce.failed:
+                FailsOnce.failed = True
+                raise OSError("disk full")
+
+        def add_scalar(self, *args, **kwargs):
+            pass
+
+        def add_text(self, *args, **kwargs):
+            pass
+
+        def add_custom_scalars(self, *args, **kwargs):
+            pass
+
+    model, optimizer, _ = _model_and_optimizer()
+    dsd = DSD(model, optimizer, 0.5, 1, 1, 1, writer=FailsOnce(), figure_layers=0)
+    with pytest.warns(UserWarning, match=r"could not write a report \(OSError: disk full\); training and DSD go on"):
+        dsd.step()
+    assert dsd.phase is Phase.SPARSE and sorted(dsd.masks) == sorted(TARGETS)
+    assert all(int((~keep).sum()) == round(0.5 * keep.numel()) for keep in dsd.masks.values())
+
+
+def test_an_optimizer_given_twice_is_one_and_the_learning_rate_drops_once():
+    model, optimizer, _ = _model_and_optimizer()
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda epoch: 1.0)
+    dsd = DSD(model, [optimizer, optimizer], 0.5, 1, 1, 1, schedulers=[scheduler, scheduler])
+    _train(model, optimizer, scheduler, dsd, 3)
+    assert dsd.finished and optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+
+
+def test_lazy_modules_and_an_elapsed_count_before_the_phase_are_refused_clearly():
+    lazy = nn.Sequential(nn.LazyLinear(4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.raises(ValueError, match=r"lazy modules.*Run one forward pass .* before `DSD\(...\)`"):
+        DSD(lazy, torch.optim.SGD(lazy.parameters(), lr=0.1), 0.5, 1, 1, 1)
+    model, optimizer, scheduler = _model_and_optimizer()
+    dsd = DSD(model, optimizer, 0.5, 1, 2, 1, schedulers=scheduler)  # one scheduler, not in a list
+    _train(model, optimizer, scheduler, dsd, 2)
+    state = {**dsd.state_dict(), "elapsed": 0}
+    with pytest.raises(CheckpointStateError, match=r"`elapsed` entry is 0, before the current phase began"):
+        DSD(*_model_and_optimizer()[:2], 0.5, 1, 2, 1).load_state_dict(state)

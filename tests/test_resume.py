@@ -58,5 +58,5 @@ def test_resuming_with_other_targets_is_refused_with_both_lists(tmp_path):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, every_n_epochs=1, filename="{epoch}")
     make_trainer([dsd, checkpoints], max_epochs=10, enable_checkpointing=True).fit(resumable_model(), make_loader())
     other = DSDCallback(0.5, dense_epochs=2, sparse_epochs=3, redense_epochs=2, exclude=["conv.*"])
-    with pytest.raises(ValueError, match=r"`targets`: checkpoint \['conv.weight', .*callback \['lstm.weight_ih_l0'"):
+    with pytest.raises(ValueError, match=r"`targets`: checkpoint \['conv.weight', .*this run \['lstm.weight_ih_l0'"):
         make_trainer([other], max_epochs=10).fit(resumable_model(), make_loader(), ckpt_path=tmp_path / "epoch=3.ckpt")

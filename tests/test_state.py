@@ -100,7 +100,7 @@ def test_a_damaged_state_is_refused_before_anything_trains_or_changes(run, tmp_p
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     model, dsd = resumable_model(), resumable_dsd()
     recorder = StepRecorder(dsd)
-    with pytest.raises(ValueError, match=r"DSDCallback cannot resume from this checkpoint: " + message):
+    with pytest.raises(ValueError, match=r"DSD cannot resume from this checkpoint: " + message):
         make_trainer([dsd, recorder], max_epochs=7).fit(model, make_loader(), ckpt_path=path)
     assert recorder.steps == []  # not one optimizer step
     saved = torch.load(path, weights_only=True)
@@ -129,19 +129,19 @@ def test_a_truncated_file_fails_in_lightnings_loader_before_dsd_or_training_touc
 
 
 MISMATCHED = {
-    "sparsity": (dict(sparsity=0.6), r"sparsity of cycle 0: checkpoint 0.5, this callback 0.6"),
+    "sparsity": (dict(sparsity=0.6), r"sparsity of cycle 0: checkpoint 0.5, this run 0.6"),
     "finished-dense-length": (dict(dense_epochs=3),
-                              r"length of the finished dense phase of cycle 0: checkpoint 2, this callback 3"),
-    "scope": (dict(scope="global"), r"`scope`: checkpoint 'layer', this callback 'global'"),
-    "interval": (dict(interval="step"), r"`interval`: checkpoint 'epoch', this callback 'step'"),
-    "layer-sparsity": (dict(layer_sparsity={"head.*": 0.25}), r"`layer_sparsity`: checkpoint None, this callback"),
-    "targets": (dict(exclude="head.*"), r"`targets`: checkpoint \[.*'head.weight'\], this callback \["),
+                              r"length of the finished dense phase of cycle 0: checkpoint 2, this run 3"),
+    "scope": (dict(scope="global"), r"`scope`: checkpoint 'layer', this run 'global'"),
+    "interval": (dict(interval="step"), r"`interval`: checkpoint 'epoch', this run 'step'"),
+    "layer-sparsity": (dict(layer_sparsity={"head.*": 0.25}), r"`layer_sparsity`: checkpoint None, this run"),
+    "targets": (dict(exclude="head.*"), r"`targets`: checkpoint \[.*'head.weight'\], this run \["),
 }
 
 
 @pytest.mark.parametrize("overrides, message", MISMATCHED.values(), ids=MISMATCHED.keys())
 def test_a_configuration_that_would_change_the_masks_or_the_past_is_refused(run, overrides, message):
-    with pytest.raises(ValueError, match=r"differs from this callback's in what has already happened: .*" + message):
+    with pytest.raises(ValueError, match=r"differs from this run's in what has already happened: .*" + message):
         make_trainer([resumable_dsd(**overrides)], max_epochs=7).fit(
             resumable_model(), make_loader(), ckpt_path=run[0] / "epoch=3.ckpt")
 
