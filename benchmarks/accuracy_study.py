@@ -1,197 +1,400 @@
-"""Does DSD help, and when? A paired study with confidence intervals, in the regimes the paper claims.
+"""Does DSD help, and when? A paired study with confidence intervals and real controls, in plain PyTorch loops.
 
-For every seed, one dense phase is trained once and saved; every arm then resumes from that very
-checkpoint, with the same data order (an epoch-seeded sampler), so the arms differ only where they differ:
+Every (family, seed) trains one dense phase; every arm then continues from a copy of that very model and
+optimizer, with the same batches (an order seeded by seed and epoch), so the arms of a seed differ only where
+they differ. DSD runs through ``lightning_dsd.DSD``, the plain-loop front door. Arms:
 
-1. ``dense``: plain training for the rest of the budget;
-2. ``LLR``: the same, with the same 10x learning-rate drop at the epoch (each epoch, over cycles) where
-   DSD enters re-dense (the paper's control: it separates DSD's effect from the lower learning rate);
-3. ``DSD``: sparse then re-dense phases; ``sparse`` is its model at the end of its (last) sparse phase.
+* ``dense``: plain training for the rest of the budget; ``LLR``: the same with the 10x learning-rate drop at
+  the epoch DSD enters re-dense (the paper's control for the lower learning rate);
+* ``DSD <s>``: sparse, then re-dense (``+ih dense``: the GRU's input weights ``weight_ih`` left dense, as the
+  paper keeps a network's first layer dense);
+* controls on the MLP: ``WD-tuned`` (LLR with Adam's L2 weight decay chosen per seed on the validation split
+  from 1e-5, 1e-4, 1e-3, trained from scratch), ``sparse-only`` (pruned at the same epoch, never re-densed,
+  the same learning-rate drop), ``random-mask DSD`` (DSD with a random mask of the same per-tensor sparsity),
+  ``DSD, Adam state cleared`` (Adam's moments *and step count* of the targets restart at re-dense).
 
-Per setting it reports the arms' mean ± std and the **paired** differences DSD - LLR and DSD - dense
-(mean over seeds with a 95% t confidence interval; ``*`` where the interval excludes 0), and saves a plot
-of the per-seed differences. Settings (all on data generated or shipped locally):
+Data: MNIST-1D (generated locally; 10% of its training set held out for validation) and, for a character-level
+causal transformer, Python's own documentation text (``pydoc_data.topics``, shipped with Python; 10% held out).
+Metrics: test accuracy (classifiers), validation bits per character (the language model: lower is better).
+Families and seeds are in ``FAMILIES``; every per-seed result, training loss and setting goes to a JSON file
+beside the table.
 
-* ``mlp``: MNIST-1D, an over-parameterized MLP that overfits (train loss near 0), sparsity 0.5, with a
-  sparsity sweep (``mlp-s0.3``, ``mlp-s0.8``) that reuses the same dense phase and controls;
-* ``mlp-2cycles``: the same MLP with two DSD cycles ``(0.5, 0.25)``;
-* ``cnn``: the MNIST-1D CNN with its first convolution kept dense (the paper's choice);
-* ``gru``: a GRU reading MNIST-1D as a sequence, pruned at 0.8 (the paper's LSTM setting).
-
-    python benchmarks/accuracy_study.py                              # the full study, 10 seeds
-    python benchmarks/accuracy_study.py --seeds 1 --families mlp --epochs-scale 0.1   # smoke run
+    python benchmarks/accuracy_study.py                                # the full study, 2 processes
+    python benchmarks/accuracy_study.py --seeds 2 --families mlp --epochs-scale 0.05   # smoke run
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
+import json
 import logging
 import math
 import os
 import statistics
-import sys
-import tempfile
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Iterator, Optional, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterator, Optional, Sequence
 
-import lightning.pytorch as pl
 import torch
 from scipy import stats
-from torch.utils.data import DataLoader, Sampler
+from torch import Tensor, nn
 
-from lightning_dsd import DSDCallback
-from lightning_dsd.demo import Classifier, Data, LearningRateDrop, PhaseAccuracy, accuracy, build_network, load_data
+from lightning_dsd import DSD, Phase
+from lightning_dsd.plan import MaskPlan
+
+WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3)
 
 
 @dataclass(frozen=True)
-class Setting:
-    """One DSD arm: its sparsities (one per cycle) and the parameters kept dense."""
+class Arm:
+    """One way to spend the budget after the shared dense phase."""
 
     name: str
-    sparsities: tuple[float, ...]
-    exclude: Optional[tuple[str, ...]] = None
+    kind: str  # dense, llr, dsd, sparse-only, random-mask, clear-adam, wd
+    sparsity: float = 0.0
+    exclude: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
 class Family:
-    """Settings that share one dense phase and one pair of controls (same model and schedule)."""
+    """Arms that share one dense phase, one schedule and one pair of controls."""
 
     name: str
-    dataset: str
-    model: str
-    epochs: tuple[int, int, int]  # dense, sparse, re-dense (per cycle)
-    cycles: int
-    settings: tuple[Setting, ...]
+    model: str  # mlp, cnn, gru, charlm
+    epochs: tuple[int, int, int]  # dense, sparse, re-dense
+    seeds: int
+    arms: tuple[Arm, ...]
+    lr: float = 3e-3
 
-    @property
-    def total(self) -> int:
-        dense, sparse, redense = self.epochs
-        return dense + self.cycles * (sparse + redense)
-
-    @property
-    def redense_starts(self) -> list[int]:
-        dense, sparse, redense = self.epochs
-        return [dense + cycle * (sparse + redense) + sparse for cycle in range(self.cycles)]
+    def scaled(self, scale: float) -> Family:
+        return Family(self.name, self.model, tuple(max(1, round(e * scale)) for e in self.epochs),  # type: ignore[arg-type]
+                      self.seeds, self.arms, self.lr)
 
 
+DENSE, LLR = Arm("dense", "dense"), Arm("LLR", "llr")
+IH_DENSE = ("network.gru.weight_ih_l0",)
 FAMILIES = {
-    "mlp": Family("mlp", "mnist1d", "mlp", (40, 20, 20), 1, (
-        Setting("mlp", (0.5,)), Setting("mlp-s0.3", (0.3,)), Setting("mlp-s0.8", (0.8,)))),
-    "mlp-2cycles": Family("mlp-2cycles", "mnist1d", "mlp", (40, 15, 15), 2, (Setting("mlp-2cycles", (0.5, 0.25)),)),
-    "cnn": Family("cnn", "mnist1d", "cnn", (40, 20, 20), 1, (Setting("cnn", (0.5,), exclude=("network.1.*",)),)),
-    "gru": Family("gru", "mnist1d", "gru", (30, 15, 15), 1, (Setting("gru", (0.8,)),)),
+    "mlp": Family("mlp", "mlp", (40, 20, 20), 10, (
+        DENSE, LLR, Arm("DSD 0.5", "dsd", 0.5), Arm("DSD 0.8", "dsd", 0.8),
+        Arm("WD-tuned", "wd"), Arm("sparse-only 0.8", "sparse-only", 0.8),
+        Arm("random-mask DSD 0.8", "random-mask", 0.8), Arm("DSD 0.8, Adam state cleared", "clear-adam", 0.8),
+    )),
+    "cnn": Family("cnn", "cnn", (40, 20, 20), 5, (
+        DENSE, LLR, Arm("DSD 0.5, conv1 dense", "dsd", 0.5, ("network.1.*",)),
+    )),
+    "gru": Family("gru", "gru", (60, 15, 15), 5, (
+        DENSE, LLR, Arm("DSD 0.8 (every target, the old arm)", "dsd", 0.8),
+        Arm("DSD 0.8, ih dense", "dsd", 0.8, IH_DENSE), Arm("DSD 0.5, ih dense", "dsd", 0.5, IH_DENSE),
+    )),
+    "gru-long-redense": Family("gru-long-redense", "gru", (60, 15, 45), 5, (
+        DENSE, LLR, Arm("DSD 0.8, ih dense, 45 re-dense", "dsd", 0.8, IH_DENSE),
+    )),
+    "charlm": Family("charlm", "charlm", (8, 4, 4), 3, (
+        DENSE, LLR, Arm("DSD 0.3", "dsd", 0.3), Arm("DSD 0.5", "dsd", 0.5),
+    ), lr=2e-3),
 }
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A shuffle that depends only on (seed, epoch), so every arm resumed at epoch e sees the same order."""
-
-    def __init__(self, size: int, seed: int) -> None:
-        self.size, self.seed, self.epoch = size, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:  # Lightning calls this at every epoch start
-        self.epoch = epoch
-
-    def __iter__(self) -> Iterator[int]:
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.size, generator=generator).tolist())
-
-    def __len__(self) -> int:
-        return self.size
+# ----------------------------------------------------------------------------------------------- the tasks
 
 
-def _trainer(epochs: int, callbacks: list) -> pl.Trainer:
-    return pl.Trainer(max_epochs=epochs, accelerator="cpu", logger=False, callbacks=callbacks,
-                      enable_checkpointing=False, enable_model_summary=False, enable_progress_bar=False,
-                      num_sanity_val_steps=0, deterministic=True)
+class CharTransformer(nn.Module):
+    """A small causal character-level transformer: 2 pre-norm layers of width 64, 4 heads, context 64."""
+
+    def __init__(self, vocabulary: int, width: int = 64, context: int = 64, layers: int = 2) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocabulary, width)
+        self.position = nn.Parameter(torch.zeros(context, width))
+        layer = nn.TransformerEncoderLayer(width, 4, 4 * width, dropout=0.0, batch_first=True, norm_first=True)
+        self.blocks = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, vocabulary)
+        self.register_buffer("causal", nn.Transformer.generate_square_subsequent_mask(context), persistent=False)
+
+    def forward(self, tokens: Tensor) -> Tensor:
+        length = tokens.shape[1]
+        hidden = self.embed(tokens) + self.position[:length]
+        hidden = self.blocks(hidden, mask=self.causal[:length, :length], is_causal=True)
+        return self.head(self.norm(hidden))
+
+
+class Task:
+    """Data, model, batches and metrics of one model family."""
+
+    batch_size = 128
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        if model == "charlm":
+            import pydoc_data.topics
+
+            text = "".join(pydoc_data.topics.topics[key] for key in sorted(pydoc_data.topics.topics))
+            symbols = sorted(set(text))
+            encoded = torch.tensor([symbols.index(c) for c in text], dtype=torch.long)
+            split = int(0.9 * len(encoded))
+            self.train_text, self.val_text, self.vocabulary = encoded[:split], encoded[split:], len(symbols)
+            self.context, self.steps_per_epoch = 64, 100
+            return
+        from lightning_dsd.demo import load_data
+
+        data = load_data("mnist1d")
+        x, y = data.train.tensors
+        order = torch.randperm(len(x), generator=torch.Generator().manual_seed(12345))
+        held_out = len(x) // 10
+        self.val = (x[order[:held_out]], y[order[:held_out]])
+        self.train = (x[order[held_out:]], y[order[held_out:]])
+        self.test = data.test.tensors
+        self.length, self.classes = data.length, data.classes
+
+    def build(self, seed: int) -> nn.Module:
+        torch.manual_seed(seed)
+        if self.model == "charlm":
+            return CharTransformer(self.vocabulary)
+        from lightning_dsd.demo import build_network
+
+        return Wrapped(build_network(self.model, self.length, self.classes))
+
+    def batches(self, seed: int, epoch: int) -> Iterator[tuple[Tensor, Tensor]]:
+        generator = torch.Generator().manual_seed(seed * 100_003 + epoch)
+        if self.model == "charlm":
+            for _ in range(self.steps_per_epoch):
+                starts = torch.randint(0, len(self.train_text) - self.context - 1, (32,), generator=generator)
+                windows = torch.stack([self.train_text[s:s + self.context + 1] for s in starts.tolist()])
+                yield windows[:, :-1], windows[:, 1:]
+            return
+        x, y = self.train
+        order = torch.randperm(len(x), generator=generator)
+        for start in range(0, len(x), self.batch_size):
+            index = order[start:start + self.batch_size]
+            yield x[index], y[index]
+
+    @staticmethod
+    def loss(model: nn.Module, inputs: Tensor, targets: Tensor) -> Tensor:
+        logits = model(inputs)
+        return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module, split: str) -> float:
+        """Accuracy on ``split`` ("val" or "test") for classifiers; validation bits per character for the LM
+        (its "test" is the same held-out text)."""
+        model.eval()
+        try:
+            if self.model == "charlm":
+                windows = self.val_text[: (len(self.val_text) - 1) // self.context * self.context + 1]
+                inputs = windows[:-1].view(-1, self.context)
+                targets = windows[1:].view(-1, self.context)
+                pairs = list(zip(inputs.split(256), targets.split(256), strict=True))
+                total = sum(self.loss(model, i, t).item() * len(i) for i, t in pairs)
+                return total / len(inputs) / math.log(2)
+            x, y = self.val if split == "val" else self.test
+            return (model(x).argmax(dim=1) == y).float().mean().item()
+        finally:
+            model.train()
+
+    @property
+    def lower_is_better(self) -> bool:
+        return self.model == "charlm"
+
+
+class Wrapped(nn.Module):
+    """The demo's networks under ``network.``, as the Lightning study named them (``network.1.*``)."""
+
+    def __init__(self, network: nn.Module) -> None:
+        super().__init__()
+        self.network = network
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.network(x)
+
+
+class RandomMaskPlan(MaskPlan):
+    """Masks of exactly the plan's per-tensor sparsity, at random positions (the control for magnitude)."""
+
+    def decide(self, weights, cycle):  # type: ignore[no-untyped-def]
+        generator = torch.Generator().manual_seed(777 + cycle)
+        masks = {}
+        for name, weight in weights.items():
+            pruned = round(float(self.sparsities[cycle]) * weight.numel())
+            keep = torch.ones(weight.numel(), dtype=torch.bool)
+            keep[torch.randperm(weight.numel(), generator=generator)[:pruned]] = False
+            masks[name] = keep.view(weight.shape)
+        return masks
+
+
+# ----------------------------------------------------------------------------------------------- training
 
 
 @dataclass
-class SeedResult:
-    dense: float
-    llr: float
-    dsd: dict[str, float] = field(default_factory=dict)
-    sparse: dict[str, float] = field(default_factory=dict)
+class ArmResult:
+    test: float
+    val: float
+    train_loss: float
+    sparse_test: Optional[float] = None
+    weight_decay: Optional[float] = None
 
 
-def run_family(family: Family, data: Data, seed: int, directory: str, scale: float) -> SeedResult:
-    """One seed of one family: the shared dense phase, then every arm resumed from it."""
-    dense_epochs, sparse_epochs, redense_epochs = (max(1, round(e * scale)) for e in family.epochs)
-    family = Family(family.name, family.dataset, family.model, (dense_epochs, sparse_epochs, redense_epochs),
-                    family.cycles, family.settings)
-    loader = DataLoader(data.train, batch_size=128, sampler=EpochSeededSampler(len(data.train), seed))
-
-    def module() -> Classifier:
-        pl.seed_everything(seed, verbose=False)
-        return Classifier(build_network(family.model, data.length, data.classes), data.classes, lr=3e-3)
-
-    dense_phase = os.path.join(directory, f"{family.name}-seed{seed}-dense.ckpt")
-    trainer = _trainer(dense_epochs, [])
-    trainer.fit(module(), loader)
-    trainer.save_checkpoint(dense_phase)
-
-    def resume(callbacks: list) -> Classifier:
-        model = module()
-        _trainer(family.total, callbacks).fit(model, loader, ckpt_path=dense_phase)
-        return model
-
-    result = SeedResult(dense=accuracy(resume([]), data.test),
-                        llr=accuracy(resume([LearningRateDrop(family.redense_starts, 0.1)]), data.test))
-    for setting in family.settings:
-        dsd = DSDCallback(setting.sparsities, dense_epochs, sparse_epochs, redense_epochs, exclude=setting.exclude)
-        phases = PhaseAccuracy(dsd, data.test)
-        result.dsd[setting.name] = accuracy(resume([dsd, phases]), data.test)
-        last_sparse = "sparse" if family.cycles == 1 else f"sparse{family.cycles - 1}"
-        result.sparse[setting.name] = phases.at_phase_end[last_sparse]
-    return result
+def _epochs(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int, epochs: range,
+            after_epoch: Callable[[int], None] = lambda epoch: None) -> float:
+    """Train ``epochs``; return the mean training loss of the last one."""
+    last = 0.0
+    for epoch in epochs:
+        losses = []
+        for inputs, targets in task.batches(seed, epoch):
+            optimizer.zero_grad()
+            loss = task.loss(model, inputs, targets)
+            loss.backward()
+            optimizer.step()
+            losses.append(loss.item())
+        last = statistics.mean(losses)
+        after_epoch(epoch)
+    return last
 
 
-def paired(differences: Sequence[float]) -> str:
-    """Mean of paired differences in points, with a 95% t interval and ``*`` where it excludes 0."""
-    mean = 100 * statistics.mean(differences)
+def _drop_lr(optimizer: torch.optim.Optimizer, factor: float = 0.1) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] *= factor
+
+
+def run_arm(task: Task, family: Family, arm: Arm, seed: int, start: dict[str, Any]) -> ArmResult:
+    dense, sparse, redense = family.epochs
+    total = dense + sparse + redense
+    if arm.kind == "wd":
+        return _tuned_weight_decay(task, family, seed)
+    model = task.build(seed)
+    model.load_state_dict(start["model"])
+    optimizer = torch.optim.Adam(model.parameters(), lr=family.lr)
+    optimizer.load_state_dict(copy.deepcopy(start["optimizer"]))
+    result: dict[str, Any] = {}
+
+    if arm.kind in ("dense", "llr"):
+        drop = (lambda epoch: _drop_lr(optimizer) if epoch + 1 == dense + sparse else None) if arm.kind == "llr" else (
+            lambda epoch: None)
+        loss = _epochs(task, model, optimizer, seed, range(dense, total), drop)
+        return ArmResult(task.evaluate(model, "test"), task.evaluate(model, "val"), loss)
+
+    sparse_length, redense_length = (sparse + redense, 0) if arm.kind == "sparse-only" else (sparse, redense)
+    dsd = DSD(model, optimizer, arm.sparsity, 0, sparse_length, redense_length, exclude=list(arm.exclude) or None,
+              log_histograms=False, log_scalars=False)
+    if arm.kind == "random-mask":
+        dsd._engine.plan = RandomMaskPlan(dsd._engine.plan.sparsities, input_dims=dsd._engine.plan.input_dims)
+
+    def after_epoch(epoch: int) -> None:
+        was = dsd.phase
+        if arm.kind == "sparse-only" and epoch + 1 == dense + sparse:
+            _drop_lr(optimizer)  # the same drop as LLR and DSD, with the mask kept
+        if epoch + 1 == dense + sparse:
+            result["sparse_test"] = task.evaluate(model, "test")
+        dsd.step()
+        if arm.kind == "clear-adam" and was is Phase.SPARSE and dsd.phase is Phase.REDENSE:
+            for param in dsd.selection.selected.values():
+                optimizer.state[param] = {}  # Adam restarts these: zero moments, step 0, fresh bias correction
+
+    loss = _epochs(task, model, optimizer, seed, range(dense, total), after_epoch)
+    return ArmResult(task.evaluate(model, "test"), task.evaluate(model, "val"), loss, result.get("sparse_test"))
+
+
+def _tuned_weight_decay(task: Task, family: Family, seed: int) -> ArmResult:
+    """LLR with Adam's L2 weight decay, trained from scratch for each value; the best on validation is kept."""
+    dense, sparse, redense = family.epochs
+    best: Optional[ArmResult] = None
+    for decay in WEIGHT_DECAYS:
+        model = task.build(seed)
+        optimizer = torch.optim.Adam(model.parameters(), lr=family.lr, weight_decay=decay)
+        loss = _epochs(task, model, optimizer, seed, range(dense + sparse + redense),
+                       lambda epoch, o=optimizer: _drop_lr(o) if epoch + 1 == dense + sparse else None)
+        result = ArmResult(task.evaluate(model, "test"), task.evaluate(model, "val"), loss, weight_decay=decay)
+        better = best is None or (result.val < best.val if task.lower_is_better else result.val > best.val)
+        best = result if better else best
+    assert best is not None
+    return best
+
+
+def run_seed(family: Family, seed: int) -> dict[str, Any]:
+    """One seed of one family: the shared dense phase, then every arm from a copy of it."""
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+    task = Task(family.model)
+    model = task.build(seed)
+    optimizer = torch.optim.Adam(model.parameters(), lr=family.lr)
+    dense = family.epochs[0]
+    val_history: list[float] = []
+    loss = _epochs(task, model, optimizer, seed, range(dense),
+                   lambda epoch: val_history.append(task.evaluate(model, "val")))
+    start = {"model": copy.deepcopy(model.state_dict()), "optimizer": copy.deepcopy(optimizer.state_dict())}
+    arms = {arm.name: asdict(run_arm(task, family, arm, seed, start)) for arm in family.arms}
+    return {"family": family.name, "seed": seed, "dense_phase": {
+        "train_loss": loss, "val_metric_by_epoch": val_history}, "arms": arms}
+
+
+# ----------------------------------------------------------------------------------------------- statistics
+
+
+def interval(differences: Sequence[float], scale: float) -> tuple[float, float, float]:
+    """Mean of paired differences and its 95% t interval, times ``scale``."""
+    mean = scale * statistics.mean(differences)
+    if len(differences) < 2:
+        return mean, mean, mean
+    spread = statistics.stdev(differences) / math.sqrt(len(differences))
+    half = scale * stats.t.ppf(0.975, len(differences) - 1) * spread
+    return mean, mean - half, mean + half
+
+
+def detectable(differences: Sequence[float], scale: float) -> str:
+    """The smallest true mean difference this many seeds find with 80% power at the 5% level, given the spread
+    of the paired differences seen: (t_0.975 + t_0.8) x sd / sqrt(n)."""
+    n = len(differences)
+    if n < 2:
+        return ""
+    factor = stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)
+    return f"{scale * factor * statistics.stdev(differences) / math.sqrt(n):.2f}"
+
+
+def shown_interval(differences: Sequence[float], scale: float) -> str:
+    mean, low, high = interval(differences, scale)
     if len(differences) < 2:
         return f"{mean:+.2f}"
-    half = 100 * stats.t.ppf(0.975, len(differences) - 1) * statistics.stdev(differences) / math.sqrt(len(differences))
-    significant = "*" if abs(mean) > half else ""
-    return f"{mean:+.2f} [{mean - half:+.2f}, {mean + half:+.2f}]{significant}"
+    return f"{mean:+.2f} [{low:+.2f}, {high:+.2f}]{'*' if low > 0 or high < 0 else ''}"
 
 
-def _mean_std(values: Sequence[float]) -> str:
+def _mean_std(values: Sequence[float], scale: float) -> str:
     std = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{100 * statistics.mean(values):.2f} ± {100 * std:.2f}"
+    return f"{scale * statistics.mean(values):.2f} ± {scale * std:.2f}"
 
 
-def run_study(families: Sequence[str], seeds: int, scale: float) -> tuple[list[dict[str, str]], dict]:
-    rows, differences = [], {}
-    cached: dict[str, Data] = {}
-    with tempfile.TemporaryDirectory() as directory:
-        for name in families:
-            family = FAMILIES[name]
-            data = cached.setdefault(family.dataset, load_data(family.dataset))
-            results = []
-            for seed in range(seeds):
-                results.append(run_family(family, data, seed, directory, scale))
-                last = results[-1]
-                print(f"  {name} seed {seed}: dense {100 * last.dense:.1f}, LLR {100 * last.llr:.1f}, "
-                      + ", ".join(f"{s} {100 * v:.1f}" for s, v in last.dsd.items()), file=sys.stderr, flush=True)
-            for setting in family.settings:
-                dsd = [r.dsd[setting.name] for r in results]
-                versus_llr = [d - r.llr for d, r in zip(dsd, results, strict=True)]
-                versus_dense = [d - r.dense for d, r in zip(dsd, results, strict=True)]
-                differences[setting.name] = {"DSD - LLR": versus_llr, "DSD - dense": versus_dense}
-                rows.append({
-                    "setting": setting.name,
-                    "sparsity": "/".join(f"{s:g}" for s in setting.sparsities),
-                    "dense": _mean_std([r.dense for r in results]),
-                    "LLR": _mean_std([r.llr for r in results]),
-                    "sparse": _mean_std([r.sparse[setting.name] for r in results]),
-                    "DSD": _mean_std(dsd),
-                    "DSD - LLR (95% CI)": paired(versus_llr),
-                    "DSD - dense (95% CI)": paired(versus_dense),
-                })
-    return rows, differences
+def summarize(family: Family, seeds: list[dict[str, Any]], lm: bool) -> list[dict[str, str]]:
+    """One row per arm: metric mean ± std, last-epoch training loss, and the paired differences against LLR
+    and dense (for the LM in bits per character: negative is better)."""
+    scale = 1.0 if lm else 100.0
+    rows = []
+    for arm in family.arms:
+        values = [s["arms"][arm.name]["test"] for s in seeds]
+        row = {
+            "family": family.name,
+            "arm": arm.name,
+            "bits/char (val)" if lm else "test accuracy %": _mean_std(values, scale),
+            "train loss": f"{statistics.mean(s['arms'][arm.name]['train_loss'] for s in seeds):.3f}",
+        }
+        for control in ("LLR", "dense"):
+            row[f"- {control} (95% CI)"] = "" if arm.name in ("dense", "LLR") else shown_interval(
+                [s["arms"][arm.name]["test"] - s["arms"][control]["test"] for s in seeds], scale)
+        row["detectable vs LLR (80% power)"] = "" if arm.name in ("dense", "LLR") else detectable(
+            [s["arms"][arm.name]["test"] - s["arms"]["LLR"]["test"] for s in seeds], scale)
+        rows.append(row)
+    return rows
+
+
+def is_it_dsd(seeds: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The MLP's DSD 0.8 against each control, paired by seed."""
+    rows = []
+    for control in ("WD-tuned", "sparse-only 0.8", "random-mask DSD 0.8", "DSD 0.8, Adam state cleared", "LLR"):
+        differences = [s["arms"]["DSD 0.8"]["test"] - s["arms"][control]["test"] for s in seeds]
+        rows.append({"DSD 0.8 -": control, "points (95% CI)": shown_interval(differences, 100.0),
+                     "seeds DSD better": f"{sum(d > 0 for d in differences)}/{len(differences)}"})
+    return rows
 
 
 def markdown_table(rows: list[dict[str, str]]) -> str:
@@ -201,55 +404,77 @@ def markdown_table(rows: list[dict[str, str]]) -> str:
     return "\n".join(lines)
 
 
-def plot_differences(differences: dict, path: str) -> None:
-    """One point per seed for each setting and comparison, with the mean and its 95% interval."""
+def plot(results: dict[str, list[dict[str, Any]]], path: str) -> None:
+    """Per-seed differences DSD - LLR of every DSD arm of the classifiers, with means and 95% intervals."""
     from matplotlib.figure import Figure
 
-    figure = Figure(figsize=(4 + 1.2 * len(differences), 3.6), layout="constrained")
-    axes = figure.subplots(1, 2, sharey=True)
-    for ax, comparison in zip(axes, ("DSD - LLR", "DSD - dense"), strict=True):
-        for x, by_comparison in enumerate(differences.values()):
-            values = [100 * d for d in by_comparison[comparison]]
-            jitter = [x + 0.15 * ((i % 5) - 2) / 2 for i in range(len(values))]
-            ax.scatter(jitter, values, s=12, color="#2a6fb0", alpha=0.7)
-            if len(values) > 1:
-                half = stats.t.ppf(0.975, len(values) - 1) * statistics.stdev(values) / math.sqrt(len(values))
-                ax.errorbar([x + 0.3], [statistics.mean(values)], yerr=[half], fmt="o", color="#c0392b", capsize=4)
-        ax.axhline(0, color="grey", linewidth=0.8)
-        ax.set_xticks(range(len(differences)), list(differences), rotation=30, fontsize=8)
-        ax.set_title(f"{comparison} (points of test accuracy)", fontsize=10)
+    series = [(f"{name}: {arm}", [100 * (s["arms"][arm]["test"] - s["arms"]["LLR"]["test"]) for s in seeds])
+              for name, seeds in results.items() if FAMILIES[name].model != "charlm"
+              for arm in seeds[0]["arms"] if arm not in ("dense", "LLR")]
+    figure = Figure(figsize=(2 + 0.9 * len(series), 4.2), layout="constrained")
+    ax = figure.subplots()
+    for x, (_, values) in enumerate(series):
+        ax.scatter([x - 0.1] * len(values), values, s=12, color="#2a6fb0", alpha=0.7)
+        mean, low, high = interval(values, 1.0)
+        ax.errorbar([x + 0.15], [mean], yerr=[[mean - low], [high - mean]], fmt="o", color="#c0392b", capsize=4)
+    ax.axhline(0, color="grey", linewidth=0.8)
+    ax.set_xticks(range(len(series)), [label for label, _ in series], rotation=40, ha="right", fontsize=7)
+    ax.set_ylabel("arm - LLR, points of test accuracy")
     figure.savefig(path, dpi=90)
 
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--seeds", type=int, default=10)
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per family (default: each family's own)")
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every phase length (smoke runs)")
-    parser.add_argument("--table", default="benchmarks/results/accuracy_study.md", help="where the table goes")
+    parser.add_argument("--processes", type=int, default=2, help="worker processes (1: run here)")
+    parser.add_argument("--table", default="benchmarks/results/accuracy_study.md", help="where the tables go")
     parser.add_argument("--plot", default="docs/accuracy_study.png", help="where the plot of differences goes")
     args = parser.parse_args(argv)
-    warnings.filterwarnings("ignore")
-    logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     started = time.perf_counter()
-    rows, differences = run_study(args.families, args.seeds, args.epochs_scale)
+    families = {name: FAMILIES[name].scaled(args.epochs_scale) for name in args.families}
+    jobs = [(family, seed) for family in families.values() for seed in range(args.seeds or family.seeds)]
+    jobs.sort(key=lambda job: -{"gru": 8, "charlm": 3, "cnn": 2}.get(job[0].model, 1) * sum(job[0].epochs))
+    if args.processes == 1:
+        finished = [run_seed(family, seed) for family, seed in jobs]
+    else:
+        with ProcessPoolExecutor(args.processes) as pool:
+            finished = list(pool.map(run_seed, *zip(*jobs, strict=True)))
+    results: dict[str, list[dict[str, Any]]] = {name: [] for name in families}
+    for seed_result in sorted(finished, key=lambda r: (r["family"], r["seed"])):
+        results[seed_result["family"]].append(seed_result)
     elapsed = time.perf_counter() - started
-    schedule = "; ".join(f"{f}: {'/'.join(map(str, FAMILIES[f].epochs))} x{FAMILIES[f].cycles}" for f in args.families)
+
+    classifier_rows = [row for name, seeds in results.items() if families[name].model != "charlm"
+                       for row in summarize(families[name], seeds, lm=False)]
+    tables = [markdown_table(classifier_rows)] if classifier_rows else []
+    if "charlm" in results:
+        tables.append(markdown_table(summarize(families["charlm"], results["charlm"], lm=True)))
+    if "mlp" in results:
+        tables.append(markdown_table(is_it_dsd(results["mlp"])))
+    schedule = "; ".join(f"{name}: {'/'.join(map(str, f.epochs))}, {len(results[name])} seeds"
+                         for name, f in families.items())
     text = (
-        f"Test accuracy (%) on MNIST-1D, mean ± std over {args.seeds} seeds, and paired differences DSD - control"
-        f" in points (mean [95% t interval], * = excludes 0). Epochs dense/sparse/re-dense x cycles: {schedule}"
-        f" (scaled by {args.epochs_scale:g}). Adam lr 3e-3, batch 128; every arm of a seed resumes from one shared"
-        f" dense phase. {elapsed:.0f} s on {torch.get_num_threads()} CPU threads.\n\n{markdown_table(rows)}\n"
+        f"Paired study (dense/sparse/re-dense epochs, seeds: {schedule}; epochs scaled by {args.epochs_scale:g}).\n"
+        f"Differences are arm - control per seed: mean [95% t interval], * = excludes 0; points of test accuracy,\n"
+        f"bits per character for the LM (lower is better). {elapsed:.0f} s with {args.processes} processes of 1"
+        f" thread on {os.cpu_count()} CPUs.\n\n" + "\n\n".join(tables) + "\n"
     )
     print(text)
     for path in (args.table, args.plot):
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(args.table, "w") as table:
         table.write(text)
-    plot_differences(differences, args.plot)
-    print(f"({elapsed:.0f} s; table in {args.table}, plot in {args.plot})")
-    return markdown_table(rows)
+    with open(os.path.splitext(args.table)[0] + ".json", "w") as raw:
+        json.dump({"elapsed_s": elapsed, "epochs_scale": args.epochs_scale, "weight_decays": WEIGHT_DECAYS,
+                   "families": {name: asdict(f) for name, f in families.items()}, "per_seed": results}, raw, indent=1)
+    if classifier_rows:
+        plot(results, args.plot)
+    print(f"({elapsed:.0f} s; tables in {args.table}, per-seed results beside it, plot in {args.plot})")
+    return text
 
 
 if __name__ == "__main__":
     main()
+
