@@ -203,25 +203,19 @@ def test_a_phase_of_length_none_ends_when_the_metric_given_to_step_converges():
         DSD(*_model_and_optimizer()[:2], 0.5, None, 1, 1).step()
 
 
-def test_interval_step_counts_optimizer_steps():
+def test_interval_step_counts_optimizer_steps_across_epochs():
     model, optimizer, _ = _model_and_optimizer()
     dsd = DSD(model, optimizer, 0.5, 3, 2, 1, interval="step")
     phases = []
-    for x, y in make_loader():
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        dsd.step()
-        phases.append(dsd.phase.value)
-    phases.append("...")
-    for x, y in make_loader():
-        optimizer.zero_grad()
-        nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-        dsd.step()
-        phases.append(dsd.phase.value)
-    assert phases[:4] == ["dense", "dense", "sparse", "sparse"] and phases[5] == "redense"
-    assert dsd.finished
+    for _ in range(2):  # 4 steps an epoch: the phases follow steps, not epochs
+        for x, y in make_loader():
+            optimizer.zero_grad()
+            nn.functional.cross_entropy(model(x), y).backward()
+            optimizer.step()
+            dsd.step()
+            phases.append(dsd.phase.value)
+    assert phases[:6] == ["dense", "dense", "sparse", "sparse", "redense", "redense"]
+    assert dsd.finished and dsd.elapsed == 6
 
 
 def test_step_after_the_schedule_finished_does_nothing_and_says_so_once():
