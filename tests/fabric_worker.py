@@ -1,9 +1,10 @@
 """``DSD`` in a Lightning Fabric loop over 2 gloo CPU processes, run by test_fabric.py in a fresh interpreter
 (Fabric re-executes the launching command for the other rank).
 
-Strategies: ``ddp`` (``fabric.setup(model, optimizer)``) and ``fsdp`` (Fabric's ``ModelParallelStrategy``: the
+Strategies: ``ddp`` (``fabric.setup(model, optimizer)``), ``fsdp`` (Fabric's ``ModelParallelStrategy``: the
 first layer gets its own ``fully_shard`` group, the others are the root's, which FSDP2 keeps gathered after
-the evaluation forward run after every step; ``fabric.setup(model)`` + ``fabric.setup_optimizers``). Each
+the evaluation forward run after every step; ``fabric.setup(model)`` + ``fabric.setup_optimizers``) and ``tp``
+(the same strategy, tensor parallel: column- then row-wise, the last layer plain; every rank sees all data). Each
 rank writes to ``<out>/rank<r>.pt``: full weights at the end of the dense phase, the full masks, whether
 every pruned entry was zero after every optimizer step and in every forward pass (read where the forward
 uses the weight), the learning rates and the final full weights. ``--save-at 1`` saves a checkpoint with
@@ -21,6 +22,7 @@ from lightning.fabric import Fabric
 from lightning.fabric.strategies import DDPStrategy, ModelParallelStrategy
 from torch import nn
 from torch.distributed.fsdp import fully_shard
+from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
 from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
@@ -36,6 +38,11 @@ def shard_first_layer_and_root(model: nn.Module, device_mesh) -> nn.Module:
     fully_shard(model[0], mesh=mesh)
     fully_shard(model, mesh=mesh)  # model[2] and model[4] are the root's
     return model
+
+
+def tensor_parallel_first_two_layers(model: nn.Module, device_mesh) -> nn.Module:
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}  # model[4] stays a plain tensor
+    return parallelize_module(model, device_mesh["tensor_parallel"], plan)
 
 
 def build(strategy_name: str, fabric: Fabric):
@@ -85,7 +92,7 @@ class Record:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--strategy", choices=["ddp", "fsdp"], required=True)
+    parser.add_argument("--strategy", choices=["ddp", "fsdp", "tp"], required=True)
     parser.add_argument("--out", required=True)
     parser.add_argument("--save-at", type=int, default=None, help="fabric.save after this many epochs")
     parser.add_argument("--resume", default=None)
@@ -94,9 +101,8 @@ def main() -> None:
                         help="a sparse phase that ends when the metric, given on rank 0 only, stops improving")
     args = parser.parse_args()
 
-    strategy = DDPStrategy() if args.strategy == "ddp" else ModelParallelStrategy(
-        shard_first_layer_and_root, data_parallel_size=2, tensor_parallel_size=1
-    )
+    layouts = {"fsdp": (shard_first_layer_and_root, 2, 1), "tp": (tensor_parallel_first_two_layers, 1, 2)}
+    strategy = DDPStrategy() if args.strategy == "ddp" else ModelParallelStrategy(*layouts[args.strategy])
     fabric = Fabric(accelerator="cpu", devices=2, strategy=strategy)
     fabric.launch()
     model, optimizer, scheduler = build(args.strategy, fabric)
