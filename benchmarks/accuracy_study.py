@@ -419,7 +419,7 @@ def plot(results: dict[str, list[dict[str, Any]]], path: str) -> None:
         ax.errorbar([x + 0.15], [mean], yerr=[[mean - low], [high - mean]], fmt="o", color="#c0392b", capsize=4)
     ax.axhline(0, color="grey", linewidth=0.8)
     ax.set_xticks(range(len(series)), [label for label, _ in series], rotation=40, ha="right", fontsize=7)
-    ax.set_ylabel("arm - LLR, points of test accuracy")
+    ax.set_ylabel("arm - LLR (points)")
     figure.savefig(path, dpi=90)
 
 
