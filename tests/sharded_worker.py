@@ -40,13 +40,14 @@ class ShardedNet(pl.LightningModule):
     """12 -> 10 -> 7 -> 1: FSDP2 shards 7 rows 4/3 and the one-row output weight 1/0; tensor parallel splits
     10 evenly (torch's tensor parallel layers need that), and FSDP2 then splits each 5-row half 3/2."""
 
-    def __init__(self, layout: str, reshard_after_forward: bool = True, zero_output_layer: bool = False) -> None:
+    def __init__(self, layout: str, reshard_after_forward: bool = True, output_scale: float = 1.0) -> None:
         super().__init__()
         self.layout = layout
         self.reshard_after_forward = reshard_after_forward
         self.net = None if layout == "tp" else self._build()
-        if zero_output_layer and self.net is not None:  # zero-initialised, as LoRA's B or adaLN-Zero
-            nn.init.zeros_(self.net[4].weight)
+        if self.net is not None:  # 0: zero-initialised, as LoRA's B or adaLN-Zero; 1e-3: a global threshold empties it
+            with torch.no_grad():
+                self.net[4].weight.mul_(output_scale)
 
     @staticmethod
     def _build() -> nn.Sequential:
@@ -238,7 +239,7 @@ def main() -> None:
     parser.add_argument("--validate", choices=["none", "sanity", "epoch"], default="none",
                         help="evaluation forwards: none, the sanity check only, or also a validation every epoch")
     parser.add_argument("--keep-gathered", action="store_true", help="fully_shard(reshard_after_forward=False)")
-    parser.add_argument("--zero-output-layer", action="store_true", help="net.4 starts at zero")
+    parser.add_argument("--output-scale", type=float, default=1.0, help="net.4 starts at this times its init")
     parser.add_argument("--dense-epochs", type=int, default=1)
     parser.add_argument("--no-checkpoints", action="store_true", help="no ModelCheckpoint (its save reshards)")
     args = parser.parse_args()
@@ -247,7 +248,7 @@ def main() -> None:
     dp = args.data_parallel or dp
     with seeded(3):
         model = TinyGPT2() if args.layout == "gpt2" else ShardedNet(
-            args.layout, reshard_after_forward=not args.keep_gathered, zero_output_layer=args.zero_output_layer
+            args.layout, reshard_after_forward=not args.keep_gathered, output_scale=args.output_scale
         )
     # An N:M pattern needs input sizes that divide by M: the 7-input output layer gets a float instead.
     layer_sparsity = {"net.4.*": 0.5} if isinstance(sparsity, str) else None

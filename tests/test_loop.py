@@ -431,3 +431,20 @@ def test_lazy_modules_and_an_elapsed_count_before_the_phase_are_refused_clearly(
     state = {**dsd.state_dict(), "elapsed": 0}
     with pytest.raises(CheckpointStateError, match=r"`elapsed` entry is 0, before the current phase began"):
         DSD(*_model_and_optimizer()[:2], 0.5, 1, 2, 1).load_state_dict(state)
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [dict(sparsity="4:2"), dict(interval="batch"), dict(mode="up"), dict(patience=-1), dict(lr_scale=0),
+     dict(include=[""]), dict(scope="model"), dict(scope="global", layer_sparsity={"head.*": 0.2}),
+     dict(layer_sparsity={"head.*": 2}), dict(redense_init="uniform"), dict(seed=-1), dict(mask_storage="bits"),
+     dict(dense_epochs=-2)],
+)
+def test_the_loop_and_the_callback_refuse_a_bad_option_with_the_same_words(bad):
+    options = {"sparsity": 0.5, "dense_epochs": 1, "sparse_epochs": 1, "redense_epochs": 1, **bad}
+    with pytest.raises(ValueError) as from_callback:
+        DSDCallback(**options)
+    model, optimizer, _ = _model_and_optimizer()
+    with pytest.raises(ValueError) as from_loop:
+        DSD(model, optimizer, **options)
+    assert str(from_loop.value) == str(from_callback.value)

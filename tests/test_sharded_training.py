@@ -121,7 +121,7 @@ def test_fsdp2_root_managed_layers_pruned_before_the_first_step_a_zero_initialis
     # dense_epochs=0 (a pre-trained model): the sanity check gathers the root's weights (net.2, net.4), then
     # DSD prunes before the first step. net.4 starts at zero: it has no non-zero entry to show.
     options = ["--layout", "fsdp_root", "--probe", "--validate", "sanity", "--dense-epochs", "0",
-               "--zero-output-layer"]
+               "--output-scale", "0"]
     ranks = _run(tmp_path / "full", *options)
     _assert_forwards_compute_with_what_dsd_stored(ranks, {"sparse", "redense"})
     first_sparse = [f for f in ranks[0]["forwards"] if f["training"] and f["step"] == 0]
@@ -142,10 +142,19 @@ def test_fsdp2_root_managed_layers_pruned_before_the_first_step_a_zero_initialis
 
 
 def test_fsdp2_global_threshold_bf16_small_normal_and_a_single_file_checkpoint(tmp_path):
+    # net.4 at a thousandth of its init: the global threshold prunes it whole, and says so.
     options = ["--layout", "fsdp", "--scope", "global", "--precision", "bf16-mixed", "--redense-init",
-               "small_normal", "--single-file"]
+               "small_normal", "--single-file", "--output-scale", "1e-3"]
     full = _run(tmp_path / "full", *options, "--export-sparse")
     _assert_dsd_held(full, MaskPlan((0.5,), scope="global"), steps_per_phase=2)
+    assert not full[0]["masks"]["net.4.weight"].any(), "pruned whole"
+    (event_file,) = glob.glob(str(tmp_path / "full" / "tb" / "version_0" / "events.out.tfevents.*"))
+    accumulator = EventAccumulator(event_file, size_guidance={"histograms": 0, "tensors": 0})
+    accumulator.Reload()
+    (note,) = [e.tensor_proto.string_val[0].decode() for e in accumulator.Tensors("dsd/transitions/text_summary")
+               if b"sparse phase" in e.tensor_proto.string_val[0]]
+    assert "Pruned whole (every entry): net.4.weight." in note
+    assert "dsd_weights_nonzero/net.4.weight/2_after_pruning" not in accumulator.Tags()["histograms"]
     exported = torch.load(tmp_path / "full" / "tb" / "version_0" / "dsd_sparse" / "cycle0_sparse_state_dict.pt",
                           weights_only=True)
     for name in TARGETS:  # whole tensors, as sparse tensors, pruned exactly as the masks say
