@@ -130,7 +130,7 @@ class DSD(ReadsOptions):
         sparse_epochs: Optional[int],
         redense_epochs: Optional[int],
         *,
-        schedulers: Optional[Union[Any, Sequence[Any]]] = None,
+        schedulers: Any = None,
         writer: Optional[Any] = None,
         interval: str = "epoch",
         mode: str = "min",
