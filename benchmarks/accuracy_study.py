@@ -312,11 +312,15 @@ def _tuned_weight_decay(task: Task, family: Family, seed: int) -> ArmResult:
     return best
 
 
-def run_seed(family: Family, seed: int) -> dict[str, Any]:
-    """One seed of one family: the shared dense phase, then every arm from a copy of it."""
+def _quiet_worker() -> None:
+    """A worker process: one thread (the workers share the cores), no warnings, Lightning's errors only."""
     torch.set_num_threads(1)
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
+
+
+def run_seed(family: Family, seed: int) -> dict[str, Any]:
+    """One seed of one family: the shared dense phase, then every arm from a copy of it."""
     task = Task(family.model)
     model = task.build(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=family.lr)
@@ -436,10 +440,12 @@ def main(argv: Sequence[str] | None = None) -> str:
     families = {name: FAMILIES[name].scaled(args.epochs_scale) for name in args.families}
     jobs = [(family, seed) for family in families.values() for seed in range(args.seeds or family.seeds)]
     jobs.sort(key=lambda job: -{"gru": 8, "charlm": 3, "cnn": 2}.get(job[0].model, 1) * sum(job[0].epochs))
-    if args.processes == 1:
-        finished = [run_seed(family, seed) for family, seed in jobs]
+    if args.processes == 1:  # here, leaving this process's threads and logging as they are
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            finished = [run_seed(family, seed) for family, seed in jobs]
     else:
-        with ProcessPoolExecutor(args.processes) as pool:
+        with ProcessPoolExecutor(args.processes, initializer=_quiet_worker) as pool:
             finished = list(pool.map(run_seed, *zip(*jobs, strict=True)))
     results: dict[str, list[dict[str, Any]]] = {name: [] for name in families}
     for seed_result in sorted(finished, key=lambda r: (r["family"], r["seed"])):
@@ -458,8 +464,8 @@ def main(argv: Sequence[str] | None = None) -> str:
     text = (
         f"Paired study (dense/sparse/re-dense epochs, seeds: {schedule}; epochs scaled by {args.epochs_scale:g}).\n"
         f"Differences are arm - control per seed: mean [95% t interval], * = excludes 0; points of test accuracy,\n"
-        f"bits per character for the LM (lower is better). {elapsed:.0f} s with {args.processes} processes of 1"
-        f" thread on {os.cpu_count()} CPUs.\n\n" + "\n\n".join(tables) + "\n"
+        f"bits per character for the LM (lower is better). {elapsed:.0f} s with {args.processes} worker"
+        f" process(es) on {os.cpu_count()} CPUs.\n\n" + "\n\n".join(tables) + "\n"
     )
     print(text)
     for path in (args.table, args.plot):
