@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import logging
 import math
@@ -68,10 +69,11 @@ class Family:
     seeds: int
     arms: tuple[Arm, ...]
     lr: float = 3e-3
+    weight_decays: tuple[float, ...] = WEIGHT_DECAYS  # the grid of the WD-tuned control
 
     def scaled(self, scale: float) -> Family:
-        return Family(self.name, self.model, tuple(max(1, round(e * scale)) for e in self.epochs),  # type: ignore[arg-type]
-                      self.seeds, self.arms, self.lr)
+        epochs = tuple(max(1, round(e * scale)) for e in self.epochs)
+        return dataclasses.replace(self, epochs=epochs)
 
 
 DENSE, LLR = Arm("dense", "dense"), Arm("LLR", "llr")
@@ -234,6 +236,7 @@ class ArmResult:
     train_loss: float
     sparse_test: Optional[float] = None
     weight_decay: Optional[float] = None
+    tried: Optional[dict[str, dict[str, float]]] = None  # WD-tuned: validation and test of every decay tried
 
 
 def _epochs(task: Task, model: nn.Module, optimizer: torch.optim.Optimizer, seed: int, epochs: range,
@@ -297,18 +300,18 @@ def run_arm(task: Task, family: Family, arm: Arm, seed: int, start: dict[str, An
 
 
 def _tuned_weight_decay(task: Task, family: Family, seed: int) -> ArmResult:
-    """LLR with Adam's L2 weight decay, trained from scratch for each value; the best on validation is kept."""
+    """LLR with Adam's L2 weight decay, trained from scratch for each value of the family's grid; the best on
+    validation is kept, and every value's validation and test results are recorded."""
     dense, sparse, redense = family.epochs
-    best: Optional[ArmResult] = None
-    for decay in WEIGHT_DECAYS:
+    results = []
+    for decay in family.weight_decays:
         model = task.build(seed)
         optimizer = torch.optim.Adam(model.parameters(), lr=family.lr, weight_decay=decay)
         loss = _epochs(task, model, optimizer, seed, range(dense + sparse + redense),
                        lambda epoch, o=optimizer: _drop_lr(o) if epoch + 1 == dense + sparse else None)
-        result = ArmResult(task.evaluate(model, "test"), task.evaluate(model, "val"), loss, weight_decay=decay)
-        better = best is None or (result.val < best.val if task.lower_is_better else result.val > best.val)
-        best = result if better else best
-    assert best is not None
+        results.append(ArmResult(task.evaluate(model, "test"), task.evaluate(model, "val"), loss, weight_decay=decay))
+    best = (min if task.lower_is_better else max)(results, key=lambda result: result.val)
+    best.tried = {f"{r.weight_decay:g}": {"val": r.val, "test": r.test} for r in results}
     return best
 
 
@@ -433,11 +436,14 @@ def main(argv: Sequence[str] | None = None) -> str:
     parser.add_argument("--seeds", type=int, default=None, help="seeds per family (default: each family's own)")
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every phase length (smoke runs)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (1: run here)")
+    parser.add_argument("--weight-decays", type=float, nargs="+", default=list(WEIGHT_DECAYS),
+                        help="the grid the WD-tuned control chooses from on the validation split")
     parser.add_argument("--table", default="benchmarks/results/accuracy_study.md", help="where the tables go")
     parser.add_argument("--plot", default="docs/accuracy_study.png", help="where the plot of differences goes")
     args = parser.parse_args(argv)
     started = time.perf_counter()
-    families = {name: FAMILIES[name].scaled(args.epochs_scale) for name in args.families}
+    families = {name: dataclasses.replace(FAMILIES[name].scaled(args.epochs_scale),
+                                          weight_decays=tuple(args.weight_decays)) for name in args.families}
     jobs = [(family, seed) for family in families.values() for seed in range(args.seeds or family.seeds)]
     jobs.sort(key=lambda job: -{"gru": 8, "charlm": 3, "cnn": 2}.get(job[0].model, 1) * sum(job[0].epochs))
     if args.processes == 1:  # here, leaving this process's threads and logging as they are
@@ -473,7 +479,7 @@ def main(argv: Sequence[str] | None = None) -> str:
     with open(args.table, "w") as table:
         table.write(text)
     with open(os.path.splitext(args.table)[0] + ".json", "w") as raw:
-        json.dump({"elapsed_s": elapsed, "epochs_scale": args.epochs_scale, "weight_decays": WEIGHT_DECAYS,
+        json.dump({"elapsed_s": elapsed, "epochs_scale": args.epochs_scale, "weight_decays": args.weight_decays,
                    "families": {name: asdict(f) for name, f in families.items()}, "per_seed": results}, raw, indent=1)
     if classifier_rows:
         plot(results, args.plot)

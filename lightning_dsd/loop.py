@@ -250,6 +250,17 @@ class DSD(ReadsOptions):
                 )
             return
         self._start_if_pending()
+        elapsed_before, schedule_before = self._elapsed, self._engine.schedule.state_dict()
+        try:
+            self._step(metric)
+        except Exception:  # a refused transition (non-finite weights) leaves the count and the schedule as they were
+            self._elapsed = elapsed_before
+            self._engine.schedule.load_state_dict(schedule_before)
+            raise
+        if self.finished:
+            self._engine.training_ended()
+
+    def _step(self, metric: Optional[Union[float, Tensor]]) -> None:
         if None in self.options.lengths:  # the metric decides: every rank takes rank zero's (None included)
             shared = from_rank_zero(None if metric is None else float(metric))
             if shared is not None:
@@ -263,8 +274,6 @@ class DSD(ReadsOptions):
             self._engine.epoch_ended(self._elapsed)
         self._elapsed += 1
         self._engine.advance_if_due(self._elapsed)
-        if self.finished:
-            self._engine.training_ended()
 
     def mask_gradients(self) -> None:
         """Zero the pruned entries' gradients now (before gradient clipping, so it measures the sparse

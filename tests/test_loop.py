@@ -385,6 +385,11 @@ def test_non_finite_weights_are_refused_at_the_transition_and_nothing_is_pruned(
     with pytest.raises(ValueError, match=r"cannot prune `head.weight`: 3 of its 48 weights are NaN or infinite"):
         dsd.step()
     assert dsd.phase is Phase.DENSE and dsd.masks == {} and int((model.conv.weight == 0).sum()) == 0
+    assert dsd.elapsed == 0, "the refused call did not count"
+    with torch.no_grad():
+        model.head.weight[0, :3] = 1.0  # repaired: the same call now prunes, and the schedule is on time
+    dsd.step()
+    assert dsd.phase is Phase.SPARSE and dsd.elapsed == 1
 
 
 def test_a_report_that_fails_is_warned_about_and_the_transition_still_happens():
