@@ -156,6 +156,10 @@ def main() -> None:
     if writer is not None:
         writer.close()
     torch.save(out, os.path.join(args.out, f"rank{fabric.global_rank}.pt"))
+    # Leave together: a process group left to the interpreter's exit can abort it ("terminate called without
+    # an active exception") while gloo's threads still run.
+    fabric.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
