@@ -117,7 +117,7 @@ class PhaseReporter:
         def write(name: str, values: Tensor) -> None:
             if tensorboard is not None:
                 tensorboard.add_histogram(f"dsd_weights/{name}/{moment.value}", values, sink.step)
-                self._histogram_of_nonzero(tensorboard, f"dsd_weights_nonzero/{name}/{moment.value}", values, sink)
+                self._histogram_of_nonzero(tensorboard, name, moment, values, sink)
             if name in self._figure_names:
                 snapshot[name] = self._sample(name, values)
 
@@ -125,16 +125,18 @@ class PhaseReporter:
         if sink.is_rank_zero and self._figure_names:
             self._snapshots[(cycle, moment)] = snapshot
 
-    def _histogram_of_nonzero(self, tensorboard: Any, tag: str, values: Tensor, sink: ReportSink) -> None:
+    def _histogram_of_nonzero(
+        self, tensorboard: Any, name: str, moment: Moment, values: Tensor, sink: ReportSink
+    ) -> None:
+        tag = f"dsd_weights_nonzero/{name}/{moment.value}"
         nonzero = values[values != 0]
         if nonzero.numel():
             tensorboard.add_histogram(tag, nonzero, sink.step)
             return
-        layer = tag.split("/")[1]
-        if layer not in self._warned_empty:
-            self._warned_empty.add(layer)
+        if name not in self._warned_empty:
+            self._warned_empty.add(name)
             rank_zero_warn(
-                f"DSD skips the histogram `{tag}` (and later ones of `{layer}` while it stays so): every entry of"
+                f"DSD skips the histogram `{tag}` (and later ones of `{name}` while it stays so): every entry of"
                 " the tensor is zero, so there is no non-zero value to show. Its `dsd_weights/` histogram shows"
                 " the zeros."
             )
