@@ -93,6 +93,11 @@ class DSDCallback(ReadsOptions, Callback):
             weight's dtype per weight, applied with a fused multiply: the fastest measured) or ``"bool"``
             (1 byte per weight, applied by the same fused multiply; bool multiplies run at about 0.4 of copy
             speed on the CPU, see the performance docs).
+        prune: ``False`` runs the paper's LLR control instead of DSD: the same clock and transitions, the learning
+            rate drops by ``lr_scale`` exactly where DSD would re-dense, and no weight is ever pruned (no masks,
+            no zeroed optimizer state, no restart). With ``lr_scale=1.0`` as well it is the plain dense baseline.
+            Every run records its arm (``dsd``, ``llr`` or ``dense``), seed and options in its log, for
+            :mod:`lightning_dsd.compare`; see "Does it help my model?" in the docs.
 
     The current phase is shown in the progress bar as ``dsd=<phase>``. See :mod:`lightning_dsd.reporting`
     for every TensorBoard tag.
@@ -133,6 +138,7 @@ class DSDCallback(ReadsOptions, Callback):
         redense_init: str = "zero",
         seed: int = 0,
         mask_storage: str = "weight_dtype",
+        prune: bool = True,
     ) -> None:
         super().__init__()
         self.options = check_options(
@@ -141,11 +147,14 @@ class DSDCallback(ReadsOptions, Callback):
             layer_types=layer_types, scope=scope, layer_sparsity=layer_sparsity, redense_init=redense_init,
             seed=seed, mask_storage=mask_storage, log_histograms=log_histograms,
             histogram_every_n_epochs=histogram_every_n_epochs, histogram_layers=histogram_layers,
-            log_scalars=log_scalars, figure_layers=figure_layers,
+            log_scalars=log_scalars, figure_layers=figure_layers, prune=prune,
         )
         self.export_sparse = None if export_sparse is None else check_choice(
             "export_sparse", export_sparse, ("checkpoint", "sparse")
         )
+        if self.export_sparse is not None and not self.options.prune:
+            raise ValueError(f"`export_sparse={export_sparse!r}` saves the pruned model of each sparse phase, but"
+                             " `prune=False` (the LLR control) prunes nothing. Leave `export_sparse` out of this arm.")
         self.stop_at_end = check_bool("stop_at_end", stop_at_end)
         self.exported_sparse_models: list[dict[str, Any]] = []
         self._trainer: Optional[pl.Trainer] = None

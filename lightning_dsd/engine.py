@@ -44,7 +44,7 @@ from lightning_dsd.options import DSDOptions
 from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
 from lightning_dsd.plan import MaskPlan, shown
 from lightning_dsd.redense import reinitialize_pruned
-from lightning_dsd.reporting import PhaseReporter, ReportSink
+from lightning_dsd.reporting import PhaseReporter, ReportSink, current_seed
 from lightning_dsd.selection import (
     Selection,
     check_selection,
@@ -63,6 +63,7 @@ from lightning_dsd.sharding import (
     reshard_gathered,
 )
 from lightning_dsd.state import RunConfig, decode_state, encode_state
+from lightning_dsd.version import __version__
 
 #: A transition warns when a tensor has at least this share of its output units cut off from every input.
 DISCONNECTED_WARNING_SHARE = 0.1
@@ -97,6 +98,8 @@ class DSDEngine:
             tracker = ConvergenceTracker(options.mode, options.patience, options.min_delta)
         self.schedule = Schedule(build_stages(options.sparsities, *options.lengths), tracker)
         self.reporter = PhaseReporter(options.log_histograms, options.log_scalars, options.figure_layers)
+        if not options.prune:
+            self.reporter.figure_title = "LLR control (prune=False, nothing pruned): weight distribution"
         self.selection = Selection(selected={})
         self.plan = MaskPlan(options.sparsities, options.scope, options.layer_sparsity)
         self.histogram_targets: dict[str, nn.Parameter] = {}
@@ -240,6 +243,9 @@ class DSDEngine:
             self._record(Moment.END_OF_REDENSE, stage.cycle - 1)
             self._draw_figure(stage.cycle - 1)
         self._record(Moment.END_OF_DENSE, stage.cycle)
+        if not self.options.prune:
+            self._enter_sparse_phase_unpruned(stage, now)
+            return
         if stage.cycle == 0:
             rank_zero_info(self.selection.summary())
             if self.options.layer_sparsity:
@@ -263,6 +269,18 @@ class DSDEngine:
             text += f" Pruned whole (every entry): {', '.join(whole)}."
         text += self._disconnected_note(masks)
         self._note(text)
+
+    def _enter_sparse_phase_unpruned(self, stage: Stage, now: int) -> None:
+        """The LLR control (``prune=False``): the sparse phase starts on DSD's clock and nothing is pruned, so no
+        weight, gradient or optimizer state is touched."""
+        self.schedule.advance(now)
+        self._record(Moment.AFTER_PRUNING, stage.cycle)
+        learning_rates = current_learning_rates(self.training.optimizers)
+        self._log_scalars(learning_rates)
+        self._note(
+            f"DSD cycle {stage.cycle}: sparse phase of the LLR control (prune=False): nothing is pruned, the weights"
+            f" train on as they are. Learning rate unchanged: {_format_lrs(learning_rates)}."
+        )
 
     def _disconnected_note(self, masks: Mapping[str, Tensor]) -> str:
         """Per tensor, the output units the masks cut off from every input (a collective for sharded weights:
@@ -297,7 +315,7 @@ class DSDEngine:
 
     def resume_sparse_phase(self) -> None:
         """At the start of training in a sparse phase (a resume): enforce the restored masks."""
-        if self.phase is Phase.SPARSE:
+        if self.phase is Phase.SPARSE and self.options.prune:
             self.enforce(self._restored_masks if self._restored_masks is not None else self.masks)
 
     def _redense(self, finished: Stage) -> None:
@@ -313,10 +331,16 @@ class DSDEngine:
         scale_learning_rates(optimizers, self.training.schedulers, self.options.lr_scale)
         after = current_learning_rates(optimizers)
         restart = "zero" if self.options.redense_init == "zero" else "small noise"
-        self._note(
-            f"DSD cycle {finished.cycle}: re-dense phase. The constraint is lifted and pruned weights restart from"
-            f" {restart}; learning rate x{self.options.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(after)}."
-        )
+        if not self.options.prune:
+            self._note(
+                f"DSD cycle {finished.cycle}: re-dense phase of the LLR control (prune=False): no weight was pruned;"
+                f" learning rate x{self.options.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(after)}."
+            )
+        else:
+            self._note(
+                f"DSD cycle {finished.cycle}: re-dense phase. The constraint is lifted and pruned weights restart from"
+                f" {restart}; learning rate x{self.options.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(after)}."
+            )
         self._record(Moment.START_OF_REDENSE, finished.cycle)
         self._log_scalars(after)
 
@@ -371,8 +395,17 @@ class DSDEngine:
         self._report(lambda sink: self.reporter.log_scalars(sink, self.phase, self.cycle, self.targets, lrs))
 
     def start_reporting(self) -> None:
-        """Before the first step: the TensorBoard chart layout."""
+        """Before the first step: the run's record (see :meth:`run_record`) and the TensorBoard chart layout."""
+        self._report(lambda sink: self.reporter.write_run_record(sink, self.run_record()))
         self._report(self.reporter.write_chart_layout)
+
+    def run_record(self) -> dict[str, Any]:
+        """What :mod:`lightning_dsd.compare` reads from the log: the arm (``"dsd"``, ``"llr"`` or ``"dense"``,
+        from the options), the seed (see :func:`~lightning_dsd.reporting.current_seed`), the schedule and every
+        option."""
+        config = self.run_config()
+        return {"arm": self.options.arm, "seed": current_seed(), "lightning_dsd": __version__,
+                "schedule": {"interval": config.interval, "stages": config.stages}, "options": self.options.as_record()}
 
     def epoch_ended(self, epoch: int) -> None:
         """At the end of epoch ``epoch`` (0-based): scalars, and the histogram timeline when it is due."""
@@ -414,7 +447,8 @@ class DSDEngine:
         stages = [[s.phase.value, s.cycle, s.length, shown(s.sparsity)] for s in self.schedule.stages]
         layer_sparsity = self.options.layer_sparsity
         shown_layers = {p: shown(s) for p, s in layer_sparsity.items()} if layer_sparsity else None
-        return RunConfig(stages, self.options.interval, self.options.scope, shown_layers, list(self.targets))
+        return RunConfig(stages, self.options.interval, self.options.scope, shown_layers, list(self.targets),
+                         self.options.prune)
 
 
 def _format_lrs(lrs: list[list[float]]) -> str:

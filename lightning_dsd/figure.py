@@ -34,8 +34,11 @@ PANEL_TITLES = {
 NONZERO_PANELS = (Moment.AFTER_PRUNING, Moment.END_OF_SPARSE)
 
 
-def five_panel_figure(layer: str, cycle: int, panels: Mapping[Moment, Tensor], bins: int = 80) -> Figure:
-    """One row of five histograms with a shared x range; a moment not reached is drawn as an empty panel."""
+def five_panel_figure(
+    layer: str, cycle: int, panels: Mapping[Moment, Tensor], bins: int = 80, title: str = "DSD weight distribution"
+) -> Figure:
+    """One row of five histograms with a shared x range; a moment not reached is drawn as an empty panel. The
+    figure's title starts with ``title`` (the LLR control's says that nothing was pruned)."""
     figure = Figure(figsize=(16, 3.2), layout="constrained")
     axes = figure.subplots(1, len(PANEL_TITLES), sharex=True)
     reached = [values for values in panels.values() if values.numel()]
@@ -51,5 +54,5 @@ def five_panel_figure(layer: str, cycle: int, panels: Mapping[Moment, Tensor], b
         if moment in NONZERO_PANELS:
             values = values[values != 0]
         ax.hist(values.numpy(), bins=bins, range=(-limit, limit), color="#2a6fb0")
-    figure.suptitle(f"DSD weight distribution: {layer}, cycle {cycle}", fontsize=11)
+    figure.suptitle(f"{title}: {layer}, cycle {cycle}", fontsize=11)
     return figure

@@ -118,7 +118,8 @@ class DSD(ReadsOptions):
         writer: where histograms, scalars and transition notes go: a ``SummaryWriter`` (on rank zero; other
             ranks may pass ``None``), or ``None`` for console notes only.
 
-    Every other keyword has the name, default and meaning it has for :class:`~lightning_dsd.DSDCallback`.
+    Every other keyword has the name, default and meaning it has for :class:`~lightning_dsd.DSDCallback`;
+    ``prune=False`` runs the paper's LLR control on the same clock, nothing pruned.
     """
 
     def __init__(
@@ -150,6 +151,7 @@ class DSD(ReadsOptions):
         redense_init: str = "zero",
         seed: int = 0,
         mask_storage: str = "weight_dtype",
+        prune: bool = True,
     ) -> None:
         self.options = check_options(
             sparsity, dense_epochs, sparse_epochs, redense_epochs, interval=interval, monitor=None, mode=mode,
@@ -157,7 +159,7 @@ class DSD(ReadsOptions):
             layer_types=layer_types, scope=scope, layer_sparsity=layer_sparsity, redense_init=redense_init,
             seed=seed, mask_storage=mask_storage, log_histograms=log_histograms,
             histogram_every_n_epochs=histogram_every_n_epochs, histogram_layers=histogram_layers,
-            log_scalars=log_scalars, figure_layers=figure_layers, monitor_required=False,
+            log_scalars=log_scalars, figure_layers=figure_layers, prune=prune, monitor_required=False,
         )
         self._model = _unwrapped_module(model)
         lazy = uninitialized_parameters(self._model)

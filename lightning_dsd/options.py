@@ -16,7 +16,7 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, is_dataclass
 from typing import Any, Mapping, Optional, Union
 
 from lightning_dsd.arguments import (
@@ -66,6 +66,32 @@ class DSDOptions:
     histogram_layers: Optional[tuple[str, ...]] = None
     log_scalars: bool = True
     figure_layers: Union[int, tuple[str, ...]] = 2
+    prune: bool = True
+
+    @property
+    def arm(self) -> str:
+        """What this run is in a comparison: ``"dsd"`` (it prunes), ``"llr"`` (the paper's control: the same clock
+        and learning-rate drop, nothing pruned) or ``"dense"`` (``prune=False, lr_scale=1``: plain training).
+
+        Examples:
+            >>> [check_options(0.5, 1, 1, 1, **kw).arm for kw in ({}, {"prune": False},
+            ...                                                   {"prune": False, "lr_scale": 1.0})]
+            ['dsd', 'llr', 'dense']
+        """
+        if self.prune:
+            return "dsd"
+        return "dense" if self.lr_scale == 1 else "llr"
+
+    def as_record(self) -> dict[str, Any]:
+        """Every option as JSON-able values, as users write them (sparsities as floats or ``"N:M"``, layer types
+        by their qualified names), for the run's record in its log.
+
+        Examples:
+            >>> record = check_options("2:4", 1, 1, 1).as_record()
+            >>> record["sparsities"], record["lengths"], record["prune"]
+            (['2:4'], [1, 1, 1], True)
+        """
+        return {field: _plain(getattr(self, field)) for field in self.__dataclass_fields__}
 
 
 def check_options(
@@ -93,6 +119,7 @@ def check_options(
     histogram_layers: Any = None,
     log_scalars: Any = True,
     figure_layers: Any = 2,
+    prune: Any = True,
     monitor_required: bool = True,
 ) -> DSDOptions:
     """Check every shared option, in the order of the signature, and return them as :class:`DSDOptions`.
@@ -142,8 +169,23 @@ def check_options(
         histogram_layers=check_patterns("histogram_layers", histogram_layers),
         log_scalars=check_bool("log_scalars", log_scalars),
         figure_layers=check_figure_layers(figure_layers),
+        prune=check_bool("prune", prune),
     )
 
+
+def _plain(value: Any) -> Any:
+    """``value`` as JSON-able data: tuples as lists, N:M patterns and classes as text, dataclasses as dicts."""
+    if isinstance(value, NMPattern):
+        return str(value)
+    if isinstance(value, type):
+        return f"{value.__module__}.{value.__qualname__}"
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return {str(_plain(k)): _plain(v) for k, v in value.items()}
+    if is_dataclass(value):
+        return {f: _plain(getattr(value, f)) for f in value.__dataclass_fields__}
+    return value
 
 
 class ReadsOptions:

@@ -14,6 +14,10 @@ Tags (``<layer>`` is the parameter name, e.g. ``conv1.weight``):
   ``dsd_lr/optimizer<i>_group<j>``: at every epoch end and transition.
 * ``dsd/transitions`` (TEXT tab): what each transition did (what was pruned, the learning-rate change);
   the CUSTOM SCALARS tab groups phase, sparsity and learning rate in charts of their own.
+* ``dsd/run`` (TEXT tab): the run's record, JSON in a code block, written when training starts (again at a
+  resume) whatever the logging options: its arm (``dsd``, ``llr`` or ``dense``, from ``prune`` and
+  ``lr_scale``), its seed (:func:`current_seed`), the schedule and every option. :mod:`lightning_dsd.compare`
+  pairs runs by it.
 * ``dsd_figure/<layer>``: the paper's five-panel figure for each cycle, also saved as
   ``<output directory>/dsd_figures/cycle<c>_<layer>.png``.
 
@@ -27,6 +31,7 @@ has left the gathers, so no rank is left waiting in a collective.
 
 from __future__ import annotations
 
+import json
 import os
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
@@ -42,6 +47,38 @@ from lightning_dsd.sharding import any_sharded, count_zeros, full_tensor
 _MATPLOTLIB_AVAILABLE = RequirementCache("matplotlib")
 FIGURE_SAMPLE_SIZE = 200_000
 PHASE_CODES = {Phase.DENSE: 0, Phase.SPARSE: 1, Phase.REDENSE: 2}
+RUN_RECORD_TAG = "dsd/run"
+
+
+def current_seed() -> int:
+    """The seed of this run: ``seed_everything``'s (Lightning keeps it in the ``PL_GLOBAL_SEED`` environment
+    variable, which Fabric's and LightningCLI's seeding set too), else ``torch.initial_seed()``.
+
+    Examples:
+        >>> import lightning.pytorch as pl
+        >>> _ = pl.seed_everything(42, verbose=False)
+        >>> current_seed()
+        42
+    """
+    seed = os.environ.get("PL_GLOBAL_SEED")
+    return int(seed) if seed is not None and seed.lstrip("-").isdigit() else torch.initial_seed()
+
+
+def run_record_text(record: Mapping[str, Any]) -> str:
+    """The record as the TEXT tab shows it: JSON in a Markdown code block (read back by :func:`read_run_record`)."""
+    return "```json\n" + json.dumps(record, sort_keys=True) + "\n```"
+
+
+def read_run_record(text: str) -> Any:
+    """The record in the text of a ``dsd/run`` summary.
+
+    Examples:
+        >>> read_run_record(run_record_text({"arm": "llr", "seed": 3}))
+        {'arm': 'llr', 'seed': 3}
+    """
+    body = text.strip()
+    body = body.removeprefix("```json").removesuffix("```")
+    return json.loads(body)
 
 
 class ReportSink(Protocol):
@@ -91,6 +128,7 @@ class PhaseReporter:
         self._warned_matplotlib = False
         self._warned_empty: set[str] = set()
         self._figure_names: list[str] = []
+        self.figure_title = "DSD weight distribution"
         self._samples: dict[str, Tensor] = {}
         self._snapshots: dict[tuple[int, Moment], dict[str, Tensor]] = {}
 
@@ -169,6 +207,11 @@ class PhaseReporter:
         if self.scalars and sink.is_rank_zero and (tensorboard := sink.tensorboard()) is not None:
             tensorboard.add_text("dsd/transitions", text, sink.step)
 
+    def write_run_record(self, sink: ReportSink, record: Mapping[str, Any]) -> None:
+        """Keep the run's record in its log (``dsd/run``), whatever the logging options: comparisons need it."""
+        if sink.is_rank_zero and (tensorboard := sink.tensorboard()) is not None:
+            tensorboard.add_text(RUN_RECORD_TAG, run_record_text(record), sink.step)
+
     def write_chart_layout(self, sink: ReportSink) -> None:
         """Group DSD's scalars in TensorBoard's CUSTOM SCALARS tab: phase, sparsity and learning rate, each a
         chart of its own (values are logged at every epoch end and at every transition, so each reads as
@@ -229,7 +272,7 @@ class PhaseReporter:
         paths = []
         for name in self._figure_names:
             panels = {m: self._snapshots[(cycle, m)][name] for m in Moment if (cycle, m) in self._snapshots}
-            figure = five_panel_figure(name, cycle, panels)
+            figure = five_panel_figure(name, cycle, panels, title=self.figure_title)
             if directory is not None:
                 path = os.path.join(directory, f"cycle{cycle}_{name}.png")
                 figure.savefig(path, dpi=80)

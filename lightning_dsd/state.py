@@ -12,9 +12,10 @@ a configuration that agrees with the resuming callback's on everything that alre
 * may change: lengths of phases not yet finished (the current one included), ``lr_scale``, ``monitor``,
   ``mode``, ``patience``, ``min_delta``, ``redense_init``, ``seed``, ``mask_storage`` and everything about
   logging: they only shape what is still to come;
-* refused: ``interval``, the targets (``include``, ``exclude``, ``layer_types``, the model), ``scope``,
-  ``layer_sparsity`` and the sparsity of a cycle that has started, the lengths of finished phases and the
-  number of cycles up to the current one: they would change the current masks or rewrite the past.
+* refused: ``prune`` (a DSD run and its LLR control are different runs; a checkpoint without it pruned),
+  ``interval``, the targets (``include``, ``exclude``, ``layer_types``, the model), ``scope``, ``layer_sparsity``
+  and the sparsity of a cycle that has started, the lengths of finished phases and the number of cycles up to
+  the current one: they would change the current masks or rewrite the past.
 
 Every failure is one :class:`CheckpointStateError` naming the entry, what was found and what was expected.
 
@@ -77,21 +78,29 @@ class RunConfig:
     scope: str
     layer_sparsity: Optional[dict[str, _SHOWN]]
     targets: list[str]
+    prune: bool = True  # False: the LLR control arm, whose sparse phases hold no masks
 
     def to_state(self) -> dict[str, Any]:
-        return asdict(self)
+        """Plain data; ``prune`` is written only when False, so a DSD run's entry is what earlier versions wrote."""
+        state = asdict(self)
+        if self.prune:
+            del state["prune"]
+        return state
 
     @classmethod
     def from_state(cls, state: Any) -> RunConfig:
-        if not isinstance(state, Mapping) or set(state) != {f for f in cls.__dataclass_fields__}:
+        required = {f for f in cls.__dataclass_fields__} - {"prune"}  # a checkpoint without `prune` pruned
+        if not isinstance(state, Mapping) or not required <= set(state) <= required | {"prune"}:
             raise CheckpointStateError(f"its `config` entry is {_brief(state)}, expected a mapping with the keys"
-                                       f" {sorted(cls.__dataclass_fields__)}")
+                                       f" {sorted(required)} (and `prune`, when False)")
+        if not isinstance(state.get("prune", True), bool):
+            raise CheckpointStateError(f"its `config.prune` is {_brief(state['prune'])}, expected a bool")
         return cls(**state)
 
     def differences(self, saved: RunConfig, index: int) -> list[str]:
         """What differs from ``saved`` that may not change once the run reached stage ``index``."""
         found = []
-        for field in ("interval", "scope", "layer_sparsity", "targets"):
+        for field in ("prune", "interval", "scope", "layer_sparsity", "targets"):
             if getattr(saved, field) != getattr(self, field):
                 found.append(f"`{field}`: checkpoint {getattr(saved, field)!r}, this run {getattr(self, field)!r}")
         for i in range(index + 1):
@@ -145,6 +154,9 @@ def decode_state(
     stages = saved.stages if saved is not None else config.stages
     schedule = _check_schedule(state.get("schedule"), len(stages))
     index = schedule["index"]
+    if saved is None and not config.prune:
+        raise CheckpointStateError("its DSD state (version 1) was written by a run that prunes, and this run is the"
+                                   " LLR control (`prune=False`)", "Resume with `prune=True`, or start a new run.")
     if saved is not None and (differences := config.differences(saved, index)):
         raise CheckpointStateError(
             "its DSD configuration differs from this run's in what has already happened: "
@@ -154,8 +166,11 @@ def decode_state(
         )
     masks = _checked_masks(state.get("masks"), shapes)
     phase, cycle = stages[index][0], stages[index][1]
-    if phase == "sparse" and not masks:
+    if phase == "sparse" and not masks and config.prune:
         raise CheckpointStateError(f"it was saved in the sparse phase of cycle {cycle} but holds no masks")
+    if not config.prune and masks:
+        raise CheckpointStateError(f"it was saved by the LLR control (`prune=False`), which prunes nothing, but"
+                                   f" holds masks for {sorted(masks)}")
     if phase != "sparse" and masks:
         raise CheckpointStateError(f"it was saved in the {phase} phase but holds masks for {sorted(masks)}")
     if masks:
