@@ -40,11 +40,12 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import torch
-from scipy import stats
 from torch import Tensor, nn
 
 from lightning_dsd import DSD, Phase
 from lightning_dsd.plan import MaskPlan
+from lightning_dsd.statistics import detectable as detectable_difference
+from lightning_dsd.statistics import interval
 
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3)
 
@@ -338,26 +339,13 @@ def run_seed(family: Family, seed: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- statistics
-
-
-def interval(differences: Sequence[float], scale: float) -> tuple[float, float, float]:
-    """Mean of paired differences and its 95% t interval, times ``scale``."""
-    mean = scale * statistics.mean(differences)
-    if len(differences) < 2:
-        return mean, mean, mean
-    spread = statistics.stdev(differences) / math.sqrt(len(differences))
-    half = scale * stats.t.ppf(0.975, len(differences) - 1) * spread
-    return mean, mean - half, mean + half
+# The statistics are lightning_dsd.statistics', the ones `python -m lightning_dsd.compare` prints.
 
 
 def detectable(differences: Sequence[float], scale: float) -> str:
     """The smallest true mean difference this many seeds find with 80% power at the 5% level, given the spread
-    of the paired differences seen: (t_0.975 + t_0.8) x sd / sqrt(n)."""
-    n = len(differences)
-    if n < 2:
-        return ""
-    factor = stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.8, n - 1)
-    return f"{scale * factor * statistics.stdev(differences) / math.sqrt(n):.2f}"
+    of the paired differences seen: (t_0.975 + t_0.8) x sd / sqrt(n) (see lightning_dsd.statistics)."""
+    return f"{detectable_difference(differences, scale):.2f}" if len(differences) >= 2 else ""
 
 
 def shown_interval(differences: Sequence[float], scale: float) -> str:
