@@ -1,5 +1,9 @@
 """``python -m lightning_dsd.demo``: DSD on real data in one command, against an equal-budget dense baseline.
 
+With ``--seeds N`` (N >= 2) it runs the three arms of a comparison instead, for each of N seeds: DSD, the paper's
+LLR control (``prune=False``) and the plain dense baseline (``prune=False, lr_scale=1.0``), logged as
+``<output>/arms/<arm>_seed<seed>``, and ends with the paired comparison of :mod:`lightning_dsd.compare`.
+
 The data needs no download: MNIST-1D is generated locally by the ``mnist1d`` package (``make_dataset``
 with its default arguments: 4000 train / 1000 test sequences of length 40, 10 classes), and
 scikit-learn ships its handwritten digits (1797 8x8 images, split 80/20 with a fixed seed). Install the
@@ -15,9 +19,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import warnings
 from dataclasses import dataclass, field
-from typing import Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
@@ -27,12 +32,17 @@ from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_dsd.callback import DSDCallback
+from lightning_dsd.compare import compare
 from lightning_dsd.lr import scale_learning_rates
 from lightning_dsd.phases import Phase
 from lightning_dsd.sensitivity import accuracy as sensitivity_accuracy
 
 DATASETS = ("mnist1d", "digits")
 MODELS = ("mlp", "cnn", "gru")
+#: The options that make each arm of a comparison, the rest of DSDCallback's being the same.
+ARM_OPTIONS: dict[str, dict[str, Any]] = {
+    "dsd": {}, "llr": {"prune": False}, "dense": {"prune": False, "lr_scale": 1.0},
+}
 
 
 @dataclass
@@ -185,14 +195,19 @@ def _trainer(epochs: int, callbacks: list, logger, progress: bool) -> pl.Trainer
 
 def train_dsd(
     data: Data, model: str, sparsity: float, epochs: Sequence[int], seed: int, batch_size: int = 128,
-    lr: float = 3e-3, log_dir: Optional[str] = None, progress: bool = False,
+    lr: float = 3e-3, log_dir: Optional[str] = None, progress: bool = False, arm: Optional[str] = None,
 ) -> RunResult:
-    """Train ``model`` with DSD for ``epochs`` = (dense, sparse, re-dense); return the test accuracies."""
+    """Train ``model`` with DSD for ``epochs`` = (dense, sparse, re-dense); return the test accuracies. With
+    ``arm`` (a key of :data:`ARM_OPTIONS`) it runs that arm, logged as the run ``arms/<arm>_seed<seed>``, without
+    the five-panel figures."""
     pl.seed_everything(seed, verbose=False)
     module = Classifier(build_network(model, data.length, data.classes), data.classes, lr=lr)
-    dsd = DSDCallback(sparsity, *epochs)
+    arm_options = {} if arm is None else {**ARM_OPTIONS[arm], "figure_layers": 0}  # the figures cost most of a run
+    dsd = DSDCallback(sparsity, *epochs, **arm_options)
     phases = PhaseAccuracy(dsd, data.test)
-    logger: Union[TensorBoardLogger, bool] = TensorBoardLogger(log_dir, name="dsd") if log_dir else False
+    name, version = ("dsd", None) if arm is None else ("arms", f"{arm}_seed{seed}")
+    logger: Union[TensorBoardLogger, bool] = TensorBoardLogger(log_dir, name=name, version=version) if log_dir else (
+        False)
     trainer = _trainer(sum(epochs), [dsd, phases], logger, progress)
     loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
     trainer.fit(module, loader, _validation_loader(data, log_dir))
@@ -243,16 +258,23 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sparsity", type=float, default=0.5, help="fraction pruned in the sparse phase")
     parser.add_argument("--epochs", type=int, nargs=3, default=[30, 15, 15], metavar=("DENSE", "SPARSE", "REDENSE"))
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=1, help="N >= 2: the three arms (dsd, llr, dense) for seeds"
+                        " SEED..SEED+N-1 under OUTPUT/arms (replaced), then their paired comparison")
     parser.add_argument("--output", default="dsd_demo_runs", help="TensorBoard log directory")
     return parser
 
 
 def run_demo(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     """Run the demo with command-line arguments ``argv``; print and return the accuracy table."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.seeds < 1:
+        parser.error(f"--seeds must be 1 (DSD and a dense baseline) or more (the three arms). Found: {args.seeds}.")
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
     warnings.filterwarnings("ignore", ".*treespec.*")
     data = load_data(args.dataset)
+    if args.seeds > 1:
+        return _run_arms(data, args)
     total = sum(args.epochs)
     print(f"DSD on {args.dataset} ({len(data.train)} train / {len(data.test)} test), {args.model}, "
           f"sparsity {args.sparsity}, epochs dense/sparse/re-dense = {'/'.join(map(str, args.epochs))}")
@@ -272,6 +294,24 @@ def run_demo(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
     print(f"\nBoth runs (dsd, dense_baseline), the weight histograms and the five-panel figure:\n"
           f"  tensorboard --logdir {os.path.abspath(args.output)}")
     return rows
+
+
+def _run_arms(data: Data, args: argparse.Namespace) -> dict[str, float]:
+    """Every arm for every seed, then the paired comparison of their final validation accuracy; return the mean
+    difference of each pair of arms."""
+    logdir = os.path.join(args.output, "arms")
+    shutil.rmtree(logdir, ignore_errors=True)  # the demo's own runs of an earlier call: a comparison reads them all
+    seeds = range(args.seed, args.seed + args.seeds)
+    print(f"DSD, its LLR control and the dense baseline on {args.dataset}, {args.model}, sparsity {args.sparsity},"
+          f" epochs dense/sparse/re-dense = {'/'.join(map(str, args.epochs))}, seeds {seeds.start}..{seeds.stop - 1}")
+    for seed in seeds:
+        for arm in ARM_OPTIONS:
+            print(f"seed {seed}, arm {arm}")
+            train_dsd(data, args.model, args.sparsity, args.epochs, seed, log_dir=args.output, progress=True, arm=arm)
+    report = compare(logdir, "val_acc", "max")
+    print("\n" + report.tables())
+    print(f"\nThe arms side by side, one run per arm and seed:\n  tensorboard --logdir {os.path.abspath(logdir)}")
+    return {f"{c.arm} - {c.control}": c.result.mean for c in report.comparisons}
 
 
 DEMO_REQUIREMENTS = ("mnist1d", "sklearn", "matplotlib")

@@ -36,6 +36,22 @@ def test_the_demo_trains_dsd_and_a_baseline_and_tells_how_to_open_tensorboard(tm
     assert len(glob.glob(str(tmp_path / "dsd" / "version_0" / "dsd_figures" / "*.png"))) == 2
 
 
+def test_the_demo_over_seeds_runs_the_three_arms_and_ends_with_their_paired_comparison(tmp_path, capsys):
+    (tmp_path / "arms" / "dsd_seed9").mkdir(parents=True)  # an earlier call's run: replaced, not compared
+    means = run_demo(["--dataset", "digits", "--epochs", "1", "1", "1", "--seeds", "2", "--output", str(tmp_path)])
+    assert list(means) == ["dsd - llr", "dsd - dense", "llr - dense"]
+    runs = sorted(path.name for path in (tmp_path / "arms").iterdir())
+    assert runs == sorted(f"{arm}_seed{seed}" for arm in ("dsd", "llr", "dense") for seed in (0, 1))
+    printed = capsys.readouterr().out
+    tables = printed[printed.index("`val_acc`, last logged value"):]
+    assert "2 seeds (0, 1) per arm; schedule 1/1/1 epochs" in tables
+    for arm, control in (("dsd", "llr"), ("dsd", "dense"), ("llr", "dense")):
+        assert f"| {arm} - {control} | seeds | mean difference | 95% t interval |" in tables
+    assert f"tensorboard --logdir {tmp_path / 'arms'}" in tables
+    with pytest.raises(SystemExit):
+        run_demo(["--seeds", "0"])
+
+
 @pytest.mark.slow
 def test_the_demo_default_dataset_is_mnist1d_generated_locally(tmp_path):
     rows = run_demo(["--model", "cnn", "--epochs", "2", "1", "1", "--output", str(tmp_path)])
@@ -81,7 +97,7 @@ def test_the_console_script_is_installed():
     script = shutil.which("lightning-dsd-demo", path=os.path.dirname(sys.executable))
     assert script is not None
     result = subprocess.run([script, "--help"], capture_output=True, text=True, check=True)
-    for option in ("--dataset", "--model", "--sparsity", "--epochs", "--seed", "--output"):
+    for option in ("--dataset", "--model", "--sparsity", "--epochs", "--seed", "--seeds", "--output"):
         assert option in result.stdout
 
 
