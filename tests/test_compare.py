@@ -7,7 +7,10 @@ import glob
 import json
 import os
 import re
+import runpy
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -19,7 +22,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
-from lightning_dsd import DSD
+from lightning_dsd import DSD, reporting
 from lightning_dsd.compare import CompareError, compare, main
 
 ARMS = {"dsd": {}, "llr": {"prune": False}, "dense": {"prune": False, "lr_scale": 1.0}}
@@ -209,3 +212,48 @@ def test_an_empty_directory_and_a_missing_one_are_refused(tmp_path):
         compare(str(tmp_path), "val_acc", "max")
     with pytest.raises(CompareError, match=r"is not a directory"):
         compare(str(tmp_path / "nowhere"), "val_acc", "max")
+
+
+def _docs_block(opening: str) -> str:
+    page = (Path(__file__).parents[1] / "docs" / "does_it_help.md").read_text()
+    blocks = [block.split("\n", 1)[1] for block in page.split("```")[1::2]]  # each fenced block, less its language
+    return next(block for block in blocks if block.startswith(opening))
+
+
+def test_the_docs_loop_over_seeds_and_arms_runs_as_written_and_compare_reads_it(tmp_path, monkeypatch):
+    """The page's shell loop runs under bash with `python` standing in to record each call; the training calls of
+    3 of its 5 seeds then run the page's script in this interpreter (a fresh one costs seconds each), and the
+    comparison runs as the page writes it, `python -m lightning_dsd.compare`, in a fresh interpreter."""
+    (tmp_path / "train_arm.py").write_text(_docs_block("# train_arm.py"))
+    loop = _docs_block("for seed in")
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python").write_text('#!/bin/sh\necho "$@" >> calls.txt\n')
+    (tmp_path / "bin" / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}"}
+    subprocess.run(["bash", "-c", loop], cwd=tmp_path, env=env, check=True, timeout=60)
+    calls = (tmp_path / "calls.txt").read_text().splitlines()
+    trainings = sorted(call for call in calls if call.startswith("train_arm.py"))
+    assert trainings == sorted(f"train_arm.py {arm} {seed}" for arm in ARMS for seed in range(5))
+    (command,) = [call for call in calls if not call.startswith("train_arm.py")]
+    assert calls[-1] == command == "-m lightning_dsd.compare runs/my_model --metric val_acc --mode max --json" \
+                                   " runs/my_model.json"
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(reporting, "_MATPLOTLIB_AVAILABLE", False)  # no five-panel figures: most of a run's time
+    for call in trainings:
+        _, arm, seed = call.split()
+        if int(seed) < 3:
+            monkeypatch.setattr(sys, "argv", ["train_arm.py", arm, seed])
+            runpy.run_path(str(tmp_path / "train_arm.py"), run_name="__main__")
+    run = subprocess.run([sys.executable, *command.split()], cwd=tmp_path, capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "`val_acc`, last logged value, higher is better; 3 seeds (0, 1, 2) per arm; schedule 3/2/2 epochs." in (
+        run.stdout)
+    header = "| dsd - llr | seeds | mean difference | 95% t interval | detectable (80% power) | seeds favouring dsd |"
+    assert header in run.stdout and header in _docs_block("`val_acc`, last logged value")
+    result = json.loads((tmp_path / "runs" / "my_model.json").read_text())
+    assert result["arms"] == {arm: {str(s): v for s, v in values.items()}
+                              for arm, values in recomputed(tmp_path / "runs" / "my_model", "val_acc", "last",
+                                                            "max").items()}
+    assert (tmp_path / "runs" / "my_model.png").exists()
