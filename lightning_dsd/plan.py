@@ -76,6 +76,30 @@ class MaskPlan:
                 if isinstance(sparsity, NMPattern):
                     check_pattern_fits(name, weights[name].shape, sparsity, self.input_dims.get(name, 1))
 
+    def prunes_nothing(self, weights: Mapping[str, Tensor]) -> list[str]:
+        """One message per cycle and target whose float sparsity rounds to no pruned weight (``round(s * N) == 0``),
+        or, for ``scope="global"``, per cycle whose sparsity prunes nothing over all targets.
+
+        Examples:
+            >>> import torch
+            >>> MaskPlan((0.001, 0.5)).prunes_nothing({"head.weight": torch.zeros(10, 16)})
+            ['sparsity 0.001 prunes no weight of `head.weight` in cycle 0: round(0.001 * 160) = 0.']
+        """
+        messages = []
+        for cycle, sparsity in enumerate(self.sparsities):
+            if self.scope == "global":
+                total = sum(w.numel() for w in weights.values())
+                if pruned_count(total, float(sparsity)) == 0:  # type: ignore[arg-type]
+                    messages.append(f"sparsity {shown(sparsity)} prunes no weight in cycle {cycle} (scope='global'):"
+                                    f" round({shown(sparsity)} * {total}) = 0.")
+                continue
+            for name, resolved in self.resolve(list(weights), cycle).items():
+                numel = weights[name].numel()
+                if not isinstance(resolved, NMPattern) and pruned_count(numel, resolved) == 0:
+                    messages.append(f"sparsity {resolved} prunes no weight of `{name}` in cycle {cycle}:"
+                                    f" round({resolved} * {numel}) = 0.")
+        return messages
+
     def decide(self, weights: Mapping[str, Tensor], cycle: int) -> dict[str, Tensor]:
         """Keep masks (``True`` = kept) for the targets at the start of ``cycle``'s sparse phase."""
         if self.scope == "global":

@@ -35,7 +35,7 @@ from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.distributed.fsdp import FSDPModule
+from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 from torch.distributed.tensor import DTensor, distribute_tensor
 
 from lightning_dsd.masks import pack_mask, pruned_count, unpack_mask
@@ -43,6 +43,7 @@ from lightning_dsd.plan import MaskPlan
 
 T = TypeVar("T")
 
+_FSDP1_FLATTENED = "_fsdp_flattened"  # torch.distributed.fsdp._common_utils.FSDP_FLATTENED
 _LARGEST_BITS = 0x7FFFFFFF  # above every non-negative float32 bit pattern, NaN included
 
 
@@ -185,6 +186,38 @@ def check_finite(weights: Mapping[str, Tensor], owner: str = "DSD") -> None:
             f"{owner} cannot prune {listed} are NaN or infinite at the transition to the sparse phase, so their"
             " magnitudes cannot be ranked. Training has diverged: lower the learning rate or clip gradients,"
             " and resume from an earlier checkpoint. Nothing was pruned."
+        )
+
+
+def refuse_flat_shards(model: nn.Module, owner: str = "DSD") -> None:
+    """Refuse, before anything changes, a model sharded by FSDP1 (torch's ``FullyShardedDataParallel``, what
+    Fabric's ``strategy="fsdp"`` and Lightning's ``FSDPStrategy`` build) or DeepSpeed: their flat shards mix
+    the entries of several layers, so no rank holds a tensor whose magnitudes can be ranked. Local: every rank
+    refuses alike, as every rank holds the same wrappers.
+
+    Examples:
+        >>> refuse_flat_shards(torch.nn.Linear(2, 2))  # a plain model passes
+    """
+    flat = next(
+        (
+            (name or "the model", type(module).__name__)
+            for name, module in model.named_modules()
+            if isinstance(module, FullyShardedDataParallel)
+            or any(cls.__name__ == "DeepSpeedEngine" for cls in type(module).__mro__)
+        ),
+        None,
+    )
+    if flat is None:  # the module FSDP1 wraps, handed over without its wrapper: FSDP1 marks the parameters it flattened
+        flat = next(((name, "an FSDP1-flattened parameter") for name, p in model.named_parameters()
+                     if getattr(p, _FSDP1_FLATTENED, False)), None)
+    if flat is not None:
+        raise ValueError(
+            f"{owner} cannot prune a model whose parameters are flattened into shards: found {flat[1]} at"
+            f" `{flat[0]}` (FSDP1, as Lightning's `FSDPStrategy` and Fabric's `strategy='fsdp'` build it, or"
+            " DeepSpeed). A flat shard mixes the entries of several layers, so per-tensor magnitude thresholds"
+            " cannot be computed on it. Shard the model with FSDP2's `fully_shard` instead (Lightning and Fabric:"
+            " `strategy=ModelParallelStrategy(...)`, applying `fully_shard` in `configure_model` or the"
+            " parallelize function), or train without sharding (DDP). Nothing was changed."
         )
 
 
