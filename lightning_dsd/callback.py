@@ -157,6 +157,7 @@ class DSDCallback(ReadsOptions, Callback):
         self._schedule_completed = False
         self._trained_with: Optional[pl.Trainer] = None  # the Trainer of the last fit that trained
         self._bound_this_fit = False
+        self._training_this_fit = False
         self._pending_state: Optional[dict[str, Any]] = None  # a checkpoint's state, read before the targets are
         self._state_loaded_this_fit = False
 
@@ -244,7 +245,7 @@ class DSDCallback(ReadsOptions, Callback):
         if stage != TrainerFn.FITTING:
             return
         self._trainer = trainer
-        self._bound_this_fit = self._state_loaded_this_fit = False
+        self._bound_this_fit = self._state_loaded_this_fit = self._training_this_fit = False
         self._check_strategy(trainer)
         self._check_other_callbacks(trainer)
         if uninitialized_parameters(pl_module) and pl_module.example_input_array is not None:
@@ -381,6 +382,7 @@ class DSDCallback(ReadsOptions, Callback):
         self._engine.check_optimizers(trainer.optimizers, every_one_must_own_a_target=False)
         self._engine.start_reporting()
         self._engine.resume_sparse_phase()
+        self._training_this_fit = True
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -428,7 +430,7 @@ class DSDCallback(ReadsOptions, Callback):
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and self._bound_this_fit:
+        if self._training_this_fit:
             self._warn_if_left_sparse(trainer)
 
     def _warn_if_left_sparse(self, trainer: "pl.Trainer") -> None:
@@ -507,18 +509,18 @@ class DSDCallback(ReadsOptions, Callback):
 
 
 def _materialize_lazy_modules(pl_module: "pl.LightningModule") -> None:
-    """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, as
-    Lightning's model summary does; without it, refuse with what to do."""
+    """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, moved to
+    the module's device as Lightning's model summary moves it; without it, refuse with what to do."""
     lazy = uninitialized_parameters(pl_module)
     if not lazy:
         return
-    example = pl_module.example_input_array
-    if example is None:
+    if pl_module.example_input_array is None:
         raise ValueError(
             f"DSDCallback needs the shapes of the weights it prunes, but {lazy} belong to lazy modules that no"
             " forward pass has shaped yet. Run one forward pass (e.g. `model(example_batch)`) before"
             " `trainer.fit`, or set `self.example_input_array` in the LightningModule so DSD can run it."
         )
+    example = pl_module._apply_batch_transfer_handler(pl_module.example_input_array)
     with torch.no_grad():
         if isinstance(example, (list, tuple)):
             pl_module(*example)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
@@ -21,6 +22,7 @@ from lightning_dsd.sharding import (
     global_masks,
     local_slice,
     pruned_per_tensor,
+    refuse_flat_shards,
 )
 
 
@@ -118,3 +120,17 @@ def test_the_global_threshold_sends_one_stacked_count_per_bisection_round_whatev
     # 31 bisection rounds over the float32 bit patterns, then the count below the threshold and the ties.
     assert sent == [torch.Size([64])] * 33, "one all-reduce of all 64 counts per round, not one per target"
     assert len(to_python) <= 34, "about one read of the summed count per round, not one per target per round"
+
+
+def test_models_sharded_into_flat_parameters_are_refused_naming_fully_shard():
+    class DeepSpeedEngine(nn.Module):  # what deepspeed.initialize returns, matched by its class name
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match=r"found DeepSpeedEngine at `the model`.*`fully_shard`"):
+        refuse_flat_shards(DeepSpeedEngine())
+    flattened = nn.Linear(4, 4)
+    flattened.weight._fsdp_flattened = True  # how FSDP1 marks the parameters it manages (use_orig_params=True)
+    with pytest.raises(ValueError, match=r"found an FSDP1-flattened parameter at `weight`"):
+        refuse_flat_shards(flattened)

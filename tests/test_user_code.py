@@ -17,6 +17,7 @@ from helpers import StepRecorder, make_loader, make_trainer, run_worker, seeded
 from lightning.pytorch.callbacks import BackboneFinetuning, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
+from torch.utils.data import DataLoader
 
 from lightning_dsd import DSD, DSDCallback, Phase
 
@@ -279,20 +280,27 @@ class EpochPhases(pl.Callback):
         self.phases[trainer.current_epoch] = self.dsd.phase.value
 
 
-def test_resuming_from_a_checkpoint_without_dsd_state_starts_the_schedule_where_dsd_joins(tmp_path, caplog):
+@pytest.mark.parametrize("interval", ["epoch", "step"])
+def test_resuming_from_a_checkpoint_without_dsd_state_starts_the_schedule_where_dsd_joins(interval, tmp_path, caplog):
     checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
     with seeded():
         model = BuiltInConfigureModel()
-    make_trainer([checkpoints], max_epochs=3, enable_checkpointing=True).fit(model, make_loader())
+    make_trainer([checkpoints], max_epochs=3, enable_checkpointing=True).fit(model, make_loader())  # 12 steps
 
-    dsd = DSDCallback(0.5, 2, 2, 2)
+    dsd = DSDCallback(0.5, 2, 2, 2) if interval == "epoch" else DSDCallback(0.5, 4, 4, 4, interval="step")
     phases, recorder = EpochPhases(dsd), StepRecorder(dsd)
     caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
-    make_trainer([dsd, phases, recorder], max_epochs=9).fit(BuiltInConfigureModel(), make_loader(),
-                                                            ckpt_path=tmp_path / "epoch=2.ckpt")
-    assert phases.phases == {3: "dense", 4: "dense", 5: "sparse", 6: "sparse", 7: "redense", 8: "redense"}
-    assert "DSDCallback joins this run at epoch 3 (the checkpoint holds no DSD state)" in caplog.text
-    assert "dense epochs 3-4, sparse epochs 5-6, redense epochs 7-8" in caplog.text
+    with pytest.warns() as warned:
+        make_trainer([dsd, phases, recorder], max_epochs=9 if interval == "epoch" else 6).fit(
+            BuiltInConfigureModel(), make_loader(), ckpt_path=tmp_path / "epoch=2.ckpt")
+    assert not [w for w in warned if "The DSD schedule needs" in str(w.message)], "the joined schedule fits"
+    if interval == "epoch":
+        assert phases.phases == {3: "dense", 4: "dense", 5: "sparse", 6: "sparse", 7: "redense", 8: "redense"}
+        assert "DSDCallback joins this run at epoch 3 (the checkpoint holds no DSD state)" in caplog.text
+        assert "dense epochs 3-4, sparse epochs 5-6, redense epochs 7-8" in caplog.text
+    else:
+        assert [phase for phase, _, _ in recorder.steps] == ["dense"] * 4 + ["sparse"] * 4 + ["redense"] * 4
+        assert "dense steps 12-15, sparse steps 16-19, redense steps 20-23" in caplog.text
     assert all(zeros for _, _, zeros in recorder.steps) and dsd.phase is Phase.REDENSE
 
 
@@ -453,3 +461,64 @@ def test_fsdp1_handed_to_the_dsd_engine_is_refused_on_every_rank_before_any_weig
             assert "cannot prune a model whose parameters are flattened into shards" in message
             assert "`fully_shard`" in message and "ModelParallelStrategy" in message
         assert rank["unchanged"]
+
+
+# ------------------------------------------------------------------------ what already held, still holds
+
+
+class TunableClassifier(BuiltInConfigureModel):
+    """What the Tuner needs: a ``batch_size`` and an ``lr`` attribute, and its own data."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.batch_size = 4
+
+    def train_dataloader(self):
+        return make_loader(batch_size=self.batch_size)
+
+
+def test_the_tuner_then_fit_runs_the_schedule_from_the_start():
+    from lightning.pytorch.tuner import Tuner
+
+    dsd = DSDCallback(0.5, 1, 1, 1)
+    recorder = StepRecorder(dsd)
+    with seeded():
+        model = TunableClassifier()
+    trainer = make_trainer([dsd, recorder], max_epochs=3, default_root_dir=None)
+    tuner = Tuner(trainer)
+    tuner.scale_batch_size(model, mode="power", max_trials=2, steps_per_trial=1)
+    tuner.lr_find(model, num_training=4, min_lr=1e-3, max_lr=1e-1)
+    assert dsd.phase is Phase.DENSE and not dsd.masks, "tuning leaves the schedule at its start"
+    recorder.steps.clear()
+    trainer.fit(model)
+    steps = len(model.train_dataloader())
+    assert [p for p, _, _ in recorder.steps] == ["dense"] * steps + ["sparse"] * steps + ["redense"] * steps
+    assert all(zeros for _, _, zeros in recorder.steps)
+
+
+def test_validate_test_and_predict_alone_change_no_weight():
+    dsd = DSDCallback(0.5, 0, 1, 1)
+    with seeded():
+        model = BuiltInConfigureModel()
+        model.configure_model()
+    model.test_step = model.validation_step
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = make_trainer([dsd])
+    trainer.validate(model, make_loader())
+    trainer.test(model, make_loader())
+    trainer.predict(model, DataLoader([torch.randn(2, 4, 12) for _ in range(2)], batch_size=None))
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+    assert dsd.phase is Phase.DENSE
+
+
+def test_validation_twice_an_epoch_with_a_phase_that_waits_for_convergence():
+    dsd = DSDCallback(0.5, 1, None, 1, monitor="val_loss", patience=1)
+    recorder = StepRecorder(dsd)
+    with seeded():
+        model = StopsImproving()
+        model.net = model.build()
+    make_trainer([dsd, recorder], max_epochs=6, val_check_interval=0.5).fit(model, make_loader(),
+                                                                            make_loader(n=32, seed=1))
+    assert dsd.phase is Phase.REDENSE
+    assert {p for p, _, _ in recorder.steps} == {"dense", "sparse", "redense"}
+    assert all(zeros for _, _, zeros in recorder.steps)
