@@ -41,7 +41,7 @@ from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import disconnected_units
 from lightning_dsd.options import DSDOptions
 from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
-from lightning_dsd.plan import MaskPlan, shown
+from lightning_dsd.plan import MaskPlan, check_finite, shown
 from lightning_dsd.redense import reinitialize_pruned
 from lightning_dsd.reporting import PhaseReporter, ReportSink
 from lightning_dsd.selection import (
@@ -53,9 +53,7 @@ from lightning_dsd.selection import (
 )
 from lightning_dsd.sharding import (
     FullMasks,
-    check_finite,
     check_placements,
-    decide_masks,
     from_rank_zero,
     full_mask,
     local_slice,
@@ -270,7 +268,7 @@ class DSDEngine:
         pruning = {name: self.targets[name] for name in names}
         self._left_dense = left_dense
         check_finite(pruning, self.owner)
-        masks = decide_masks(self.plan, pruning, stage.cycle) if pruning else {}
+        masks = self.plan.decide(pruning, stage.cycle) if pruning else {}
         self.schedule.advance(now)
         self.enforce(masks)
         self._record(Moment.AFTER_PRUNING, stage.cycle)
