@@ -8,11 +8,12 @@ directory, sparse exports and the ``Trainer``'s checkpoint state.
 
 from __future__ import annotations
 
+import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, StochasticWeightAveraging
+from lightning.pytorch.callbacks import BackboneFinetuning, Callback, EarlyStopping, StochasticWeightAveraging
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -33,6 +34,7 @@ from lightning_dsd.options import ReadsOptions, check_options
 from lightning_dsd.phases import Phase
 from lightning_dsd.selection import LayerSpec, LayerType, Selection, uninitialized_parameters
 from lightning_dsd.sharding import from_rank_zero
+from lightning_dsd.trainer_limits import training_limit
 from lightning_dsd.trainer_output import TrainerSink, output_directory
 
 
@@ -162,6 +164,11 @@ class DSDCallback(ReadsOptions, Callback):
         self._installed_get_metrics: Optional[Any] = None
         self._check_on_train_epoch_end = True
         self._schedule_completed = False
+        self._trained_with: Optional[pl.Trainer] = None  # the Trainer of the last fit that trained
+        self._bound_this_fit = False
+        self._training_this_fit = False
+        self._pending_state: Optional[dict[str, Any]] = None  # a checkpoint's state, read before the targets are
+        self._state_loaded_this_fit = False
 
     # ------------------------------------------------------------------ read-only state
 
@@ -221,7 +228,11 @@ class DSDCallback(ReadsOptions, Callback):
 
     @property
     def schedulers(self) -> Sequence[Any]:
-        return [config.scheduler for config in self._trainer.lr_scheduler_configs] if self._trainer is not None else []
+        """The Trainer's schedulers, and the ``BackboneFinetuning`` callbacks that schedule a param group."""
+        if self._trainer is None:
+            return []
+        finetuning = [cb for cb in self._trainer.callbacks if isinstance(cb, BackboneFinetuning)]  # type: ignore[attr-defined]
+        return [config.scheduler for config in self._trainer.lr_scheduler_configs] + finetuning
 
     @property
     def sink(self) -> Optional[TrainerSink]:
@@ -243,29 +254,31 @@ class DSDCallback(ReadsOptions, Callback):
         if stage != TrainerFn.FITTING:
             return
         self._trainer = trainer
+        self._bound_this_fit = self._state_loaded_this_fit = self._training_this_fit = False
         self._check_strategy(trainer)
         self._check_other_callbacks(trainer)
-        if not isinstance(trainer.strategy, ModelParallelStrategy):
-            self._choose_targets(pl_module)
+        if uninitialized_parameters(pl_module) and pl_module.example_input_array is not None:
+            _materialize_lazy_modules(pl_module)  # before DDP wraps the module, which refuses lazy parameters
         TrainerSink(trainer).check_loggers(
             self.options.log_histograms, self.options.log_scalars, bool(self.options.figure_layers)
         )
         if trainer.is_global_zero and trainer.loggers and (self.options.figure_layers or self.export_sparse):
             rank_zero_info(f"DSDCallback writes its figures and sparse exports under {output_directory(trainer)}.")
         self._show_phase_in_progress_bar(trainer)
-        self._warn_if_schedule_does_not_fit(trainer)
         self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # ModelParallelStrategy builds or shards the model in `configure_model`, after `setup`: the targets
-        # are the sharded parameters it leaves, known here (before any checkpoint is restored).
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            self._choose_targets(pl_module)
-
-    def _choose_targets(self, pl_module: "pl.LightningModule") -> None:
+        # The model is final here, for every strategy: after `LightningModule.setup`, `configure_model` (layers
+        # built there, meta-device weights materialized there, FSDP2/TP sharding) and the strategy's own set-up.
+        # A checkpoint's DSD state read before this point (every strategy but ModelParallelStrategy restores
+        # callbacks earlier) is checked and taken now, against these targets.
         _materialize_lazy_modules(pl_module)
         self._engine.bind(pl_module)
+        self._bound_this_fit = True
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
 
     @staticmethod
     def _check_strategy(trainer: "pl.Trainer") -> None:
@@ -296,14 +309,41 @@ class DSDCallback(ReadsOptions, Callback):
         bar.get_metrics = get_metrics  # type: ignore[method-assign]
         self._installed_get_metrics = get_metrics
 
-    def _check_not_finished(self) -> None:
-        """Called at train start, after a checkpoint (if any) was restored: it resets the flag."""
+    def _check_schedule_continues(self, trainer: "pl.Trainer") -> None:
+        """At train start, after a checkpoint (if any) was restored: refuse a callback whose schedule another
+        ``fit`` already ran to its end, or left midway with another ``Trainer`` (whose clock this one does not
+        share); let DSD join, from now, a run resumed from a checkpoint without DSD state."""
+        engine = self._engine
+        if self._state_loaded_this_fit:
+            return
         if self._schedule_completed:
             raise RuntimeError(
                 "This DSDCallback already ran its whole schedule in an earlier `fit`"
-                f" ({' -> '.join(f'{s.phase.value}' for s in self._engine.schedule.stages)}), so another `fit` with"
+                f" ({' -> '.join(f'{s.phase.value}' for s in engine.schedule.stages)}), so another `fit` with"
                 " it would train without DSD. To run DSD again, give the Trainer a new DSDCallback(...); to go on"
                 " from a saved run, resume with `trainer.fit(model, ckpt_path=...)`."
+            )
+        if self._trained_with is not None and self._trained_with is not trainer:
+            raise RuntimeError(
+                f"This DSDCallback stopped in the {engine.phase.value} phase of cycle {engine.cycle} (begun at"
+                f" {self.interval} {engine.schedule.started_at}) of an earlier `fit` with another Trainer, whose"
+                f" {self.interval} count this Trainer does not share (it is at {self.interval} {self._now(trainer)})."
+                " To go on from that run, resume it with `trainer.fit(model, ckpt_path=...)` from its checkpoint;"
+                " to run DSD afresh, give this Trainer a new DSDCallback(...)."
+            )
+        now = self._now(trainer)
+        if self._trained_with is None and now > 0:
+            engine.schedule.join(now)
+            spans, start = [], now
+            for stage in engine.schedule.stages:
+                if stage.length is None:
+                    spans.append(f"{stage.phase.value} until `{self.monitor}` converges")
+                    break
+                spans.append(f"{stage.phase.value} {self.interval}s {start}-{start + stage.length - 1}")
+                start += stage.length
+            rank_zero_info(
+                f"DSDCallback joins this run at {self.interval} {now} (the checkpoint holds no DSD state), and"
+                f" its phases count from there: {', '.join(spans)}."
             )
 
     def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
@@ -322,26 +362,36 @@ class DSDCallback(ReadsOptions, Callback):
             )
 
     def _warn_if_schedule_does_not_fit(self, trainer: "pl.Trainer") -> None:
+        """Warn, naming the Trainer argument, when ``max_epochs`` or ``max_steps`` (with the optimizer steps an
+        epoch makes of ``limit_train_batches`` and ``accumulate_grad_batches``) end training before the schedule."""
         schedule = self._engine.schedule
-        needed = schedule.required_length()
-        limit = trainer.max_epochs if self.interval == "epoch" else trainer.max_steps
-        if needed is not None and limit is not None and limit >= 0 and limit < needed:
-            unit = "max_epochs" if self.interval == "epoch" else "max_steps"
-            rank_zero_warn(
-                f"The DSD schedule needs {needed} {self.interval}s"
-                f" ({' + '.join(str(s.length) for s in schedule.stages)}), but the Trainer has"
-                f" {unit}={limit}: training will stop in the {schedule.stage_at(limit).phase.value} phase."
-                f" Set {unit}={needed} to run every phase."
-            )
+        end = schedule.end()
+        if end is None:
+            return
+        limit = training_limit(trainer, self.interval)
+        if limit is None or limit.stops_at >= end:
+            return
+        remedy = limit.setting_for(end)
+        joined = schedule.index == 0 and schedule.started_at > 0
+        origin = f", from {self.interval} {schedule.started_at}" if joined else ""
+        rank_zero_warn(
+            f"The DSD schedule needs {end} {self.interval}s ({' + '.join(str(s.length) for s in schedule.stages)}"
+            f"{origin}), but the Trainer has {limit.description}: training will stop in the"
+            f" {schedule.stage_at(max(math.ceil(limit.stops_at) - 1, 0)).phase.value} phase. Set {remedy} to run every"
+            " phase."
+        )
 
     # ------------------------------------------------------------------ training hooks
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._check_not_finished()
+        self._check_schedule_continues(trainer)
+        self._trained_with = trainer
+        self._warn_if_schedule_does_not_fit(trainer)
         self._engine.check_optimizers(trainer.optimizers, every_one_must_own_a_target=False)
         self._engine.start_reporting()
         self._engine.resume_sparse_phase()
+        self._training_this_fit = True
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -384,7 +434,27 @@ class DSDCallback(ReadsOptions, Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._schedule_completed = self._engine.is_finished(self._now(trainer))
+        self._warn_if_left_sparse(trainer)
         self._engine.training_ended()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if self._training_this_fit:
+            self._warn_if_left_sparse(trainer)
+
+    def _warn_if_left_sparse(self, trainer: "pl.Trainer") -> None:
+        """Say so when training stopped inside a sparse phase (EarlyStopping, ``max_time``, an interrupt)."""
+        engine = self._engine
+        if engine.phase is not Phase.SPARSE:
+            return
+        length = engine.schedule.stage.length
+        planned = "" if length is None else f", planned to end at {self.interval} {engine.schedule.started_at + length}"
+        rank_zero_warn(
+            f"Training stopped in the sparse phase of cycle {engine.cycle} (at {self.interval} {self._now(trainer)}"
+            f"{planned}): the model holds the pruned zeros ({len(self.masks)} pruned tensors) and was not re-densed."
+            " To finish DSD, resume with `trainer.fit(model, ckpt_path=...)` from a checkpoint of this run; the"
+            " sparse model as it is can be used as such."
+        )
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -437,24 +507,29 @@ class DSDCallback(ReadsOptions, Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check the checkpoint's DSD state against this callback (see :mod:`lightning_dsd.state`), then
-        take it; a damaged or mismatched state raises before anything changes."""
+        take it; a damaged or mismatched state raises before anything changes. Read before the model is final
+        (``on_fit_start``), it is kept until then and checked against the targets chosen there."""
+        if not self._bound_this_fit:
+            self._pending_state = state_dict
+            return
         self._engine.load_state_dict(state_dict)
         self._schedule_completed = False
+        self._state_loaded_this_fit = True
 
 
 def _materialize_lazy_modules(pl_module: "pl.LightningModule") -> None:
-    """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, as
-    Lightning's model summary does; without it, refuse with what to do."""
+    """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, moved to
+    the module's device as Lightning's model summary moves it; without it, refuse with what to do."""
     lazy = uninitialized_parameters(pl_module)
     if not lazy:
         return
-    example = pl_module.example_input_array
-    if example is None:
+    if pl_module.example_input_array is None:
         raise ValueError(
             f"DSDCallback needs the shapes of the weights it prunes, but {lazy} belong to lazy modules that no"
             " forward pass has shaped yet. Run one forward pass (e.g. `model(example_batch)`) before"
             " `trainer.fit`, or set `self.example_input_array` in the LightningModule so DSD can run it."
         )
+    example = pl_module._apply_batch_transfer_handler(pl_module.example_input_array)
     with torch.no_grad():
         if isinstance(example, (list, tuple)):
             pl_module(*example)

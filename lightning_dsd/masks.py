@@ -140,24 +140,6 @@ def magnitude_masks(
     return masks
 
 
-def global_magnitude_masks(weights: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """One threshold over all tensors: ``round(sparsity * total)`` smallest entries of the lot are pruned.
-
-    Ties are broken by position in the order of ``weights``, then within each flattened tensor.
-    """
-    with torch.no_grad():
-        scores = torch.cat([w.detach().abs().flatten().float().to(_common_device(weights)) for w in weights.values()])
-        keep = smallest_entries(scores, pruned_count(scores.numel(), sparsity)).logical_not_()
-        pieces = keep.split([w.numel() for w in weights.values()])
-        pairs = zip(weights.items(), pieces, strict=True)
-        return {name: piece.view(w.shape).to(w.device) for (name, w), piece in pairs}
-
-
-def _common_device(weights: Mapping[str, Tensor]) -> torch.device:
-    devices = {w.device for w in weights.values()}
-    return devices.pop() if len(devices) == 1 else torch.device("cpu")
-
-
 def disconnected_units(keep: Tensor, input_dim: int = 1) -> tuple[int, int]:
     """How many output units of a weight lost every input connection under the keep mask, out of how many.
 

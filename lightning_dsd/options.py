@@ -34,7 +34,7 @@ from lightning_dsd.arguments import (
 )
 from lightning_dsd.constraint import MASK_STORAGES
 from lightning_dsd.masks import NMPattern, Sparsity
-from lightning_dsd.plan import SCOPES
+from lightning_dsd.plan import SCOPES, MaskPlan
 from lightning_dsd.redense import REDENSE_INITS
 from lightning_dsd.selection import LayerSpec, LayerType
 
@@ -141,11 +141,7 @@ def check_options(
         )
     checked_scope = check_choice("scope", scope, SCOPES)
     checked_layer_sparsity = check_layer_sparsity(layer_sparsity)
-    if checked_scope == "global" and (checked_layer_sparsity or any(isinstance(s, NMPattern) for s in sparsities)):
-        raise ValueError(
-            "`scope='global'` sets one threshold over all targets, so it takes neither `layer_sparsity` nor"
-            f" 'N:M' patterns. Found: layer_sparsity={layer_sparsity!r}, sparsity={sparsity!r}."
-        )
+    MaskPlan(sparsities, checked_scope, checked_layer_sparsity)  # what the plan refuses (a global scope's limits)
     dense, sparse, redense = lengths.values()
     return DSDOptions(
         sparsities=sparsities,

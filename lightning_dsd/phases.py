@@ -163,22 +163,36 @@ class Schedule:
         if self.tracker is not None and self.tracker.update(value) and self.stage.length is None:
             self.converged = True
 
-    def required_length(self) -> Optional[int]:
-        """Epochs or steps the whole schedule needs, or ``None`` when a stage waits for convergence."""
-        lengths = [stage.length for stage in self.stages]
-        return None if None in lengths else sum(lengths)  # type: ignore[arg-type]
+    def join(self, now: int) -> None:
+        """Start the first stage at ``now`` instead of 0: DSD joins a run that has already trained (a resume from
+        a checkpoint written without DSD), and its phase lengths count from there."""
+        if self.index != 0:
+            raise RuntimeError(f"the schedule can be joined only in its first stage, not in stage {self.index}")
+        self.started_at = now
 
-    def stage_at(self, elapsed: int) -> Stage:
-        """The stage a fixed-length schedule is in after ``elapsed`` epochs or steps from its start.
+    def end(self) -> Optional[int]:
+        """When (in epochs or steps, as ``now`` counts) the last stage will have run its course, from where the
+        schedule stands; ``None`` when a stage still to finish waits for convergence.
+
+        Examples:
+            >>> schedule = Schedule(build_stages([0.5], dense=2, sparse=3, redense=1))
+            >>> schedule.end(), schedule.advance(now=4).phase.value, schedule.end()
+            (6, 'sparse', 8)
+        """
+        lengths = [stage.length for stage in self.stages[self.index:]]
+        return None if None in lengths else self.started_at + sum(lengths)  # type: ignore[arg-type]
+
+    def stage_at(self, now: int) -> Stage:
+        """The stage a fixed-length schedule will be in at ``now`` (epochs or steps), from where it stands.
 
         Examples:
             >>> Schedule(build_stages([0.5], dense=2, sparse=3, redense=1)).stage_at(4).phase
             <Phase.SPARSE: 'sparse'>
         """
-        end = 0
-        for stage in self.stages:
+        end = self.started_at
+        for stage in self.stages[self.index:]:
             end += stage.length or 0
-            if elapsed < end:
+            if now < end:
                 return stage
         return self.stages[-1]
 

@@ -20,18 +20,18 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 def output_directory(trainer: "pl.Trainer") -> str:
-    """Where everything DSD writes goes (figures, sparse exports): the TensorBoard logger's directory, else
-    the first logger's ``log_dir`` or ``save_dir`` (what ``Trainer.log_dir`` reads, without its collective),
-    else ``default_root_dir``."""
+    """Where everything DSD writes goes (figures, sparse exports), one directory per run: the TensorBoard
+    logger's ``log_dir``, else ``ModelCheckpoint``'s rule for the first logger,
+    ``<save_dir or default_root_dir>/<name>/<version>`` (MLflow, W&B and Comet runs share one ``save_dir``
+    and differ by name and version), else ``default_root_dir``."""
     tensorboard = _tensorboard_logger(trainer)
     if tensorboard is not None:
         return tensorboard.log_dir
-    if trainer.loggers:
-        first = trainer.loggers[0]
-        directory = getattr(first, "log_dir", None) or first.save_dir
-        if directory:
-            return str(directory)
-    return trainer.default_root_dir
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    first = trainer.loggers[0]
+    version = first.version if isinstance(first.version, str) else f"version_{first.version}"
+    return os.path.join(first.save_dir or trainer.default_root_dir, str(first.name), version)
 
 
 def _tensorboard_logger(trainer: "pl.Trainer") -> Optional[TensorBoardLogger]:

@@ -28,14 +28,19 @@ def test_a_fixed_schedule_advances_exactly_at_the_counted_lengths_and_never_leav
         walked.append(schedule.stage.phase.value)
     assert walked == ["dense"] * 2 + ["sparse"] * 3 + ["redense"] * 5
     assert schedule.is_last and schedule.is_over(6) and not schedule.is_over(5)
-    assert schedule.required_length() == 6
-    assert [schedule.stage_at(t).phase.value for t in (0, 1, 2, 4, 5, 99)] == [
+    assert schedule.end() == 6
+    fresh = Schedule(build_stages((0.5,), dense=2, sparse=3, redense=1))
+    assert fresh.end() == 6
+    assert [fresh.stage_at(t).phase.value for t in (0, 1, 2, 4, 5, 99)] == [
         "dense", "dense", "sparse", "sparse", "redense", "redense"]
+    fresh.join(3)  # DSD joins a run at epoch 3: every phase counts from there
+    assert fresh.end() == 9
+    assert [fresh.stage_at(t).phase.value for t in (3, 4, 5, 7, 8)] == ["dense", "dense", "sparse", "sparse", "redense"]
 
 
 def test_a_phase_of_length_none_ends_when_the_tracker_says_converged_and_the_tracker_restarts():
     schedule = Schedule(build_stages((0.5,), dense=None, sparse=1, redense=1), ConvergenceTracker("min", 1, 0.0))
-    assert schedule.required_length() is None
+    assert schedule.end() is None
     for value in (1.0, 0.5):
         schedule.observe(value)
     assert not schedule.is_due(now=100)
