@@ -28,17 +28,18 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dsd.arguments import SparsityValue, check_bool, check_choice
+from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
-from lightning_dsd.options import ReadsOptions, check_options
+from lightning_dsd.options import check_options
 from lightning_dsd.phases import Phase
-from lightning_dsd.selection import LayerSpec, LayerType, Selection, uninitialized_parameters
+from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
 from lightning_dsd.sharding import from_rank_zero
 from lightning_dsd.trainer_limits import training_limit
 from lightning_dsd.trainer_output import TrainerSink, output_directory
 
 
-class DSDCallback(ReadsOptions, Callback):
+class DSDCallback(ReadsEngine, Callback):
     r"""Train Dense → Sparse → Re-dense, exactly as the DSD paper does, with one line in the ``Trainer``.
 
     **Dense**: normal training. **Sparse**: at the transition, in every targeted tensor of ``N`` weights
@@ -161,56 +162,6 @@ class DSDCallback(ReadsOptions, Callback):
         self._pending_state: Optional[dict[str, Any]] = None  # a checkpoint's state, read before the targets are
         self._state_loaded_this_fit = False
 
-    # ------------------------------------------------------------------ read-only state
-
-    @property
-    def phase(self) -> Phase:
-        """The current phase: :attr:`Phase.DENSE`, :attr:`Phase.SPARSE` or :attr:`Phase.REDENSE`."""
-        return self._engine.phase
-
-    @property
-    def cycle(self) -> int:
-        """The 0-based DSD cycle (one per sparsity)."""
-        return self._engine.cycle
-
-    @property
-    def masks(self) -> dict[str, Tensor]:
-        """Bool masks by parameter name, ``True`` where the weight is kept; empty outside sparse phases. For
-        a sharded parameter (``DTensor``) the mask of this rank's shard, shaped like ``param.to_local()``."""
-        return self._engine.masks
-
-    @property
-    def mask_bytes(self) -> int:
-        """Memory the masks of the current sparse phase hold on the weights' devices (0 outside one): one
-        element of the weight's dtype per targeted weight, or 1 byte with ``mask_storage="bool"``."""
-        return self._engine.mask_bytes
-
-    @property
-    def layer_sparsities(self) -> dict[str, list[Union[float, str]]]:
-        """The sparsity each targeted parameter gets in each cycle, after ``layer_sparsity`` overrides."""
-        return self._engine.layer_sparsities
-
-    @property
-    def selection(self) -> Selection:
-        """What was chosen to prune (at ``setup``; under ``ModelParallelStrategy`` at ``on_fit_start``, after
-        ``configure_model``), with input dimensions, tied names and what was left dense."""
-        return self._engine.selection
-
-    @property
-    def phase_label(self) -> str:
-        """The phase as the progress bar shows it: ``"sparse"``, or ``"sparse 2/3"`` over several cycles."""
-        return self._engine.phase_label
-
-    @property
-    def in_last_phase(self) -> bool:
-        """Whether the schedule has reached its last phase (the final re-dense)."""
-        return self._engine.schedule.is_last
-
-    @property
-    def target_names(self) -> list[str]:
-        """Names of the parameters this callback prunes (known once ``fit`` has set it up)."""
-        return list(self._engine.targets)
-
     # ------------------------------------------------------------------ what the engine asks of a Trainer
 
     @property
@@ -229,13 +180,13 @@ class DSDCallback(ReadsOptions, Callback):
     def sink(self) -> Optional[TrainerSink]:
         return TrainerSink(self._trainer) if self._trainer is not None else None
 
-    def sparse_phase_ending(self, cycle: int) -> None:
+    def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None:
         """Export the sparse model, while the schedule still says "sparse" (so its callback state is that of
         the sparse phase)."""
         if self.export_sparse is not None and self._trainer is not None:
             as_sparse_tensors = self.export_sparse == "sparse"
             self.exported_sparse_models.append(
-                export_sparse_model(self._trainer, self._engine.targets, cycle, sparse_tensors=as_sparse_tensors)
+                export_sparse_model(self._trainer, targets, cycle, sparse_tensors=as_sparse_tensors)
             )
 
     # ------------------------------------------------------------------ set-up checks
@@ -511,15 +462,11 @@ class DSDCallback(ReadsOptions, Callback):
 def _materialize_lazy_modules(pl_module: "pl.LightningModule") -> None:
     """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, moved to
     the module's device as Lightning's model summary moves it; without it, refuse with what to do."""
-    lazy = uninitialized_parameters(pl_module)
-    if not lazy:
+    if not uninitialized_parameters(pl_module):
         return
     if pl_module.example_input_array is None:
-        raise ValueError(
-            f"DSDCallback needs the shapes of the weights it prunes, but {lazy} belong to lazy modules that no"
-            " forward pass has shaped yet. Run one forward pass (e.g. `model(example_batch)`) before"
-            " `trainer.fit`, or set `self.example_input_array` in the LightningModule so DSD can run it."
-        )
+        refuse_lazy_modules(pl_module, "DSDCallback", "before `trainer.fit`, or set `self.example_input_array` in"
+                            " the LightningModule so DSD can run it")
     example = pl_module._apply_batch_transfer_handler(pl_module.example_input_array)
     with torch.no_grad():
         if isinstance(example, (list, tuple)):

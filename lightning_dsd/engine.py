@@ -20,7 +20,7 @@ Examples:
     >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> class Quiet:  # a Training that logs nothing
     ...     optimizers, schedulers, sink = [optimizer], [], None
-    ...     def sparse_phase_ending(self, cycle): pass
+    ...     def sparse_phase_ending(self, cycle, targets): pass
     >>> engine = DSDEngine(check_options(0.5, 1, 1, 1, log_scalars=False, log_histograms=False), Quiet())
     >>> engine.bind(model)
     >>> engine.advance_if_due(1)  # one epoch done: prune
@@ -36,7 +36,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_dsd.constraint import SparseConstraint
+from lightning_dsd.constraint import SparseConstraint, unwrapped_optimizer
 from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import disconnected_units
 from lightning_dsd.options import DSDOptions
@@ -70,7 +70,7 @@ DISCONNECTED_WARNING_SHARE = 0.1
 class Training(Protocol):
     """What a front door gives the engine: the optimizers and schedulers DSD acts on, where reports go
     (``None``: nowhere), and a hook called while the schedule still says "sparse", at the end of each
-    sparse phase."""
+    sparse phase, with the targets (to export the sparse model)."""
 
     @property
     def optimizers(self) -> Sequence[Optimizer]: ...
@@ -81,7 +81,7 @@ class Training(Protocol):
     @property
     def sink(self) -> Optional[ReportSink]: ...
 
-    def sparse_phase_ending(self, cycle: int) -> None: ...
+    def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None: ...
 
 
 class DSDEngine:
@@ -240,7 +240,7 @@ class DSDEngine:
             finished = self.schedule.stage
             if finished.phase is Phase.SPARSE:
                 self._record(Moment.END_OF_SPARSE, finished.cycle)
-                self.training.sparse_phase_ending(finished.cycle)
+                self.training.sparse_phase_ending(finished.cycle, self.targets)
             upcoming = self.schedule.stages[self.schedule.index + 1]
             if upcoming.phase is Phase.SPARSE:
                 self._prune(upcoming, now)
@@ -361,7 +361,7 @@ class DSDEngine:
     def mask_gradients(self, optimizer: Any) -> None:
         """Zero the pruned entries' gradients before ``optimizer`` steps (after backward and unscaling)."""
         if self._constraint is not None:
-            self._constraint.mask_gradients(optimizer)
+            self._constraint.mask_gradients(unwrapped_optimizer(optimizer))
 
     def forget_masked_gradients(self) -> None:
         """A new batch: its gradients are not masked yet."""
