@@ -34,7 +34,6 @@ from lightning_dsd.export import export_sparse_model
 from lightning_dsd.options import check_options
 from lightning_dsd.phases import Phase
 from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
-from lightning_dsd.sharding import from_rank_zero
 from lightning_dsd.trainer_limits import training_limit
 from lightning_dsd.trainer_output import TrainerSink, output_directory
 
@@ -423,15 +422,16 @@ class DSDCallback(ReadsEngine, Callback):
         self._stop_if_finished(trainer, now)
 
     def _observe_monitor(self, trainer: "pl.Trainer") -> None:
-        if self.monitor is None:
+        monitor = self.monitor  # set whenever a phase waits for it (checked at init)
+        if monitor is None or not self.options.waits_for_metric:
             return
-        value = trainer.callback_metrics.get(self.monitor)
+        value = trainer.callback_metrics.get(monitor)
         if value is None:
             raise RuntimeError(
-                f"DSDCallback's `monitor={self.monitor!r}` is not among the logged metrics. Log it with"
-                f" `self.log({self.monitor!r}, ...)` or pick one of: {sorted(trainer.callback_metrics)}."
+                f"DSDCallback's `monitor={monitor!r}` is not among the logged metrics. Log it with"
+                f" `self.log({monitor!r}, ...)` or pick one of: {sorted(trainer.callback_metrics)}."
             )
-        self._engine.observe(float(from_rank_zero(float(value))))
+        self._engine.observe(float(value))
 
     def _stop_if_finished(self, trainer: "pl.Trainer", now: int) -> None:
         if self.stop_at_end and self._engine.is_finished(now) and not trainer.should_stop:

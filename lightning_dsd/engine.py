@@ -92,7 +92,7 @@ class DSDEngine:
         self.training = training
         self.owner = owner
         tracker = None
-        if options.monitor is not None or None in options.lengths:
+        if options.waits_for_metric:
             tracker = ConvergenceTracker(options.mode, options.patience, options.min_delta)
         self.schedule = Schedule(build_stages(options.sparsities, *options.lengths), tracker)
         self.reporter = PhaseReporter(options.log_histograms, options.log_scalars, options.figure_layers)
@@ -233,9 +233,18 @@ class DSDEngine:
     def advance_if_due(self, now: int) -> None:
         """Make every transition due at ``now`` (elapsed epochs or optimizer steps since training began).
 
-        A transition happens whole or not at all: what can refuse (the masks, from non-finite weights) is
-        decided before the schedule moves, and a report that fails to be written is warned about, not
+        The call happens whole or not at all: what can refuse (the masks, from non-finite weights) is decided
+        before the weights change, a refusal puts the schedule back where the call found it (earlier
+        transitions of the same call included), and a report that fails to be written is warned about, not
         raised, so it cannot leave a phase that says "sparse" without its masks."""
+        before = self.schedule.state_dict()
+        try:
+            self._advance_while_due(now)
+        except Exception:
+            self.schedule.load_state_dict(before)
+            raise
+
+    def _advance_while_due(self, now: int) -> None:
         while self.schedule.is_due(now):
             finished = self.schedule.stage
             if finished.phase is Phase.SPARSE:
@@ -248,10 +257,14 @@ class DSDEngine:
                 self.schedule.advance(now)
                 self._redense(finished)
 
-    def observe(self, value: float) -> None:
-        """One check of the monitored metric: give every rank the same value (rank zero's, see
-        :func:`~lightning_dsd.sharding.from_rank_zero`) so that every rank moves alike."""
-        self.schedule.observe(float(value))
+    def observe(self, value: Optional[float]) -> bool:
+        """One check of the monitored metric: every rank takes rank zero's value (see
+        :func:`~lightning_dsd.sharding.from_rank_zero`), so that every rank moves alike. Return whether rank
+        zero had one (``None``: no value this time)."""
+        shared = from_rank_zero(value)
+        if shared is not None:
+            self.schedule.observe(float(shared))
+        return shared is not None
 
     # ------------------------------------------------------------------ transitions
 

@@ -221,30 +221,23 @@ class DSD(ReadsEngine):
                 )
             return
         self._start_if_pending()
-        elapsed_before, schedule_before = self._elapsed, self._engine.schedule.state_dict()
-        try:
-            self._step(metric)
-        except Exception:  # a refused transition (non-finite weights) leaves the count and the schedule as they were
-            self._elapsed = elapsed_before
-            self._engine.schedule.load_state_dict(schedule_before)
-            raise
-        if self.finished:
-            self._engine.training_ended()
-
-    def _step(self, metric: Optional[Union[float, Tensor]]) -> None:
-        if None in self.options.lengths:  # the metric decides: every rank takes rank zero's (None included)
-            shared = from_rank_zero(None if metric is None else float(metric))
-            if shared is not None:
-                self._engine.observe(shared)
-            elif self._engine.schedule.stage.length is None:
+        if self.options.waits_for_metric:  # every rank takes rank zero's metric (None included)
+            observed = self._engine.observe(None if metric is None else float(metric))
+            if not observed and self._engine.schedule.waits_for_metric:
                 raise ValueError(
                     f"The {self.phase.value} phase runs until a metric converges (its length is None), so `step()`"
                     " needs that metric each time on rank zero, e.g. `dsd.step(val_loss)`."
                 )
         if self.interval == "epoch":
             self._engine.epoch_ended(self._elapsed)
-        self._elapsed += 1
-        self._engine.advance_if_due(self._elapsed)
+        self._elapsed += 1  # reports of the transitions are filed under the new count
+        try:
+            self._engine.advance_if_due(self._elapsed)  # refused: the engine leaves its schedule as it was
+        except Exception:
+            self._elapsed -= 1  # and the refused call does not count
+            raise
+        if self.finished:
+            self._engine.training_ended()
 
     def mask_gradients(self) -> None:
         """Zero the pruned entries' gradients now (before gradient clipping, so it measures the sparse

@@ -67,6 +67,11 @@ class DSDOptions:
     log_scalars: bool = True
     figure_layers: Union[int, tuple[str, ...]] = 2
 
+    @property
+    def waits_for_metric(self) -> bool:
+        """Whether some phase runs until the monitored metric converges (a length of ``None``)."""
+        return None in self.lengths
+
 
 def check_options(
     sparsity: Any,

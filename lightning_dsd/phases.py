@@ -145,6 +145,11 @@ class Schedule:
         """Whether the current stage has run its course (the last stage is never left)."""
         return not self.is_last and self.is_over(now)
 
+    @property
+    def waits_for_metric(self) -> bool:
+        """Whether the current stage runs until the monitored metric converges (its length is ``None``)."""
+        return self.stage.length is None
+
     def is_over(self, now: int) -> bool:
         length = self.stage.length
         return self.converged if length is None else now - self.started_at >= length
@@ -160,7 +165,7 @@ class Schedule:
 
     def observe(self, value: float) -> None:
         """Feed one check of the monitored metric to the current stage's convergence tracker."""
-        if self.tracker is not None and self.tracker.update(value) and self.stage.length is None:
+        if self.tracker is not None and self.tracker.update(value) and self.waits_for_metric:
             self.converged = True
 
     def join(self, now: int) -> None:
