@@ -31,7 +31,7 @@ from lightning_dsd.arguments import SparsityValue, check_bool, check_choice
 from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
-from lightning_dsd.options import check_options
+from lightning_dsd.options import check_options, door_options
 from lightning_dsd.phases import Phase
 from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
 from lightning_dsd.trainer_limits import training_limit
@@ -137,14 +137,7 @@ class DSDCallback(ReadsEngine, Callback):
         mask_storage: str = "weight_dtype",
     ) -> None:
         super().__init__()
-        self.options = check_options(
-            sparsity, dense_epochs, sparse_epochs, redense_epochs, interval=interval, monitor=monitor, mode=mode,
-            patience=patience, min_delta=min_delta, lr_scale=lr_scale, include=include, exclude=exclude,
-            layer_types=layer_types, scope=scope, layer_sparsity=layer_sparsity, redense_init=redense_init,
-            seed=seed, mask_storage=mask_storage, log_histograms=log_histograms,
-            histogram_every_n_epochs=histogram_every_n_epochs, histogram_layers=histogram_layers,
-            log_scalars=log_scalars, figure_layers=figure_layers,
-        )
+        self.options = check_options(sparsity, dense_epochs, sparse_epochs, redense_epochs, **door_options(locals()))
         self.export_sparse = None if export_sparse is None else check_choice(
             "export_sparse", export_sparse, ("checkpoint", "sparse")
         )

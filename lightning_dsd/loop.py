@@ -45,7 +45,7 @@ from lightning_dsd.arguments import SparsityValue
 from lightning_dsd.constraint import unwrapped_optimizer
 from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
-from lightning_dsd.options import check_options
+from lightning_dsd.options import check_options, door_options
 from lightning_dsd.selection import LayerSpec, LayerType
 from lightning_dsd.sharding import from_rank_zero
 from lightning_dsd.state import CheckpointStateError
@@ -153,12 +153,7 @@ class DSD(ReadsEngine):
         mask_storage: str = "weight_dtype",
     ) -> None:
         self.options = check_options(
-            sparsity, dense_epochs, sparse_epochs, redense_epochs, interval=interval, monitor=None, mode=mode,
-            patience=patience, min_delta=min_delta, lr_scale=lr_scale, include=include, exclude=exclude,
-            layer_types=layer_types, scope=scope, layer_sparsity=layer_sparsity, redense_init=redense_init,
-            seed=seed, mask_storage=mask_storage, log_histograms=log_histograms,
-            histogram_every_n_epochs=histogram_every_n_epochs, histogram_layers=histogram_layers,
-            log_scalars=log_scalars, figure_layers=figure_layers, monitor_required=False,
+            sparsity, dense_epochs, sparse_epochs, redense_epochs, monitor_required=False, **door_options(locals())
         )
         self._model = _unwrapped_module(model)
         refuse_lazy_modules(self._model, "DSD", "before `DSD(...)`")
