@@ -84,7 +84,7 @@ class DSDCallback(ReadsEngine, Callback):
         layer_sparsity: per-layer overrides, a mapping from parameter-name glob to a sparsity (float or
             ``"N:M"``) used in every cycle; the first matching pattern wins. Needs ``scope="layer"``.
         export_sparse: at the end of each sparse phase, save the sparse model under
-            ``<output directory>/dsd_sparse/`` (see :func:`~lightning_dsd.reporting.output_directory`):
+            ``<output directory>/dsd_sparse/`` (see :func:`~lightning_dsd.trainer_output.output_directory`):
             ``"checkpoint"`` (a normal Lightning checkpoint) or ``"sparse"``
             (that, plus a ``state_dict`` whose pruned tensors are torch sparse tensors).
         redense_init: how pruned weights restart at re-dense: ``"zero"`` (the paper's) or
@@ -144,6 +144,7 @@ class DSDCallback(ReadsEngine, Callback):
         self.stop_at_end = check_bool("stop_at_end", stop_at_end)
         self.exported_sparse_models: list[dict[str, Any]] = []
         self._trainer: Optional[pl.Trainer] = None
+        self._sink: Optional[TrainerSink] = None
         self._engine = DSDEngine(self.options, self)
         self._installed_get_metrics: Optional[Any] = None
         self._check_on_train_epoch_end = True
@@ -170,7 +171,7 @@ class DSDCallback(ReadsEngine, Callback):
 
     @property
     def sink(self) -> Optional[TrainerSink]:
-        return TrainerSink(self._trainer) if self._trainer is not None else None
+        return self._sink
 
     def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None:
         """Export the sparse model, while the schedule still says "sparse" (so its callback state is that of
@@ -187,13 +188,13 @@ class DSDCallback(ReadsEngine, Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
-        self._trainer = trainer
+        self._trainer, self._sink = trainer, TrainerSink(trainer)
         self._bound_this_fit = self._state_loaded_this_fit = self._training_this_fit = False
         self._check_strategy(trainer)
         self._check_other_callbacks(trainer)
         if uninitialized_parameters(pl_module) and pl_module.example_input_array is not None:
             _materialize_lazy_modules(pl_module)  # before DDP wraps the module, which refuses lazy parameters
-        TrainerSink(trainer).check_loggers(
+        self._sink.check_loggers(
             self.options.log_histograms, self.options.log_scalars, bool(self.options.figure_layers)
         )
         if trainer.is_global_zero and trainer.loggers and (self.options.figure_layers or self.export_sparse):

@@ -152,12 +152,15 @@ class SparseConstraint:
             targets.handles.append(optimizer.register_step_pre_hook(self._before_step))
             targets.handles.append(optimizer.register_step_post_hook(self._after_step))
 
-    def detach(self, optimizers: Iterable[Optimizer] = ()) -> None:
-        """Remove the hooks; zero the pruned entries' state in ``optimizers`` so nothing revives them."""
+    def zero_optimizer_state(self, optimizers: Iterable[Optimizer]) -> None:
+        """Zero the pruned entries' state in ``optimizers`` (at re-dense), so no momentum revives them."""
         for optimizer in optimizers:
             targets = self._targets.get(id(optimizer))
             if targets is not None:
                 _mask_optimizer_state(optimizer, targets)
+
+    def detach(self) -> None:
+        """Remove the hooks from every optimizer (the masks are kept)."""
         for targets in self._targets.values():
             for handle in targets.handles:
                 handle.remove()

@@ -94,7 +94,7 @@ class DSDEngine:
         tracker = None
         if options.waits_for_metric:
             tracker = ConvergenceTracker(options.mode, options.patience, options.min_delta)
-        self.schedule = Schedule(build_stages(options.sparsities, *options.lengths), tracker)
+        self.schedule = Schedule(build_stages(len(options.sparsities), *options.lengths), tracker)
         self.reporter = PhaseReporter(options.log_histograms, options.log_scalars, options.figure_layers)
         self.selection = Selection(selected={})
         self.plan = MaskPlan(options.sparsities, options.scope, options.layer_sparsity)
@@ -347,7 +347,8 @@ class DSDEngine:
     def _redense(self, finished: Stage) -> None:
         if self._constraint is not None:
             keep = self._constraint.keep_masks()
-            self._constraint.detach(self.training.optimizers)
+            self._constraint.zero_optimizer_state(self.training.optimizers)
+            self._constraint.detach()
             self._constraint = None
             self._left_dense = {}
             seed = self.options.seed + finished.cycle
@@ -462,7 +463,9 @@ class DSDEngine:
         self._left_dense = left_dense
 
     def run_config(self) -> RunConfig:
-        stages = [[s.phase.value, s.cycle, s.length, shown(s.sparsity)] for s in self.schedule.stages]
+        sparsities = self.plan.sparsities
+        stages = [[s.phase.value, s.cycle, s.length, 0.0 if s.phase is Phase.DENSE else shown(sparsities[s.cycle])]
+                  for s in self.schedule.stages]
         layer_sparsity = self.options.layer_sparsity
         shown_layers = {p: shown(s) for p, s in layer_sparsity.items()} if layer_sparsity else None
         return RunConfig(stages, self.options.interval, self.options.scope, shown_layers, list(self.targets))

@@ -88,3 +88,16 @@ def test_observe_takes_rank_zeros_value_and_says_whether_there_was_one():
     assert engine.observe(None) is False
     assert engine.observe(1.0) is True and engine.observe(2.0) is True
     assert engine.schedule.is_due(0), "no improvement for `patience` checks: the dense phase converged"
+
+
+def test_the_checkpoint_config_records_each_cycles_sparsity_from_the_mask_plan():
+    model = nn.Sequential(nn.Linear(8, 8))
+    training = Training([torch.optim.SGD(model.parameters(), lr=0.1)])
+    engine = DSDEngine(check_options((0.5, "2:4", 0.1), 3, 2, 1, log_scalars=False), training)
+    engine.bind(model)
+    assert engine.run_config().stages == [
+        ["dense", 0, 3, 0.0],
+        ["sparse", 0, 2, 0.5], ["redense", 0, 1, 0.5],
+        ["sparse", 1, 2, "2:4"], ["redense", 1, 1, "2:4"],
+        ["sparse", 2, 2, 0.1], ["redense", 2, 1, 0.1],
+    ]
