@@ -8,7 +8,6 @@ directory, sparse exports and the ``Trainer``'s checkpoint state.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -32,10 +31,9 @@ from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
 from lightning_dsd.options import check_options, door_options
-from lightning_dsd.phases import Phase
 from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
-from lightning_dsd.trainer_limits import training_limit
-from lightning_dsd.trainer_output import TrainerSink, output_directory
+from lightning_dsd.trainer_limits import warn_if_schedule_does_not_fit
+from lightning_dsd.trainer_output import ProgressBarPhase, TrainerSink, output_directory
 
 
 class DSDCallback(ReadsEngine, Callback):
@@ -146,7 +144,7 @@ class DSDCallback(ReadsEngine, Callback):
         self._trainer: Optional[pl.Trainer] = None
         self._sink: Optional[TrainerSink] = None
         self._engine = DSDEngine(self.options, self)
-        self._installed_get_metrics: Optional[Any] = None
+        self._progress_bar = ProgressBarPhase()
         self._check_on_train_epoch_end = True
         self._schedule_completed = False
         self._trained_with: Optional[pl.Trainer] = None  # the Trainer of the last fit that trained
@@ -199,7 +197,7 @@ class DSDCallback(ReadsEngine, Callback):
         )
         if trainer.is_global_zero and trainer.loggers and (self.options.figure_layers or self.export_sparse):
             rank_zero_info(f"DSDCallback writes its figures and sparse exports under {output_directory(trainer)}.")
-        self._show_phase_in_progress_bar(trainer)
+        self._progress_bar.show(trainer.progress_bar_callback, lambda: self.phase_label)
         self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
 
     @override
@@ -230,20 +228,6 @@ class DSDCallback(ReadsEngine, Callback):
                 " (and/or `parallelize_module`) in your LightningModule's `configure_model`."
             )
 
-    def _show_phase_in_progress_bar(self, trainer: "pl.Trainer") -> None:
-        """Add ``dsd=<phase>`` to what the progress bar's public ``get_metrics`` returns, until teardown; a
-        ``get_metrics`` the user set on the bar is left alone."""
-        bar = trainer.progress_bar_callback
-        if bar is None or "get_metrics" in vars(bar):
-            return
-        metrics_of_bar = bar.get_metrics
-
-        def get_metrics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
-            return {**metrics_of_bar(trainer, pl_module), "dsd": self.phase_label}
-
-        bar.get_metrics = get_metrics  # type: ignore[method-assign]
-        self._installed_get_metrics = get_metrics
-
     def _check_schedule_continues(self, trainer: "pl.Trainer") -> None:
         """At train start, after a checkpoint (if any) was restored: refuse a callback whose schedule another
         ``fit`` already ran to its end, or left midway with another ``Trainer`` (whose clock this one does not
@@ -266,20 +250,8 @@ class DSDCallback(ReadsEngine, Callback):
                 " To go on from that run, resume it with `trainer.fit(model, ckpt_path=...)` from its checkpoint;"
                 " to run DSD afresh, give this Trainer a new DSDCallback(...)."
             )
-        now = self._now(trainer)
-        if self._trained_with is None and now > 0:
-            engine.schedule.join(now)
-            spans, start = [], now
-            for stage in engine.schedule.stages:
-                if stage.length is None:
-                    spans.append(f"{stage.phase.value} until `{self.monitor}` converges")
-                    break
-                spans.append(f"{stage.phase.value} {self.interval}s {start}-{start + stage.length - 1}")
-                start += stage.length
-            rank_zero_info(
-                f"DSDCallback joins this run at {self.interval} {now} (the checkpoint holds no DSD state), and"
-                f" its phases count from there: {', '.join(spans)}."
-            )
+        if self._trained_with is None and self._now(trainer) > 0:
+            self._engine.join(self._now(trainer), "the checkpoint holds no DSD state")
 
     def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init
@@ -296,33 +268,13 @@ class DSDCallback(ReadsEngine, Callback):
                 " as that phase's length; keep EarlyStopping only if stopping in the middle of DSD is intended."
             )
 
-    def _warn_if_schedule_does_not_fit(self, trainer: "pl.Trainer") -> None:
-        """Warn, naming the Trainer argument, when ``max_epochs`` or ``max_steps`` (with the optimizer steps an
-        epoch makes of ``limit_train_batches`` and ``accumulate_grad_batches``) end training before the schedule."""
-        schedule = self._engine.schedule
-        end = schedule.end()
-        if end is None:
-            return
-        limit = training_limit(trainer, self.interval)
-        if limit is None or limit.stops_at >= end:
-            return
-        remedy = limit.setting_for(end)
-        joined = schedule.index == 0 and schedule.started_at > 0
-        origin = f", from {self.interval} {schedule.started_at}" if joined else ""
-        rank_zero_warn(
-            f"The DSD schedule needs {end} {self.interval}s ({' + '.join(str(s.length) for s in schedule.stages)}"
-            f"{origin}), but the Trainer has {limit.description}: training will stop in the"
-            f" {schedule.stage_at(max(math.ceil(limit.stops_at) - 1, 0)).phase.value} phase. Set {remedy} to run every"
-            " phase."
-        )
-
     # ------------------------------------------------------------------ training hooks
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._check_schedule_continues(trainer)
         self._trained_with = trainer
-        self._warn_if_schedule_does_not_fit(trainer)
+        warn_if_schedule_does_not_fit(trainer, self._engine.schedule, self.interval)
         self._engine.check_optimizers(trainer.optimizers, every_one_must_own_a_target=False)
         self._engine.start_reporting()
         self._engine.resume_sparse_phase()
@@ -369,37 +321,18 @@ class DSDCallback(ReadsEngine, Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._schedule_completed = self._engine.is_finished(self._now(trainer))
-        self._warn_if_left_sparse(trainer)
+        self._engine.warn_if_left_sparse(self._now(trainer), "resume with `trainer.fit(model, ckpt_path=...)`")
         self._engine.training_ended()
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if self._training_this_fit:
-            self._warn_if_left_sparse(trainer)
-
-    def _warn_if_left_sparse(self, trainer: "pl.Trainer") -> None:
-        """Say so when training stopped inside a sparse phase (EarlyStopping, ``max_time``, an interrupt)."""
-        engine = self._engine
-        if engine.phase is not Phase.SPARSE:
-            return
-        length = engine.schedule.stage.length
-        planned = "" if length is None else f", planned to end at {self.interval} {engine.schedule.started_at + length}"
-        rank_zero_warn(
-            f"Training stopped in the sparse phase of cycle {engine.cycle} (at {self.interval} {self._now(trainer)}"
-            f"{planned}): the model holds the pruned zeros ({len(self.masks)} pruned tensors) and was not re-densed."
-            " To finish DSD, resume with `trainer.fit(model, ckpt_path=...)` from a checkpoint of this run; the"
-            " sparse model as it is can be used as such."
-        )
+            self._engine.warn_if_left_sparse(self._now(trainer), "resume with `trainer.fit(model, ckpt_path=...)`")
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._engine.release()
-        bar = trainer.progress_bar_callback
-        if bar is not None and self._installed_get_metrics is not None and vars(bar).get("get_metrics") is (
-            self._installed_get_metrics
-        ):
-            del vars(bar)["get_metrics"]
-        self._installed_get_metrics = None
+        self._progress_bar.remove(trainer.progress_bar_callback)
 
     # ------------------------------------------------------------------ the clock
 

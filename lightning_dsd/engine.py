@@ -257,6 +257,33 @@ class DSDEngine:
                 self.schedule.advance(now)
                 self._redense(finished)
 
+    def join(self, now: int, why: str) -> None:
+        """Start the schedule at ``now`` rather than 0: DSD joins a run that has already trained (``why``), and
+        its phase lengths count from there. Said in one line."""
+        self.schedule.join(now)
+        spans, start, unit = [], now, self.options.interval
+        for stage in self.schedule.stages:
+            if stage.length is None:
+                spans.append(f"{stage.phase.value} until `{self.options.monitor}` converges")
+                break
+            spans.append(f"{stage.phase.value} {unit}s {start}-{start + stage.length - 1}")
+            start += stage.length
+        rank_zero_info(f"{self.owner} joins this run at {unit} {now} ({why}), and its phases count from there:"
+                       f" {', '.join(spans)}.")
+
+    def warn_if_left_sparse(self, now: int, remedy: str) -> None:
+        """Say so when training stops inside a sparse phase (early stopping, a time limit, an interrupt): the
+        model holds its pruned zeros and was not re-densed; ``remedy`` says how to finish, in the door's terms."""
+        if self.phase is not Phase.SPARSE:
+            return
+        length, unit = self.schedule.stage.length, self.options.interval
+        planned = "" if length is None else f", planned to end at {unit} {self.schedule.started_at + length}"
+        rank_zero_warn(
+            f"Training stopped in the sparse phase of cycle {self.cycle} (at {unit} {now}{planned}): the model holds"
+            f" the pruned zeros ({len(self.masks)} pruned tensors) and was not re-densed. To finish DSD, {remedy}"
+            " from a checkpoint of this run; the sparse model as it is can be used as such."
+        )
+
     def observe(self, value: Optional[float]) -> bool:
         """One check of the monitored metric: every rank takes rank zero's value (see
         :func:`~lightning_dsd.sharding.from_rank_zero`), so that every rank moves alike. Return whether rank
