@@ -8,7 +8,6 @@ directory, sparse exports and the ``Trainer``'s checkpoint state.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -28,17 +27,16 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dsd.arguments import SparsityValue, check_bool, check_choice
+from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
-from lightning_dsd.options import ReadsOptions, check_options
-from lightning_dsd.phases import Phase
-from lightning_dsd.selection import LayerSpec, LayerType, Selection, uninitialized_parameters
-from lightning_dsd.sharding import from_rank_zero
-from lightning_dsd.trainer_limits import training_limit
-from lightning_dsd.trainer_output import TrainerSink, output_directory
+from lightning_dsd.options import check_options, door_options
+from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
+from lightning_dsd.trainer_limits import warn_if_schedule_does_not_fit
+from lightning_dsd.trainer_output import ProgressBarPhase, TrainerSink, output_directory
 
 
-class DSDCallback(ReadsOptions, Callback):
+class DSDCallback(ReadsEngine, Callback):
     r"""Train Dense → Sparse → Re-dense, exactly as the DSD paper does, with one line in the ``Trainer``.
 
     **Dense**: normal training. **Sparse**: at the transition, in every targeted tensor of ``N`` weights
@@ -84,7 +82,7 @@ class DSDCallback(ReadsOptions, Callback):
         layer_sparsity: per-layer overrides, a mapping from parameter-name glob to a sparsity (float or
             ``"N:M"``) used in every cycle; the first matching pattern wins. Needs ``scope="layer"``.
         export_sparse: at the end of each sparse phase, save the sparse model under
-            ``<output directory>/dsd_sparse/`` (see :func:`~lightning_dsd.reporting.output_directory`):
+            ``<output directory>/dsd_sparse/`` (see :func:`~lightning_dsd.trainer_output.output_directory`):
             ``"checkpoint"`` (a normal Lightning checkpoint) or ``"sparse"``
             (that, plus a ``state_dict`` whose pruned tensors are torch sparse tensors).
         redense_init: how pruned weights restart at re-dense: ``"zero"`` (the paper's) or
@@ -143,14 +141,7 @@ class DSDCallback(ReadsOptions, Callback):
         prune: bool = True,
     ) -> None:
         super().__init__()
-        self.options = check_options(
-            sparsity, dense_epochs, sparse_epochs, redense_epochs, interval=interval, monitor=monitor, mode=mode,
-            patience=patience, min_delta=min_delta, lr_scale=lr_scale, include=include, exclude=exclude,
-            layer_types=layer_types, scope=scope, layer_sparsity=layer_sparsity, redense_init=redense_init,
-            seed=seed, mask_storage=mask_storage, log_histograms=log_histograms,
-            histogram_every_n_epochs=histogram_every_n_epochs, histogram_layers=histogram_layers,
-            log_scalars=log_scalars, figure_layers=figure_layers, prune=prune,
-        )
+        self.options = check_options(sparsity, dense_epochs, sparse_epochs, redense_epochs, **door_options(locals()))
         self.export_sparse = None if export_sparse is None else check_choice(
             "export_sparse", export_sparse, ("checkpoint", "sparse")
         )
@@ -160,8 +151,9 @@ class DSDCallback(ReadsOptions, Callback):
         self.stop_at_end = check_bool("stop_at_end", stop_at_end)
         self.exported_sparse_models: list[dict[str, Any]] = []
         self._trainer: Optional[pl.Trainer] = None
+        self._sink: Optional[TrainerSink] = None
         self._engine = DSDEngine(self.options, self)
-        self._installed_get_metrics: Optional[Any] = None
+        self._progress_bar = ProgressBarPhase()
         self._check_on_train_epoch_end = True
         self._schedule_completed = False
         self._trained_with: Optional[pl.Trainer] = None  # the Trainer of the last fit that trained
@@ -169,56 +161,6 @@ class DSDCallback(ReadsOptions, Callback):
         self._training_this_fit = False
         self._pending_state: Optional[dict[str, Any]] = None  # a checkpoint's state, read before the targets are
         self._state_loaded_this_fit = False
-
-    # ------------------------------------------------------------------ read-only state
-
-    @property
-    def phase(self) -> Phase:
-        """The current phase: :attr:`Phase.DENSE`, :attr:`Phase.SPARSE` or :attr:`Phase.REDENSE`."""
-        return self._engine.phase
-
-    @property
-    def cycle(self) -> int:
-        """The 0-based DSD cycle (one per sparsity)."""
-        return self._engine.cycle
-
-    @property
-    def masks(self) -> dict[str, Tensor]:
-        """Bool masks by parameter name, ``True`` where the weight is kept; empty outside sparse phases. For
-        a sharded parameter (``DTensor``) the mask of this rank's shard, shaped like ``param.to_local()``."""
-        return self._engine.masks
-
-    @property
-    def mask_bytes(self) -> int:
-        """Memory the masks of the current sparse phase hold on the weights' devices (0 outside one): one
-        element of the weight's dtype per targeted weight, or 1 byte with ``mask_storage="bool"``."""
-        return self._engine.mask_bytes
-
-    @property
-    def layer_sparsities(self) -> dict[str, list[Union[float, str]]]:
-        """The sparsity each targeted parameter gets in each cycle, after ``layer_sparsity`` overrides."""
-        return self._engine.layer_sparsities
-
-    @property
-    def selection(self) -> Selection:
-        """What was chosen to prune (at ``setup``; under ``ModelParallelStrategy`` at ``on_fit_start``, after
-        ``configure_model``), with input dimensions, tied names and what was left dense."""
-        return self._engine.selection
-
-    @property
-    def phase_label(self) -> str:
-        """The phase as the progress bar shows it: ``"sparse"``, or ``"sparse 2/3"`` over several cycles."""
-        return self._engine.phase_label
-
-    @property
-    def in_last_phase(self) -> bool:
-        """Whether the schedule has reached its last phase (the final re-dense)."""
-        return self._engine.schedule.is_last
-
-    @property
-    def target_names(self) -> list[str]:
-        """Names of the parameters this callback prunes (known once ``fit`` has set it up)."""
-        return list(self._engine.targets)
 
     # ------------------------------------------------------------------ what the engine asks of a Trainer
 
@@ -236,15 +178,15 @@ class DSDCallback(ReadsOptions, Callback):
 
     @property
     def sink(self) -> Optional[TrainerSink]:
-        return TrainerSink(self._trainer) if self._trainer is not None else None
+        return self._sink
 
-    def sparse_phase_ending(self, cycle: int) -> None:
+    def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None:
         """Export the sparse model, while the schedule still says "sparse" (so its callback state is that of
         the sparse phase)."""
         if self.export_sparse is not None and self._trainer is not None:
             as_sparse_tensors = self.export_sparse == "sparse"
             self.exported_sparse_models.append(
-                export_sparse_model(self._trainer, self._engine.targets, cycle, sparse_tensors=as_sparse_tensors)
+                export_sparse_model(self._trainer, targets, cycle, sparse_tensors=as_sparse_tensors)
             )
 
     # ------------------------------------------------------------------ set-up checks
@@ -253,18 +195,18 @@ class DSDCallback(ReadsOptions, Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
-        self._trainer = trainer
+        self._trainer, self._sink = trainer, TrainerSink(trainer)
         self._bound_this_fit = self._state_loaded_this_fit = self._training_this_fit = False
         self._check_strategy(trainer)
         self._check_other_callbacks(trainer)
         if uninitialized_parameters(pl_module) and pl_module.example_input_array is not None:
             _materialize_lazy_modules(pl_module)  # before DDP wraps the module, which refuses lazy parameters
-        TrainerSink(trainer).check_loggers(
+        self._sink.check_loggers(
             self.options.log_histograms, self.options.log_scalars, bool(self.options.figure_layers)
         )
         if trainer.is_global_zero and trainer.loggers and (self.options.figure_layers or self.export_sparse):
             rank_zero_info(f"DSDCallback writes its figures and sparse exports under {output_directory(trainer)}.")
-        self._show_phase_in_progress_bar(trainer)
+        self._progress_bar.show(trainer.progress_bar_callback, lambda: self.phase_label)
         self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
 
     @override
@@ -295,20 +237,6 @@ class DSDCallback(ReadsOptions, Callback):
                 " (and/or `parallelize_module`) in your LightningModule's `configure_model`."
             )
 
-    def _show_phase_in_progress_bar(self, trainer: "pl.Trainer") -> None:
-        """Add ``dsd=<phase>`` to what the progress bar's public ``get_metrics`` returns, until teardown; a
-        ``get_metrics`` the user set on the bar is left alone."""
-        bar = trainer.progress_bar_callback
-        if bar is None or "get_metrics" in vars(bar):
-            return
-        metrics_of_bar = bar.get_metrics
-
-        def get_metrics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
-            return {**metrics_of_bar(trainer, pl_module), "dsd": self.phase_label}
-
-        bar.get_metrics = get_metrics  # type: ignore[method-assign]
-        self._installed_get_metrics = get_metrics
-
     def _check_schedule_continues(self, trainer: "pl.Trainer") -> None:
         """At train start, after a checkpoint (if any) was restored: refuse a callback whose schedule another
         ``fit`` already ran to its end, or left midway with another ``Trainer`` (whose clock this one does not
@@ -331,20 +259,8 @@ class DSDCallback(ReadsOptions, Callback):
                 " To go on from that run, resume it with `trainer.fit(model, ckpt_path=...)` from its checkpoint;"
                 " to run DSD afresh, give this Trainer a new DSDCallback(...)."
             )
-        now = self._now(trainer)
-        if self._trained_with is None and now > 0:
-            engine.schedule.join(now)
-            spans, start = [], now
-            for stage in engine.schedule.stages:
-                if stage.length is None:
-                    spans.append(f"{stage.phase.value} until `{self.monitor}` converges")
-                    break
-                spans.append(f"{stage.phase.value} {self.interval}s {start}-{start + stage.length - 1}")
-                start += stage.length
-            rank_zero_info(
-                f"DSDCallback joins this run at {self.interval} {now} (the checkpoint holds no DSD state), and"
-                f" its phases count from there: {', '.join(spans)}."
-            )
+        if self._trained_with is None and self._now(trainer) > 0:
+            self._engine.join(self._now(trainer), "the checkpoint holds no DSD state")
 
     def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init
@@ -361,33 +277,13 @@ class DSDCallback(ReadsOptions, Callback):
                 " as that phase's length; keep EarlyStopping only if stopping in the middle of DSD is intended."
             )
 
-    def _warn_if_schedule_does_not_fit(self, trainer: "pl.Trainer") -> None:
-        """Warn, naming the Trainer argument, when ``max_epochs`` or ``max_steps`` (with the optimizer steps an
-        epoch makes of ``limit_train_batches`` and ``accumulate_grad_batches``) end training before the schedule."""
-        schedule = self._engine.schedule
-        end = schedule.end()
-        if end is None:
-            return
-        limit = training_limit(trainer, self.interval)
-        if limit is None or limit.stops_at >= end:
-            return
-        remedy = limit.setting_for(end)
-        joined = schedule.index == 0 and schedule.started_at > 0
-        origin = f", from {self.interval} {schedule.started_at}" if joined else ""
-        rank_zero_warn(
-            f"The DSD schedule needs {end} {self.interval}s ({' + '.join(str(s.length) for s in schedule.stages)}"
-            f"{origin}), but the Trainer has {limit.description}: training will stop in the"
-            f" {schedule.stage_at(max(math.ceil(limit.stops_at) - 1, 0)).phase.value} phase. Set {remedy} to run every"
-            " phase."
-        )
-
     # ------------------------------------------------------------------ training hooks
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._check_schedule_continues(trainer)
         self._trained_with = trainer
-        self._warn_if_schedule_does_not_fit(trainer)
+        warn_if_schedule_does_not_fit(trainer, self._engine.schedule, self.interval)
         self._engine.check_optimizers(trainer.optimizers, every_one_must_own_a_target=False)
         self._engine.start_reporting()
         self._engine.resume_sparse_phase()
@@ -434,37 +330,18 @@ class DSDCallback(ReadsOptions, Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._schedule_completed = self._engine.is_finished(self._now(trainer))
-        self._warn_if_left_sparse(trainer)
+        self._engine.warn_if_left_sparse(self._now(trainer), "resume with `trainer.fit(model, ckpt_path=...)`")
         self._engine.training_ended()
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if self._training_this_fit:
-            self._warn_if_left_sparse(trainer)
-
-    def _warn_if_left_sparse(self, trainer: "pl.Trainer") -> None:
-        """Say so when training stopped inside a sparse phase (EarlyStopping, ``max_time``, an interrupt)."""
-        engine = self._engine
-        if engine.phase is not Phase.SPARSE:
-            return
-        length = engine.schedule.stage.length
-        planned = "" if length is None else f", planned to end at {self.interval} {engine.schedule.started_at + length}"
-        rank_zero_warn(
-            f"Training stopped in the sparse phase of cycle {engine.cycle} (at {self.interval} {self._now(trainer)}"
-            f"{planned}): the model holds the pruned zeros ({len(self.masks)} pruned tensors) and was not re-densed."
-            " To finish DSD, resume with `trainer.fit(model, ckpt_path=...)` from a checkpoint of this run; the"
-            " sparse model as it is can be used as such."
-        )
+            self._engine.warn_if_left_sparse(self._now(trainer), "resume with `trainer.fit(model, ckpt_path=...)`")
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._engine.release()
-        bar = trainer.progress_bar_callback
-        if bar is not None and self._installed_get_metrics is not None and vars(bar).get("get_metrics") is (
-            self._installed_get_metrics
-        ):
-            del vars(bar)["get_metrics"]
-        self._installed_get_metrics = None
+        self._progress_bar.remove(trainer.progress_bar_callback)
 
     # ------------------------------------------------------------------ the clock
 
@@ -481,15 +358,16 @@ class DSDCallback(ReadsOptions, Callback):
         self._stop_if_finished(trainer, now)
 
     def _observe_monitor(self, trainer: "pl.Trainer") -> None:
-        if self.monitor is None:
+        monitor = self.monitor  # set whenever a phase waits for it (checked at init)
+        if monitor is None or not self.options.waits_for_metric:
             return
-        value = trainer.callback_metrics.get(self.monitor)
+        value = trainer.callback_metrics.get(monitor)
         if value is None:
             raise RuntimeError(
-                f"DSDCallback's `monitor={self.monitor!r}` is not among the logged metrics. Log it with"
-                f" `self.log({self.monitor!r}, ...)` or pick one of: {sorted(trainer.callback_metrics)}."
+                f"DSDCallback's `monitor={monitor!r}` is not among the logged metrics. Log it with"
+                f" `self.log({monitor!r}, ...)` or pick one of: {sorted(trainer.callback_metrics)}."
             )
-        self._engine.observe(float(from_rank_zero(float(value))))
+        self._engine.observe(float(value))
 
     def _stop_if_finished(self, trainer: "pl.Trainer", now: int) -> None:
         if self.stop_at_end and self._engine.is_finished(now) and not trainer.should_stop:
@@ -520,15 +398,11 @@ class DSDCallback(ReadsOptions, Callback):
 def _materialize_lazy_modules(pl_module: "pl.LightningModule") -> None:
     """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, moved to
     the module's device as Lightning's model summary moves it; without it, refuse with what to do."""
-    lazy = uninitialized_parameters(pl_module)
-    if not lazy:
+    if not uninitialized_parameters(pl_module):
         return
     if pl_module.example_input_array is None:
-        raise ValueError(
-            f"DSDCallback needs the shapes of the weights it prunes, but {lazy} belong to lazy modules that no"
-            " forward pass has shaped yet. Run one forward pass (e.g. `model(example_batch)`) before"
-            " `trainer.fit`, or set `self.example_input_array` in the LightningModule so DSD can run it."
-        )
+        refuse_lazy_modules(pl_module, "DSDCallback", "before `trainer.fit`, or set `self.example_input_array` in"
+                            " the LightningModule so DSD can run it")
     example = pl_module._apply_batch_transfer_handler(pl_module.example_input_array)
     with torch.no_grad():
         if isinstance(example, (list, tuple)):

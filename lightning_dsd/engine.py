@@ -20,7 +20,7 @@ Examples:
     >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> class Quiet:  # a Training that logs nothing
     ...     optimizers, schedulers, sink = [optimizer], [], None
-    ...     def sparse_phase_ending(self, cycle): pass
+    ...     def sparse_phase_ending(self, cycle, targets): pass
     >>> engine = DSDEngine(check_options(0.5, 1, 1, 1, log_scalars=False, log_histograms=False), Quiet())
     >>> engine.bind(model)
     >>> engine.advance_if_due(1)  # one epoch done: prune
@@ -36,7 +36,7 @@ from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_dsd.constraint import SparseConstraint
+from lightning_dsd.constraint import SparseConstraint, unwrapped_optimizer
 from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import disconnected_units
 from lightning_dsd.options import DSDOptions
@@ -71,7 +71,7 @@ DISCONNECTED_WARNING_SHARE = 0.1
 class Training(Protocol):
     """What a front door gives the engine: the optimizers and schedulers DSD acts on, where reports go
     (``None``: nowhere), and a hook called while the schedule still says "sparse", at the end of each
-    sparse phase."""
+    sparse phase, with the targets (to export the sparse model)."""
 
     @property
     def optimizers(self) -> Sequence[Optimizer]: ...
@@ -82,7 +82,7 @@ class Training(Protocol):
     @property
     def sink(self) -> Optional[ReportSink]: ...
 
-    def sparse_phase_ending(self, cycle: int) -> None: ...
+    def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None: ...
 
 
 class DSDEngine:
@@ -93,9 +93,9 @@ class DSDEngine:
         self.training = training
         self.owner = owner
         tracker = None
-        if options.monitor is not None or None in options.lengths:
+        if options.waits_for_metric:
             tracker = ConvergenceTracker(options.mode, options.patience, options.min_delta)
-        self.schedule = Schedule(build_stages(options.sparsities, *options.lengths), tracker)
+        self.schedule = Schedule(build_stages(len(options.sparsities), *options.lengths), tracker)
         self.reporter = PhaseReporter(options.log_histograms, options.log_scalars, options.figure_layers)
         if not options.prune:
             self.reporter.figure_title = "LLR control (prune=False, nothing pruned): weight distribution"
@@ -236,14 +236,23 @@ class DSDEngine:
     def advance_if_due(self, now: int) -> None:
         """Make every transition due at ``now`` (elapsed epochs or optimizer steps since training began).
 
-        A transition happens whole or not at all: what can refuse (the masks, from non-finite weights) is
-        decided before the schedule moves, and a report that fails to be written is warned about, not
+        The call happens whole or not at all: what can refuse (the masks, from non-finite weights) is decided
+        before the weights change, a refusal puts the schedule back where the call found it (earlier
+        transitions of the same call included), and a report that fails to be written is warned about, not
         raised, so it cannot leave a phase that says "sparse" without its masks."""
+        before = self.schedule.state_dict()
+        try:
+            self._advance_while_due(now)
+        except Exception:
+            self.schedule.load_state_dict(before)
+            raise
+
+    def _advance_while_due(self, now: int) -> None:
         while self.schedule.is_due(now):
             finished = self.schedule.stage
             if finished.phase is Phase.SPARSE:
                 self._record(Moment.END_OF_SPARSE, finished.cycle)
-                self.training.sparse_phase_ending(finished.cycle)
+                self.training.sparse_phase_ending(finished.cycle, self.targets)
             upcoming = self.schedule.stages[self.schedule.index + 1]
             if upcoming.phase is Phase.SPARSE:
                 self._prune(upcoming, now)
@@ -251,10 +260,41 @@ class DSDEngine:
                 self.schedule.advance(now)
                 self._redense(finished)
 
-    def observe(self, value: float) -> None:
-        """One check of the monitored metric: give every rank the same value (rank zero's, see
-        :func:`~lightning_dsd.sharding.from_rank_zero`) so that every rank moves alike."""
-        self.schedule.observe(float(value))
+    def join(self, now: int, why: str) -> None:
+        """Start the schedule at ``now`` rather than 0: DSD joins a run that has already trained (``why``), and
+        its phase lengths count from there. Said in one line."""
+        self.schedule.join(now)
+        spans, start, unit = [], now, self.options.interval
+        for stage in self.schedule.stages:
+            if stage.length is None:
+                spans.append(f"{stage.phase.value} until `{self.options.monitor}` converges")
+                break
+            spans.append(f"{stage.phase.value} {unit}s {start}-{start + stage.length - 1}")
+            start += stage.length
+        rank_zero_info(f"{self.owner} joins this run at {unit} {now} ({why}), and its phases count from there:"
+                       f" {', '.join(spans)}.")
+
+    def warn_if_left_sparse(self, now: int, remedy: str) -> None:
+        """Say so when training stops inside a sparse phase (early stopping, a time limit, an interrupt): the
+        model holds its pruned zeros and was not re-densed; ``remedy`` says how to finish, in the door's terms."""
+        if self.phase is not Phase.SPARSE:
+            return
+        length, unit = self.schedule.stage.length, self.options.interval
+        planned = "" if length is None else f", planned to end at {unit} {self.schedule.started_at + length}"
+        rank_zero_warn(
+            f"Training stopped in the sparse phase of cycle {self.cycle} (at {unit} {now}{planned}): the model holds"
+            f" the pruned zeros ({len(self.masks)} pruned tensors) and was not re-densed. To finish DSD, {remedy}"
+            " from a checkpoint of this run; the sparse model as it is can be used as such."
+        )
+
+    def observe(self, value: Optional[float]) -> bool:
+        """One check of the monitored metric: every rank takes rank zero's value (see
+        :func:`~lightning_dsd.sharding.from_rank_zero`), so that every rank moves alike. Return whether rank
+        zero had one (``None``: no value this time)."""
+        shared = from_rank_zero(value)
+        if shared is not None:
+            self.schedule.observe(float(shared))
+        return shared is not None
 
     # ------------------------------------------------------------------ transitions
 
@@ -352,7 +392,8 @@ class DSDEngine:
     def _redense(self, finished: Stage) -> None:
         if self._constraint is not None:
             keep = self._constraint.keep_masks()
-            self._constraint.detach(self.training.optimizers)
+            self._constraint.zero_optimizer_state(self.training.optimizers)
+            self._constraint.detach()
             self._constraint = None
             self._left_dense = {}
             seed = self.options.seed + finished.cycle
@@ -385,7 +426,7 @@ class DSDEngine:
     def mask_gradients(self, optimizer: Any) -> None:
         """Zero the pruned entries' gradients before ``optimizer`` steps (after backward and unscaling)."""
         if self._constraint is not None:
-            self._constraint.mask_gradients(optimizer)
+            self._constraint.mask_gradients(unwrapped_optimizer(optimizer))
 
     def forget_masked_gradients(self) -> None:
         """A new batch: its gradients are not masked yet."""
@@ -482,7 +523,9 @@ class DSDEngine:
         self._left_dense = left_dense
 
     def run_config(self) -> RunConfig:
-        stages = [[s.phase.value, s.cycle, s.length, shown(s.sparsity)] for s in self.schedule.stages]
+        sparsities = self.plan.sparsities
+        stages = [[s.phase.value, s.cycle, s.length, 0.0 if s.phase is Phase.DENSE else shown(sparsities[s.cycle])]
+                  for s in self.schedule.stages]
         layer_sparsity = self.options.layer_sparsity
         shown_layers = {p: shown(s) for p, s in layer_sparsity.items()} if layer_sparsity else None
         return RunConfig(stages, self.options.interval, self.options.scope, shown_layers, list(self.targets),

@@ -36,8 +36,8 @@ class NMPattern:
     the ``n`` largest in magnitude are kept (``2:4`` is the pattern sparse tensor cores accelerate).
 
     Examples:
-        >>> NMPattern.parse("2:4"), NMPattern(2, 4).sparsity
-        (NMPattern(n=2, m=4), 0.5)
+        >>> NMPattern.parse("2:4"), str(NMPattern(1, 8))
+        (NMPattern(n=2, m=4), '1:8')
     """
 
     n: int
@@ -49,10 +49,6 @@ class NMPattern:
         if not (sep and n.strip().isdigit() and m.strip().isdigit() and 0 < int(n) < int(m)):
             raise ValueError(f"an N:M pattern needs integers 0 < N < M, as in '2:4'. Found: {text!r}.")
         return cls(int(n), int(m))
-
-    @property
-    def sparsity(self) -> float:
-        return 1 - self.n / self.m
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"

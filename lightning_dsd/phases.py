@@ -6,7 +6,7 @@ and the monitored metric by its caller. Its whole state is a handful of plain va
 checkpoint is a matter of :meth:`Schedule.state_dict` and :meth:`Schedule.load_state_dict`.
 
 Examples:
-    >>> schedule = Schedule(build_stages(sparsities=(0.5, 0.25), dense=2, sparse=1, redense=1))
+    >>> schedule = Schedule(build_stages(cycles=2, dense=2, sparse=1, redense=1))
     >>> [f"{stage.phase.value}:{stage.cycle}" for stage in schedule.stages]
     ['dense:0', 'sparse:0', 'redense:0', 'sparse:1', 'redense:1']
     >>> schedule.is_due(now=1), schedule.is_due(now=2)
@@ -53,30 +53,28 @@ class Moment(str, Enum):
 
 @dataclass(frozen=True)
 class Stage:
-    """One phase of one cycle: ``length`` epochs or steps, or ``None`` for "until the metric converges"."""
+    """One phase of one cycle: ``length`` epochs or steps, or ``None`` for "until the metric converges". (A
+    cycle's sparsity is the mask plan's, :class:`~lightning_dsd.plan.MaskPlan`.)"""
 
     phase: Phase
     cycle: int
     length: Optional[int]
-    sparsity: Any  # a float, or an N:M pattern (lightning_dsd.masks.NMPattern)
 
 
-def build_stages(
-    sparsities: Sequence[Any], dense: Optional[int], sparse: Optional[int], redense: Optional[int]
-) -> tuple[Stage, ...]:
-    """Lay out D S D (S D ...): one dense phase, then a sparse and a re-dense phase per sparsity.
+def build_stages(cycles: int, dense: Optional[int], sparse: Optional[int], redense: Optional[int]) -> tuple[Stage, ...]:
+    """Lay out D S D (S D ...): one dense phase, then a sparse and a re-dense phase per cycle (one per sparsity).
 
     The re-dense phase of one cycle is the dense phase the next cycle prunes from, as in the paper's
     DeepSpeech 2 run (50% then 25%).
 
     Examples:
-        >>> [s.phase.value for s in build_stages([0.5], dense=3, sparse=None, redense=3)]
+        >>> [s.phase.value for s in build_stages(1, dense=3, sparse=None, redense=3)]
         ['dense', 'sparse', 'redense']
     """
-    stages = [Stage(Phase.DENSE, 0, dense, 0.0)]
-    for cycle, sparsity in enumerate(sparsities):
-        stages.append(Stage(Phase.SPARSE, cycle, sparse, sparsity))
-        stages.append(Stage(Phase.REDENSE, cycle, redense, sparsity))
+    stages = [Stage(Phase.DENSE, 0, dense)]
+    for cycle in range(cycles):
+        stages.append(Stage(Phase.SPARSE, cycle, sparse))
+        stages.append(Stage(Phase.REDENSE, cycle, redense))
     return tuple(stages)
 
 
@@ -145,6 +143,11 @@ class Schedule:
         """Whether the current stage has run its course (the last stage is never left)."""
         return not self.is_last and self.is_over(now)
 
+    @property
+    def waits_for_metric(self) -> bool:
+        """Whether the current stage runs until the monitored metric converges (its length is ``None``)."""
+        return self.stage.length is None
+
     def is_over(self, now: int) -> bool:
         length = self.stage.length
         return self.converged if length is None else now - self.started_at >= length
@@ -160,7 +163,7 @@ class Schedule:
 
     def observe(self, value: float) -> None:
         """Feed one check of the monitored metric to the current stage's convergence tracker."""
-        if self.tracker is not None and self.tracker.update(value) and self.stage.length is None:
+        if self.tracker is not None and self.tracker.update(value) and self.waits_for_metric:
             self.converged = True
 
     def join(self, now: int) -> None:
@@ -175,7 +178,7 @@ class Schedule:
         schedule stands; ``None`` when a stage still to finish waits for convergence.
 
         Examples:
-            >>> schedule = Schedule(build_stages([0.5], dense=2, sparse=3, redense=1))
+            >>> schedule = Schedule(build_stages(1, dense=2, sparse=3, redense=1))
             >>> schedule.end(), schedule.advance(now=4).phase.value, schedule.end()
             (6, 'sparse', 8)
         """
@@ -186,7 +189,7 @@ class Schedule:
         """The stage a fixed-length schedule will be in at ``now`` (epochs or steps), from where it stands.
 
         Examples:
-            >>> Schedule(build_stages([0.5], dense=2, sparse=3, redense=1)).stage_at(4).phase
+            >>> Schedule(build_stages(1, dense=2, sparse=3, redense=1)).stage_at(4).phase
             <Phase.SPARSE: 'sparse'>
         """
         end = self.started_at

@@ -21,6 +21,9 @@ from dataclasses import dataclass
 from typing import Optional
 
 import lightning.pytorch as pl
+from lightning.pytorch.utilities import rank_zero_warn
+
+from lightning_dsd.phases import Schedule
 
 
 @dataclass(frozen=True)
@@ -83,6 +86,23 @@ class TrainingLimit:
                 epochs = max_steps / steps_per_epoch
                 candidates.append(cls("max_steps", max_steps, epochs, interval, steps_per_epoch, per_epoch))
         return min(candidates, key=lambda limit: limit.stops_at, default=None)
+
+
+def warn_if_schedule_does_not_fit(trainer: "pl.Trainer", schedule: Schedule, interval: str) -> None:
+    """Warn, naming the Trainer argument and the value that fits, when ``max_epochs`` or ``max_steps`` end
+    training before ``schedule`` (from where it stands) has run every phase."""
+    end = schedule.end()
+    limit = None if end is None else training_limit(trainer, interval)
+    if end is None or limit is None or limit.stops_at >= end:
+        return
+    joined = schedule.index == 0 and schedule.started_at > 0
+    origin = f", from {interval} {schedule.started_at}" if joined else ""
+    stops_in = schedule.stage_at(max(math.ceil(limit.stops_at) - 1, 0)).phase.value
+    rank_zero_warn(
+        f"The DSD schedule needs {end} {interval}s ({' + '.join(str(s.length) for s in schedule.stages)}{origin}),"
+        f" but the Trainer has {limit.description}: training will stop in the {stops_in} phase. Set"
+        f" {limit.setting_for(end)} to run every phase."
+    )
 
 
 def training_limit(trainer: "pl.Trainer", interval: str) -> Optional[TrainingLimit]:
