@@ -94,9 +94,12 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
     r"""Train Dense → Sparse → Re-dense inside ``transformers.Trainer``: ``callbacks=[DSDTrainerCallback(...)]``.
 
     Args:
-        sparsity, dense_epochs, sparse_epochs, redense_epochs: as for :class:`~lightning_dsd.DSDCallback`.
-            ``interval="epoch"`` counts the Trainer's epochs, ``"step"`` its optimizer steps
-            (``state.global_step``, one per ``gradient_accumulation_steps`` batches).
+        sparsity: as for :class:`~lightning_dsd.DSDCallback`.
+        dense_epochs: as for :class:`~lightning_dsd.DSDCallback`: ``interval="epoch"`` counts the Trainer's
+            epochs, ``"step"`` its optimizer steps (``state.global_step``, one per ``gradient_accumulation_steps``
+            batches).
+        sparse_epochs: likewise.
+        redense_epochs: likewise.
         stop_at_end: set ``control.should_training_stop`` when the last phase ends.
         **options: every other keyword of :class:`~lightning_dsd.DSDCallback` that the other doors share
             (:data:`SHARED_OPTIONS`: ``interval``, ``monitor``, ``lr_scale``, ``include``, ``exclude``, ``scope``,
@@ -222,7 +225,7 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
             self._token = self._restore(args, state)
         else:
             self._token = from_rank_zero(uuid.uuid4().hex)
-        state.stateful_callbacks[RECORD_KEY] = {"token": self._token, "file": STATE_FILE}
+        _records(state)[RECORD_KEY] = {"token": self._token, "file": STATE_FILE}
         self._warn_if_schedule_does_not_fit(state)
         self._started = self._training = True
         self._engine.start_reporting()
@@ -305,7 +308,7 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
         """Write DSD's state into the folder the Trainer has just saved (every rank builds it: a collective
         for sharded weights; the rank that saves writes it, through a temporary file)."""
         saved = {"dsd": self._engine.state_dict(), "global_step": state.global_step, "token": self._token}
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = checkpoint_folder(args, state.global_step)
         if args.should_save and os.path.isdir(folder):
             path = os.path.join(folder, STATE_FILE)
             torch.save(saved, path + ".tmp")
@@ -315,7 +318,7 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
         """Find, read and check the DSD state of the checkpoint the Trainer restored (see the module
         docstring); raise :class:`~lightning_dsd.state.CheckpointStateError` before anything changes."""
         step = state.global_step
-        record = (state.stateful_callbacks or {}).get(RECORD_KEY)
+        record = _records(state).get(RECORD_KEY)
         token = record.get("token") if isinstance(record, Mapping) else None
         if not isinstance(token, str):
             raise CheckpointStateError(
@@ -324,7 +327,7 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
                 "Resume it without DSDTrainerCallback, or start a new DSD run from its model"
                 " (`from_pretrained(checkpoint)` and `train()` without `resume_from_checkpoint`).",
             )
-        folders = [os.path.join(args.output_dir, f"checkpoint-{step}")]
+        folders = [checkpoint_folder(args, step)]
         if isinstance(args.resume_from_checkpoint, str):
             folders.insert(0, args.resume_from_checkpoint)
         found = []
@@ -344,6 +347,7 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
                 found.append(f"{path}: saved at step {saved.get('global_step')!r} by run {saved.get('token')!r}")
                 continue
             self._engine.load_state_dict(saved["dsd"])
+            rank_zero_info(f"DSDTrainerCallback resumed the {self.phase_label} phase at step {step} from {path}.")
             return token
         raise CheckpointStateError(
             f"the Trainer resumed at step {step} of DSD run {token!r}, but no DSD state of that step and run was"
@@ -402,7 +406,7 @@ class TrainerSink:
                 self._writer.add_scalar(tag, value, self.step)
 
     def figure_directory(self) -> Optional[str]:
-        return os.path.join(self.directory, "dsd_figures") if self.directory else None
+        return os.path.join(self.directory, "dsd_figures") if self.directory is not None else None
 
     def say_what_is_skipped(self) -> None:
         """Once, before training: what the Trainer's reporting set-up cannot show."""
@@ -460,7 +464,7 @@ def check_training_arguments(args: TrainingArguments) -> None:
             " partitions that mix layers, so per-tensor magnitude thresholds cannot be computed. Use FSDP2 instead."
         )
     if getattr(args, "fsdp", None):
-        config = args.fsdp_config or {}
+        config: Any = args.fsdp_config or {}  # a dict once TrainingArguments has read it
         version = int(config.get("version", config.get("fsdp_version", 2)))
         if version != 2:
             raise ValueError(
@@ -468,6 +472,20 @@ def check_training_arguments(args: TrainingArguments) -> None:
                 f" {version} (`fsdp_config={dict(config)!r}`), whose flat parameters mix layers, so per-tensor"
                 " magnitude thresholds cannot be computed. Use FSDP2: `fsdp_config={'version': 2}`."
             )
+
+
+def checkpoint_folder(args: TrainingArguments, step: int) -> str:
+    """The folder the Trainer saves step ``step`` in (``_save_checkpoint``'s ``output_dir/checkpoint-<step>``)."""
+    return os.path.join(str(args.output_dir), f"checkpoint-{step}")
+
+
+def _records(state: TrainerState) -> dict[str, Any]:
+    """``state.stateful_callbacks``: the dict the Trainer saves in ``trainer_state.json`` (typed as a list, the
+    callbacks it is built from)."""
+    if not isinstance(state.stateful_callbacks, dict):
+        state.stateful_callbacks = {}  # type: ignore[assignment]
+    records: Any = state.stateful_callbacks
+    return records
 
 
 def _calling_trainer(callback: TrainerCallback) -> Optional[Trainer]:

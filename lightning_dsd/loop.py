@@ -110,9 +110,11 @@ class DSD(ReadsOptions):
             are the model's own, without wrapper prefixes).
         optimizers: the optimizer, or a list of them, that train the targeted weights (Fabric's wrappers are
             fine). Each must update some target, and every target must be updated by one.
-        sparsity, dense_epochs, sparse_epochs, redense_epochs: as for :class:`~lightning_dsd.DSDCallback`; a
-            length of ``None`` runs that phase until the metric given to :meth:`step` converges (``mode``,
-            ``patience``, ``min_delta``).
+        sparsity: as for :class:`~lightning_dsd.DSDCallback`.
+        dense_epochs: as for :class:`~lightning_dsd.DSDCallback`; a length of ``None`` runs that phase until the
+            metric given to :meth:`step` converges (``mode``, ``patience``, ``min_delta``).
+        sparse_epochs: likewise.
+        redense_epochs: likewise.
         schedulers: the learning-rate scheduler, or a list of them, to keep the re-dense learning-rate change
             through.
         writer: where histograms, scalars and transition notes go: a ``SummaryWriter`` (on rank zero; other

@@ -162,7 +162,8 @@ importers = []
 class Spy:  # records the module that imports transformers (the innermost frame outside importlib)
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] == "transformers":
-            frames = [f for f in traceback.extract_stack() if "importlib" not in f.filename and f.filename != "<string>"]
+            frames = [f for f in traceback.extract_stack() if "importlib" not in f.filename
+                      and f.filename != "<string>"]
             importers.append(frames[-1].filename)
 sys.meta_path.insert(0, Spy())
 import lightning_dsd
@@ -312,7 +313,8 @@ def test_a_resume_mid_sparse_from_the_latest_checkpoint_is_bit_identical_where_t
     plain, _, _ = _resumable_run(tmp_path / "plain", with_dsd=False)
     _resumable_run(tmp_path / "plain_cut", with_dsd=False, stop_at=4)
     plain_resumed, _, _ = _resumable_run(tmp_path / "plain_cut", with_dsd=False, resume=True)
-    assert all(torch.equal(a, b) for a, b in zip(weights(plain).values(), weights(plain_resumed).values()))
+    plain_weights, plain_resumed_weights = weights(plain), weights(plain_resumed)
+    assert all(torch.equal(w, plain_resumed_weights[n]) for n, w in plain_weights.items())
 
     full, full_dsd, _ = _resumable_run(tmp_path / "dsd", with_dsd=True)
     resumed_dir = tmp_path / "dsd_cut"
@@ -497,7 +499,8 @@ def test_the_docs_script_runs_as_written(tmp_path):
     output = _docs_script(tmp_path)
     assert "DSD cycle 0: sparse phase. Pruned" in output
     assert "DSD cycle 0: re-dense phase." in output
-    assert "resumed in the sparse phase at step" in output
+    assert "DSDTrainerCallback resumed the sparse phase at step 6 from dsd_gpt2/checkpoint-6/dsd_state.pt" in output
+    assert "finished in the redense phase after 12 steps" in output
 
 
 def test_the_readme_has_a_transformers_section_and_stays_under_8000_characters():
