@@ -369,6 +369,58 @@ def test_a_damaged_or_foreign_dsd_state_is_refused_before_training_changes_anyth
     assert all(torch.equal(saved_weights[n], w) for n, w in weights(model).items() if n in saved_weights)
 
 
+def test_an_epoch_clock_resumed_mid_epoch_with_evaluation_every_two_steps_is_bit_identical(tmp_path):
+    def run(out, stop_at=None, resume=False):
+        model, dsd = gpt2(), DSDTrainerCallback(0.5, 1, 1, 1)  # 2 optimizer steps per epoch
+        args = arguments(out, num_train_epochs=3, save_strategy="steps", save_steps=1, eval_strategy="steps",
+                         eval_steps=2)
+        callbacks = [dsd] + ([StopAt(stop_at)] if stop_at else [])
+        trainer = Trainer(model=model, args=args, train_dataset=Tokens(n=8), eval_dataset=Tokens(n=8, seed=2),
+                          callbacks=callbacks)
+        trainer.train(resume_from_checkpoint=True if resume else None)
+        return model, dsd
+
+    full, _ = run(tmp_path / "full")
+    run(tmp_path / "cut", stop_at=3)  # epoch 1.5: the middle of the sparse epoch
+    resumed, dsd = run(tmp_path / "cut", resume=True)
+    assert dsd.phase.value == "redense"
+    assert all(torch.equal(w, weights(resumed)[n]) for n, w in weights(full).items())
+
+
+def test_a_checkpoint_outside_output_dir_is_found_through_training_arguments(tmp_path, interrupted):
+    elsewhere = tmp_path / "moved" / "checkpoint-4"
+    shutil.copytree(interrupted / "checkpoint-4", elsewhere)
+
+    def resume(**overrides):
+        dsd = DSDTrainerCallback(0.5, 2, 4, 2, interval="step")
+        args = arguments(tmp_path / "new_output", max_steps=8, gradient_accumulation_steps=2, **overrides)
+        trainer = Trainer(model=gpt2(), args=args, train_dataset=Tokens(n=48), callbacks=[dsd])
+        trainer.train(resume_from_checkpoint=str(elsewhere))
+        return dsd
+
+    with pytest.raises(CheckpointStateError, match=r"new_output/checkpoint-4/dsd_state.pt: no such file.*"
+                                                   r"TrainingArguments\(resume_from_checkpoint=...\)"):
+        resume()
+    assert resume(resume_from_checkpoint=str(elsewhere)).phase.value == "redense"
+
+
+def test_dense_epochs_0_evaluates_the_pretrained_model_first_then_prunes_before_the_first_step(tmp_path):
+    dsd = DSDTrainerCallback(0.5, 0, 2, 1, interval="step")
+    phases = []
+
+    class AtEvaluation(TrainerCallback):
+        def on_evaluate(self, args, state, control, **kwargs):
+            phases.append((state.global_step, dsd.phase.value))
+
+    args = arguments(tmp_path, max_steps=3, eval_on_start=True, eval_strategy="steps", eval_steps=1)
+    trainer = Trainer(model=llama(), args=args, train_dataset=Tokens(classes=3), eval_dataset=Tokens(n=8, classes=3),
+                      callbacks=[dsd, AtEvaluation()])
+    trainer.train()
+    assert phases == [(0, "dense"), (1, "sparse"), (2, "sparse"), (3, "redense")]
+    with pytest.raises(RuntimeError, match="already ran in an earlier `train\\(\\)`"):
+        trainer.train()
+
+
 # ---------------------------------------------------------------------------------------------- logging
 
 
@@ -465,7 +517,7 @@ def test_a_monitor_the_evaluation_does_not_report_is_refused_with_what_it_report
 def test_ddp_over_two_gloo_processes_prunes_identically_on_both_ranks(tmp_path):
     env = {**os.environ, "PYTHONWARNINGS": "ignore",
            "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(Path(__file__).with_name("hf_worker.py")), "--out", str(tmp_path), "--mode", "ddp"]
     run = subprocess.run(command, env=env, timeout=300, capture_output=True, text=True)
     assert run.returncode == 0, f"{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
