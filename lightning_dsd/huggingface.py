@@ -219,12 +219,12 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
         self._schedulers = _torch_schedulers(kwargs.get("lr_scheduler"))
         self._engine.bind(model)
         self._engine.check_optimizers(self._optimizers, every_one_must_own_a_target=False)
-        self._sink = TrainerSink(self._trainer, args, state, self.options)
-        self._sink.say_what_is_skipped()
-        if resuming:
+        if resuming:  # checked and taken before anything is written
             self._token = self._restore(args, state)
         else:
             self._token = from_rank_zero(uuid.uuid4().hex)
+        self._sink = TrainerSink(self._trainer, args, state, self.options)
+        self._sink.say_what_is_skipped()
         _records(state)[RECORD_KEY] = {"token": self._token, "file": STATE_FILE}
         self._warn_if_schedule_does_not_fit(state)
         self._started = self._training = True

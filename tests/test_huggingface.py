@@ -547,6 +547,7 @@ def _docs_script(tmp_path: Path) -> str:
     return output
 
 
+@pytest.mark.slow
 def test_the_docs_script_runs_as_written(tmp_path):
     output = _docs_script(tmp_path)
     assert "DSD cycle 0: sparse phase. Pruned" in output
