@@ -394,7 +394,9 @@ class TrainerSink:
         return self._histograms
 
     def tensorboard(self) -> Optional[Any]:
-        return self._writer if self.is_rank_zero else None
+        if not self.is_rank_zero or self._writer is None:
+            return None
+        return self._writer if self._trainer is None else TrainPrefixedLayout(self._writer)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
         if not self.is_rank_zero:
@@ -434,6 +436,25 @@ class TrainerSink:
     def close(self) -> None:
         if self._writer is not None:
             self._writer.close()
+
+
+class TrainPrefixedLayout:
+    """A ``SummaryWriter`` whose CUSTOM SCALARS layout names the scalars as transformers' ``TensorBoardCallback``
+    writes what goes through ``Trainer.log``: with ``train/`` before each tag (``rewrite_logs``), since TensorBoard
+    matches a chart's regex at the start of the tag. Everything else is the writer's own."""
+
+    def __init__(self, writer: Any) -> None:
+        self._writer = writer
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._writer, name)
+
+    def add_custom_scalars(self, layout: Mapping[str, Mapping[str, Sequence[Any]]]) -> None:
+        prefixed = {}
+        for category, charts in layout.items():
+            prefixed[category] = {title: [kind, [f"train/{regex}" for regex in regexes]]
+                                  for title, (kind, regexes) in charts.items()}
+        self._writer.add_custom_scalars(prefixed)
 
 
 def tensorboard_directory(trainer: Optional[Trainer], args: TrainingArguments) -> Optional[str]:

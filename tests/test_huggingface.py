@@ -8,6 +8,7 @@ import glob
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -452,6 +453,15 @@ def test_reports_reach_the_trainers_tensorboard_run_and_every_integration_throug
     assert any(tag.startswith("dsd_figure/") for tag in tags["images"])
     assert any(tag.startswith("dsd/transitions") for tag in tags["tensors"])
     assert glob.glob(str(logdir / "dsd_figures" / "cycle0_*.png"))
+    # The CUSTOM SCALARS charts name the tags as TensorBoard matches them (from the start of the tag).
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    layout = layout_pb2.Layout()
+    layout.ParseFromString(events.Tensors("custom_scalars__config__")[0].tensor_proto.string_val[0])
+    regexes = [regex for category in layout.category for chart in category.chart
+               for regex in chart.multiline.tag]
+    assert "train/dsd/phase" in regexes
+    assert all(any(re.match(regex, tag) for tag in tags["scalars"]) for regex in regexes)
 
 
 def test_with_report_to_none_dsd_says_once_what_it_skips(tmp_path, caplog):
