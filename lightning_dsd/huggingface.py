@@ -17,9 +17,10 @@ How each event is used (the order is ``Trainer._inner_training_loop``'s):
   before the first forward pass of the next step, so the evaluation and the checkpoint of the step that
   ends a phase show that phase.
 * ``on_pre_optimizer_step``: the pruned entries' gradients are zeroed (the optimizer's step pre-hook would
-  do it too). The Trainer clips gradients *before* this event, so ``max_grad_norm`` measures the gradient
-  of the pruned entries too (as in a plain loop that does not call ``dsd.mask_gradients()`` first); the
-  weights stay exactly zero either way.
+  do it too). The Trainer clips gradients *before* this event, so in a sparse phase each target also has a
+  gradient hook that zeroes its pruned entries as backward computes them: ``max_grad_norm`` measures the
+  sparse network's gradient, as under ``DSDCallback`` (FSDP2's sharded parameters excepted, see
+  ``_hook_gradients``).
 * ``on_evaluate``: ``monitor`` (e.g. ``"eval_loss"``) is read from the evaluation's metrics when a phase runs
   until it converges (a length of ``None``).
 * ``on_save``: DSD's state (schedule, masks at 1 bit per weight, configuration) is written as
@@ -63,12 +64,15 @@ import math
 import os
 import sys
 import uuid
+from functools import partial
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
+from torch.utils.hooks import RemovableHandle
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lightning_dsd.arguments import check_bool
@@ -138,6 +142,8 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
         self._schedulers: list[Any] = []
         self._sink: Optional[TrainerSink] = None
         self._token: Optional[str] = None
+        self._gradient_hooks: list[RemovableHandle] = []
+        self._hooked_cycle: Optional[int] = None
         self._started = False
         self._training = False
 
@@ -230,6 +236,7 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
         self._started = self._training = True
         self._engine.start_reporting()
         self._engine.resume_sparse_phase()
+        self._hook_gradients()
 
     def _warn_if_schedule_does_not_fit(self, state: TrainerState) -> None:
         schedule = self._engine.schedule
@@ -254,11 +261,31 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         self._engine.advance_if_due(self._now(state))
+        self._hook_gradients()
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> None:
         self._engine.forget_masked_gradients()
         self._engine.advance_if_due(self._now(state))
+        self._hook_gradients()
+
+    def _hook_gradients(self) -> None:
+        """Keep a gradient hook on each target while a sparse phase runs: the Trainer clips gradients before
+        any event, so the pruned entries' gradients are zeroed as backward computes them (a tensor hook, before
+        they are accumulated and before DDP's reducer sees them), and ``max_grad_norm`` measures the sparse
+        network's gradient, as ``DSDCallback`` does. FSDP2's sharded parameters get their gradients by a
+        reduce-scatter, not through such a hook: theirs are masked at ``on_pre_optimizer_step``, after clipping."""
+        sparse = self._training and self._engine.phase is Phase.SPARSE
+        if self._gradient_hooks and (not sparse or self._hooked_cycle != self._engine.cycle):
+            for handle in self._gradient_hooks:
+                handle.remove()
+            self._gradient_hooks, self._hooked_cycle = [], None
+        if sparse and self._hooked_cycle is None:
+            targets = self._engine.targets
+            self._gradient_hooks = [targets[name].register_hook(partial(_masked_gradient, keep=keep))
+                                    for name, keep in self._engine.masks.items()
+                                    if not isinstance(targets[name], DTensor)]
+            self._hooked_cycle = self._engine.cycle
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
@@ -297,6 +324,7 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         self._training = False
+        self._hook_gradients()
         self._engine.training_ended()
         if self._sink is not None:
             self._sink.close()
@@ -518,6 +546,10 @@ def _calling_trainer(callback: TrainerCallback) -> Optional[Trainer]:
             return candidate
         frame = frame.f_back  # type: ignore[assignment]
     return None
+
+
+def _masked_gradient(grad: Tensor, keep: Tensor) -> Tensor:
+    return grad.mul(keep)
 
 
 def _torch_optimizers(optimizer: Any) -> list[Optimizer]:

@@ -230,14 +230,22 @@ def test_fsdp1_and_deepspeed_are_refused_before_anything_trains(tmp_path):
 # ---------------------------------------------------------------------------------------------- exactness
 
 
-def test_gpt2_every_forward_evaluation_included_computes_with_exact_zeros_under_accumulation_and_clipping(tmp_path):
+def test_gpt2_every_forward_evaluation_included_is_exact_and_clipping_sees_the_sparse_gradient(tmp_path):
     model = gpt2()
     dsd = DSDTrainerCallback(0.5, 2, 3, 2, interval="step")
     exactness = Exactness(dsd)
     args = arguments(tmp_path, max_steps=7, gradient_accumulation_steps=2, max_grad_norm=0.05,
                      eval_strategy="steps", eval_steps=1, optim="adamw_torch")
+    clipped = []
+
+    class ClippedGradients(TrainerCallback):  # before DSD's own hook: what the Trainer's clipping measured
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            if dsd.phase.value == "sparse":
+                params = dict(model.named_parameters())
+                clipped.append(all(not params[n].grad[~keep].any() for n, keep in dsd.masks.items()))
+
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens(n=8, seed=2),
-                      callbacks=[dsd, exactness])
+                      callbacks=[ClippedGradients(), dsd, exactness])
     seen = {}
 
     class Phases(TrainerCallback):
@@ -253,6 +261,9 @@ def test_gpt2_every_forward_evaluation_included_computes_with_exact_zeros_under_
     assert "transformer.wte.weight" in seen[3][1] and "lm_head.weight" not in seen[3][1]
     assert model.lm_head.weight is model.transformer.wte.weight
     assert exactness.steps == 3
+    assert clipped == [True, True, True], "max_grad_norm measured gradients of pruned entries"
+    grad_norms = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
+    assert min(grad_norms) > 0.05  # the clipping was active
     assert exactness.forwards["train"] == 3 * 2 * 9 and exactness.forwards["eval"] >= 3 * 9
 
 
