@@ -49,7 +49,8 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dsd import DSDCallback
 from lightning_dsd.constraint import SparseConstraint
-from lightning_dsd.masks import global_magnitude_masks, magnitude_masks, pack_mask
+from lightning_dsd.masks import magnitude_masks, pack_mask
+from lightning_dsd.plan import MaskPlan
 from lightning_dsd.selection import select_parameters
 
 warnings.filterwarnings("ignore")
@@ -330,7 +331,7 @@ def mask_building(device: torch.device, sizes_m: Sequence[int]) -> None:
                    for i, start in enumerate(range(0, numel, layer))}
         sparsities = dict.fromkeys(weights, 0.5)
         layer_ms = median_ms(lambda: magnitude_masks(weights, sparsities), device, repeat=3)
-        global_ms = median_ms(lambda: global_magnitude_masks(weights, 0.5), device, repeat=3)
+        global_ms = median_ms(lambda: MaskPlan((0.5,), scope="global").decide(weights, 0), device, repeat=3)
         rows.append((f"{size}M", len(weights), layer_ms / 1e3, global_ms / 1e3))
         del weights
         gc.collect()
@@ -448,8 +449,7 @@ def _global_threshold_rank(rank: int, processes: int, count: int, width: int, re
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_dsd.plan import MaskPlan
-    from lightning_dsd.sharding import decide_masks, local_part
+    from lightning_dsd.sharding import local_part
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29518")
     dist.init_process_group("gloo", rank=rank, world_size=processes)
@@ -479,7 +479,7 @@ def _global_threshold_rank(rank: int, processes: int, count: int, width: int, re
         sampler = threading.Thread(target=sample)
         sampler.start()
         start = time.perf_counter()
-        masks = decide_masks(MaskPlan((0.5,), scope="global"), targets, cycle=0)
+        masks = MaskPlan((0.5,), scope="global").decide(targets, cycle=0)
         times.append(time.perf_counter() - start)
         done.set()
         sampler.join()
@@ -508,8 +508,7 @@ def _sharded_rank(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_dsd.plan import MaskPlan
-    from lightning_dsd.sharding import decide_masks, local_part
+    from lightning_dsd.sharding import local_part
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
     dist.init_process_group("gloo", rank=rank, world_size=processes)
@@ -540,12 +539,12 @@ def _sharded_rank(
     dist.barrier()
     rss_before = _peak_rss_mib()
     start = time.perf_counter()
-    masks = decide_masks(MaskPlan((0.5,)), targets, cycle=0)
+    masks = MaskPlan((0.5,)).decide(targets, cycle=0)
     build_layer = time.perf_counter() - start
     transition_rss = _peak_rss_mib() - rss_before
     dist.barrier()
     start = time.perf_counter()
-    decide_masks(MaskPlan((0.5,), scope="global"), targets, cycle=0)
+    MaskPlan((0.5,), scope="global").decide(targets, cycle=0)
     build_global = time.perf_counter() - start
     ratios, plain_times, control = [], [], []
     for _ in range(rounds):  # plain, sparse, plain: the mean of the two plain runs cancels a linear drift

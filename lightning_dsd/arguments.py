@@ -1,4 +1,5 @@
-"""Argument checks for :class:`~lightning_dsd.DSDCallback`, each raising before anything trains.
+"""Argument checks for every front door (the checks :class:`~lightning_dsd.options.DSDOptions` declares, and
+the doors' own), each raising before anything trains.
 
 Every message names the argument, says what is allowed and shows what was passed.
 

@@ -12,7 +12,7 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
 import torch
-from lightning.pytorch.callbacks import Callback, EarlyStopping, StochasticWeightAveraging
+from lightning.pytorch.callbacks import BackboneFinetuning, Callback, EarlyStopping, StochasticWeightAveraging
 from lightning.pytorch.strategies import (
     DDPStrategy,
     DeepSpeedStrategy,
@@ -27,16 +27,16 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dsd.arguments import SparsityValue, check_bool, check_choice
+from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
-from lightning_dsd.options import ReadsOptions, check_options
-from lightning_dsd.phases import Phase
-from lightning_dsd.selection import LayerSpec, LayerType, Selection, uninitialized_parameters
-from lightning_dsd.sharding import from_rank_zero
-from lightning_dsd.trainer_output import TrainerSink, output_directory
+from lightning_dsd.options import check_options, door_options
+from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
+from lightning_dsd.trainer_limits import warn_if_schedule_does_not_fit
+from lightning_dsd.trainer_output import ProgressBarPhase, TrainerSink, output_directory
 
 
-class DSDCallback(ReadsOptions, Callback):
+class DSDCallback(ReadsEngine, Callback):
     r"""Train Dense → Sparse → Re-dense, exactly as the DSD paper does, with one line in the ``Trainer``.
 
     **Dense**: normal training. **Sparse**: at the transition, in every targeted tensor of ``N`` weights
@@ -82,7 +82,7 @@ class DSDCallback(ReadsOptions, Callback):
         layer_sparsity: per-layer overrides, a mapping from parameter-name glob to a sparsity (float or
             ``"N:M"``) used in every cycle; the first matching pattern wins. Needs ``scope="layer"``.
         export_sparse: at the end of each sparse phase, save the sparse model under
-            ``<output directory>/dsd_sparse/`` (see :func:`~lightning_dsd.reporting.output_directory`):
+            ``<output directory>/dsd_sparse/`` (see :func:`~lightning_dsd.trainer_output.output_directory`):
             ``"checkpoint"`` (a normal Lightning checkpoint) or ``"sparse"``
             (that, plus a ``state_dict`` whose pruned tensors are torch sparse tensors).
         redense_init: how pruned weights restart at re-dense: ``"zero"`` (the paper's) or
@@ -135,74 +135,23 @@ class DSDCallback(ReadsOptions, Callback):
         mask_storage: str = "weight_dtype",
     ) -> None:
         super().__init__()
-        self.options = check_options(
-            sparsity, dense_epochs, sparse_epochs, redense_epochs, interval=interval, monitor=monitor, mode=mode,
-            patience=patience, min_delta=min_delta, lr_scale=lr_scale, include=include, exclude=exclude,
-            layer_types=layer_types, scope=scope, layer_sparsity=layer_sparsity, redense_init=redense_init,
-            seed=seed, mask_storage=mask_storage, log_histograms=log_histograms,
-            histogram_every_n_epochs=histogram_every_n_epochs, histogram_layers=histogram_layers,
-            log_scalars=log_scalars, figure_layers=figure_layers,
-        )
+        self.options = check_options(sparsity, dense_epochs, sparse_epochs, redense_epochs, **door_options(locals()))
         self.export_sparse = None if export_sparse is None else check_choice(
             "export_sparse", export_sparse, ("checkpoint", "sparse")
         )
         self.stop_at_end = check_bool("stop_at_end", stop_at_end)
         self.exported_sparse_models: list[dict[str, Any]] = []
         self._trainer: Optional[pl.Trainer] = None
+        self._sink: Optional[TrainerSink] = None
         self._engine = DSDEngine(self.options, self)
-        self._installed_get_metrics: Optional[Any] = None
+        self._progress_bar = ProgressBarPhase()
         self._check_on_train_epoch_end = True
         self._schedule_completed = False
-
-    # ------------------------------------------------------------------ read-only state
-
-    @property
-    def phase(self) -> Phase:
-        """The current phase: :attr:`Phase.DENSE`, :attr:`Phase.SPARSE` or :attr:`Phase.REDENSE`."""
-        return self._engine.phase
-
-    @property
-    def cycle(self) -> int:
-        """The 0-based DSD cycle (one per sparsity)."""
-        return self._engine.cycle
-
-    @property
-    def masks(self) -> dict[str, Tensor]:
-        """Bool masks by parameter name, ``True`` where the weight is kept; empty outside sparse phases. For
-        a sharded parameter (``DTensor``) the mask of this rank's shard, shaped like ``param.to_local()``."""
-        return self._engine.masks
-
-    @property
-    def mask_bytes(self) -> int:
-        """Memory the masks of the current sparse phase hold on the weights' devices (0 outside one): one
-        element of the weight's dtype per targeted weight, or 1 byte with ``mask_storage="bool"``."""
-        return self._engine.mask_bytes
-
-    @property
-    def layer_sparsities(self) -> dict[str, list[Union[float, str]]]:
-        """The sparsity each targeted parameter gets in each cycle, after ``layer_sparsity`` overrides."""
-        return self._engine.layer_sparsities
-
-    @property
-    def selection(self) -> Selection:
-        """What was chosen to prune (at ``setup``; under ``ModelParallelStrategy`` at ``on_fit_start``, after
-        ``configure_model``), with input dimensions, tied names and what was left dense."""
-        return self._engine.selection
-
-    @property
-    def phase_label(self) -> str:
-        """The phase as the progress bar shows it: ``"sparse"``, or ``"sparse 2/3"`` over several cycles."""
-        return self._engine.phase_label
-
-    @property
-    def in_last_phase(self) -> bool:
-        """Whether the schedule has reached its last phase (the final re-dense)."""
-        return self._engine.schedule.is_last
-
-    @property
-    def target_names(self) -> list[str]:
-        """Names of the parameters this callback prunes (known once ``fit`` has set it up)."""
-        return list(self._engine.targets)
+        self._trained_with: Optional[pl.Trainer] = None  # the Trainer of the last fit that trained
+        self._bound_this_fit = False
+        self._training_this_fit = False
+        self._pending_state: Optional[dict[str, Any]] = None  # a checkpoint's state, read before the targets are
+        self._state_loaded_this_fit = False
 
     # ------------------------------------------------------------------ what the engine asks of a Trainer
 
@@ -212,19 +161,23 @@ class DSDCallback(ReadsOptions, Callback):
 
     @property
     def schedulers(self) -> Sequence[Any]:
-        return [config.scheduler for config in self._trainer.lr_scheduler_configs] if self._trainer is not None else []
+        """The Trainer's schedulers, and the ``BackboneFinetuning`` callbacks that schedule a param group."""
+        if self._trainer is None:
+            return []
+        finetuning = [cb for cb in self._trainer.callbacks if isinstance(cb, BackboneFinetuning)]  # type: ignore[attr-defined]
+        return [config.scheduler for config in self._trainer.lr_scheduler_configs] + finetuning
 
     @property
     def sink(self) -> Optional[TrainerSink]:
-        return TrainerSink(self._trainer) if self._trainer is not None else None
+        return self._sink
 
-    def sparse_phase_ending(self, cycle: int) -> None:
+    def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None:
         """Export the sparse model, while the schedule still says "sparse" (so its callback state is that of
         the sparse phase)."""
         if self.export_sparse is not None and self._trainer is not None:
             as_sparse_tensors = self.export_sparse == "sparse"
             self.exported_sparse_models.append(
-                export_sparse_model(self._trainer, self._engine.targets, cycle, sparse_tensors=as_sparse_tensors)
+                export_sparse_model(self._trainer, targets, cycle, sparse_tensors=as_sparse_tensors)
             )
 
     # ------------------------------------------------------------------ set-up checks
@@ -233,30 +186,32 @@ class DSDCallback(ReadsOptions, Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
-        self._trainer = trainer
+        self._trainer, self._sink = trainer, TrainerSink(trainer)
+        self._bound_this_fit = self._state_loaded_this_fit = self._training_this_fit = False
         self._check_strategy(trainer)
         self._check_other_callbacks(trainer)
-        if not isinstance(trainer.strategy, ModelParallelStrategy):
-            self._choose_targets(pl_module)
-        TrainerSink(trainer).check_loggers(
+        if uninitialized_parameters(pl_module) and pl_module.example_input_array is not None:
+            _materialize_lazy_modules(pl_module)  # before DDP wraps the module, which refuses lazy parameters
+        self._sink.check_loggers(
             self.options.log_histograms, self.options.log_scalars, bool(self.options.figure_layers)
         )
         if trainer.is_global_zero and trainer.loggers and (self.options.figure_layers or self.export_sparse):
             rank_zero_info(f"DSDCallback writes its figures and sparse exports under {output_directory(trainer)}.")
-        self._show_phase_in_progress_bar(trainer)
-        self._warn_if_schedule_does_not_fit(trainer)
+        self._progress_bar.show(trainer.progress_bar_callback, lambda: self.phase_label)
         self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
 
     @override
     def on_fit_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        # ModelParallelStrategy builds or shards the model in `configure_model`, after `setup`: the targets
-        # are the sharded parameters it leaves, known here (before any checkpoint is restored).
-        if isinstance(trainer.strategy, ModelParallelStrategy):
-            self._choose_targets(pl_module)
-
-    def _choose_targets(self, pl_module: "pl.LightningModule") -> None:
+        # The model is final here, for every strategy: after `LightningModule.setup`, `configure_model` (layers
+        # built there, meta-device weights materialized there, FSDP2/TP sharding) and the strategy's own set-up.
+        # A checkpoint's DSD state read before this point (every strategy but ModelParallelStrategy restores
+        # callbacks earlier) is checked and taken now, against these targets.
         _materialize_lazy_modules(pl_module)
         self._engine.bind(pl_module)
+        self._bound_this_fit = True
+        if self._pending_state is not None:
+            state, self._pending_state = self._pending_state, None
+            self.load_state_dict(state)
 
     @staticmethod
     def _check_strategy(trainer: "pl.Trainer") -> None:
@@ -273,29 +228,30 @@ class DSDCallback(ReadsOptions, Callback):
                 " (and/or `parallelize_module`) in your LightningModule's `configure_model`."
             )
 
-    def _show_phase_in_progress_bar(self, trainer: "pl.Trainer") -> None:
-        """Add ``dsd=<phase>`` to what the progress bar's public ``get_metrics`` returns, until teardown; a
-        ``get_metrics`` the user set on the bar is left alone."""
-        bar = trainer.progress_bar_callback
-        if bar is None or "get_metrics" in vars(bar):
+    def _check_schedule_continues(self, trainer: "pl.Trainer") -> None:
+        """At train start, after a checkpoint (if any) was restored: refuse a callback whose schedule another
+        ``fit`` already ran to its end, or left midway with another ``Trainer`` (whose clock this one does not
+        share); let DSD join, from now, a run resumed from a checkpoint without DSD state."""
+        engine = self._engine
+        if self._state_loaded_this_fit:
             return
-        metrics_of_bar = bar.get_metrics
-
-        def get_metrics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
-            return {**metrics_of_bar(trainer, pl_module), "dsd": self.phase_label}
-
-        bar.get_metrics = get_metrics  # type: ignore[method-assign]
-        self._installed_get_metrics = get_metrics
-
-    def _check_not_finished(self) -> None:
-        """Called at train start, after a checkpoint (if any) was restored: it resets the flag."""
         if self._schedule_completed:
             raise RuntimeError(
                 "This DSDCallback already ran its whole schedule in an earlier `fit`"
-                f" ({' -> '.join(f'{s.phase.value}' for s in self._engine.schedule.stages)}), so another `fit` with"
+                f" ({' -> '.join(f'{s.phase.value}' for s in engine.schedule.stages)}), so another `fit` with"
                 " it would train without DSD. To run DSD again, give the Trainer a new DSDCallback(...); to go on"
                 " from a saved run, resume with `trainer.fit(model, ckpt_path=...)`."
             )
+        if self._trained_with is not None and self._trained_with is not trainer:
+            raise RuntimeError(
+                f"This DSDCallback stopped in the {engine.phase.value} phase of cycle {engine.cycle} (begun at"
+                f" {self.interval} {engine.schedule.started_at}) of an earlier `fit` with another Trainer, whose"
+                f" {self.interval} count this Trainer does not share (it is at {self.interval} {self._now(trainer)})."
+                " To go on from that run, resume it with `trainer.fit(model, ckpt_path=...)` from its checkpoint;"
+                " to run DSD afresh, give this Trainer a new DSDCallback(...)."
+            )
+        if self._trained_with is None and self._now(trainer) > 0:
+            self._engine.join(self._now(trainer), "the checkpoint holds no DSD state")
 
     def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init
@@ -312,27 +268,17 @@ class DSDCallback(ReadsOptions, Callback):
                 " as that phase's length; keep EarlyStopping only if stopping in the middle of DSD is intended."
             )
 
-    def _warn_if_schedule_does_not_fit(self, trainer: "pl.Trainer") -> None:
-        schedule = self._engine.schedule
-        needed = schedule.required_length()
-        limit = trainer.max_epochs if self.interval == "epoch" else trainer.max_steps
-        if needed is not None and limit is not None and limit >= 0 and limit < needed:
-            unit = "max_epochs" if self.interval == "epoch" else "max_steps"
-            rank_zero_warn(
-                f"The DSD schedule needs {needed} {self.interval}s"
-                f" ({' + '.join(str(s.length) for s in schedule.stages)}), but the Trainer has"
-                f" {unit}={limit}: training will stop in the {schedule.stage_at(limit).phase.value} phase."
-                f" Set {unit}={needed} to run every phase."
-            )
-
     # ------------------------------------------------------------------ training hooks
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._check_not_finished()
+        self._check_schedule_continues(trainer)
+        self._trained_with = trainer
+        warn_if_schedule_does_not_fit(trainer, self._engine.schedule, self.interval)
         self._engine.check_optimizers(trainer.optimizers, every_one_must_own_a_target=False)
         self._engine.start_reporting()
         self._engine.resume_sparse_phase()
+        self._training_this_fit = True
 
     @override
     def on_train_epoch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
@@ -375,17 +321,18 @@ class DSDCallback(ReadsOptions, Callback):
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         self._schedule_completed = self._engine.is_finished(self._now(trainer))
+        self._engine.warn_if_left_sparse(self._now(trainer), "resume with `trainer.fit(model, ckpt_path=...)`")
         self._engine.training_ended()
+
+    @override
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        if self._training_this_fit:
+            self._engine.warn_if_left_sparse(self._now(trainer), "resume with `trainer.fit(model, ckpt_path=...)`")
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._engine.release()
-        bar = trainer.progress_bar_callback
-        if bar is not None and self._installed_get_metrics is not None and vars(bar).get("get_metrics") is (
-            self._installed_get_metrics
-        ):
-            del vars(bar)["get_metrics"]
-        self._installed_get_metrics = None
+        self._progress_bar.remove(trainer.progress_bar_callback)
 
     # ------------------------------------------------------------------ the clock
 
@@ -402,15 +349,16 @@ class DSDCallback(ReadsOptions, Callback):
         self._stop_if_finished(trainer, now)
 
     def _observe_monitor(self, trainer: "pl.Trainer") -> None:
-        if self.monitor is None:
+        monitor = self.monitor  # set whenever a phase waits for it (checked at init)
+        if monitor is None or not self.options.waits_for_metric:
             return
-        value = trainer.callback_metrics.get(self.monitor)
+        value = trainer.callback_metrics.get(monitor)
         if value is None:
             raise RuntimeError(
-                f"DSDCallback's `monitor={self.monitor!r}` is not among the logged metrics. Log it with"
-                f" `self.log({self.monitor!r}, ...)` or pick one of: {sorted(trainer.callback_metrics)}."
+                f"DSDCallback's `monitor={monitor!r}` is not among the logged metrics. Log it with"
+                f" `self.log({monitor!r}, ...)` or pick one of: {sorted(trainer.callback_metrics)}."
             )
-        self._engine.observe(float(from_rank_zero(float(value))))
+        self._engine.observe(float(value))
 
     def _stop_if_finished(self, trainer: "pl.Trainer", now: int) -> None:
         if self.stop_at_end and self._engine.is_finished(now) and not trainer.should_stop:
@@ -428,24 +376,25 @@ class DSDCallback(ReadsOptions, Callback):
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Check the checkpoint's DSD state against this callback (see :mod:`lightning_dsd.state`), then
-        take it; a damaged or mismatched state raises before anything changes."""
+        take it; a damaged or mismatched state raises before anything changes. Read before the model is final
+        (``on_fit_start``), it is kept until then and checked against the targets chosen there."""
+        if not self._bound_this_fit:
+            self._pending_state = state_dict
+            return
         self._engine.load_state_dict(state_dict)
         self._schedule_completed = False
+        self._state_loaded_this_fit = True
 
 
 def _materialize_lazy_modules(pl_module: "pl.LightningModule") -> None:
-    """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, as
-    Lightning's model summary does; without it, refuse with what to do."""
-    lazy = uninitialized_parameters(pl_module)
-    if not lazy:
+    """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, moved to
+    the module's device as Lightning's model summary moves it; without it, refuse with what to do."""
+    if not uninitialized_parameters(pl_module):
         return
-    example = pl_module.example_input_array
-    if example is None:
-        raise ValueError(
-            f"DSDCallback needs the shapes of the weights it prunes, but {lazy} belong to lazy modules that no"
-            " forward pass has shaped yet. Run one forward pass (e.g. `model(example_batch)`) before"
-            " `trainer.fit`, or set `self.example_input_array` in the LightningModule so DSD can run it."
-        )
+    if pl_module.example_input_array is None:
+        refuse_lazy_modules(pl_module, "DSDCallback", "before `trainer.fit`, or set `self.example_input_array` in"
+                            " the LightningModule so DSD can run it")
+    example = pl_module._apply_batch_transfer_handler(pl_module.example_input_array)
     with torch.no_grad():
         if isinstance(example, (list, tuple)):
             pl_module(*example)

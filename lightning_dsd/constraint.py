@@ -77,6 +77,22 @@ def _local_parts(params: list[Tensor]) -> list[Tensor]:
     return [local_part(p) for p in params]
 
 
+def unwrapped_optimizer(optimizer: Any) -> Any:
+    """The torch optimizer behind Fabric's, Lightning's and accelerate's wrappers (which pass for its class,
+    and hold it as ``.optimizer``): the one whose hooks fire whoever calls ``step``.
+
+    Examples:
+        >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+        >>> class Wrapper:
+        ...     def __init__(self, optimizer): self.optimizer = optimizer
+        >>> unwrapped_optimizer(Wrapper(optimizer)) is optimizer, unwrapped_optimizer(optimizer) is optimizer
+        (True, True)
+    """
+    while isinstance(inner := getattr(optimizer, "optimizer", None), Optimizer) and inner is not optimizer:
+        optimizer = inner
+    return optimizer
+
+
 def keeps_pruned_zeros(optimizer: Optimizer) -> bool:
     """Whether ``optimizer`` provably leaves an entry at zero when its weight, gradient and state are zero.
 
@@ -136,12 +152,15 @@ class SparseConstraint:
             targets.handles.append(optimizer.register_step_pre_hook(self._before_step))
             targets.handles.append(optimizer.register_step_post_hook(self._after_step))
 
-    def detach(self, optimizers: Iterable[Optimizer] = ()) -> None:
-        """Remove the hooks; zero the pruned entries' state in ``optimizers`` so nothing revives them."""
+    def zero_optimizer_state(self, optimizers: Iterable[Optimizer]) -> None:
+        """Zero the pruned entries' state in ``optimizers`` (at re-dense), so no momentum revives them."""
         for optimizer in optimizers:
             targets = self._targets.get(id(optimizer))
             if targets is not None:
                 _mask_optimizer_state(optimizer, targets)
+
+    def detach(self) -> None:
+        """Remove the hooks from every optimizer (the masks are kept)."""
         for targets in self._targets.values():
             for handle in targets.handles:
                 handle.remove()
@@ -149,9 +168,7 @@ class SparseConstraint:
 
     def mask_gradients(self, optimizer: Any) -> None:
         """Zero the gradients of pruned entries of the parameters ``optimizer`` owns, before its step."""
-        targets = self._targets.get(id(getattr(optimizer, "optimizer", optimizer)))
-        if targets is None:
-            targets = self._targets.get(id(optimizer))
+        targets = self._targets.get(id(optimizer))
         if targets is not None:
             _mask_gradients_of(targets)
             targets.gradients_masked = True

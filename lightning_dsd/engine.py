@@ -20,7 +20,7 @@ Examples:
     >>> optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
     >>> class Quiet:  # a Training that logs nothing
     ...     optimizers, schedulers, sink = [optimizer], [], None
-    ...     def sparse_phase_ending(self, cycle): pass
+    ...     def sparse_phase_ending(self, cycle, targets): pass
     >>> engine = DSDEngine(check_options(0.5, 1, 1, 1, log_scalars=False, log_histograms=False), Quiet())
     >>> engine.bind(model)
     >>> engine.advance_if_due(1)  # one epoch done: prune
@@ -30,19 +30,18 @@ Examples:
 
 from __future__ import annotations
 
-from functools import partial
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
 
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from lightning_dsd.constraint import SparseConstraint
+from lightning_dsd.constraint import SparseConstraint, unwrapped_optimizer
 from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import disconnected_units
 from lightning_dsd.options import DSDOptions
 from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
-from lightning_dsd.plan import MaskPlan, shown
+from lightning_dsd.plan import MaskPlan, check_finite, shown
 from lightning_dsd.redense import reinitialize_pruned
 from lightning_dsd.reporting import PhaseReporter, ReportSink
 from lightning_dsd.selection import (
@@ -54,12 +53,12 @@ from lightning_dsd.selection import (
 )
 from lightning_dsd.sharding import (
     FullMasks,
-    check_finite,
     check_placements,
-    decide_masks,
+    from_rank_zero,
     full_mask,
     local_slice,
     pruned_per_tensor,
+    refuse_flat_shards,
     reshard_gathered,
 )
 from lightning_dsd.state import RunConfig, decode_state, encode_state
@@ -71,7 +70,7 @@ DISCONNECTED_WARNING_SHARE = 0.1
 class Training(Protocol):
     """What a front door gives the engine: the optimizers and schedulers DSD acts on, where reports go
     (``None``: nowhere), and a hook called while the schedule still says "sparse", at the end of each
-    sparse phase."""
+    sparse phase, with the targets (to export the sparse model)."""
 
     @property
     def optimizers(self) -> Sequence[Optimizer]: ...
@@ -82,7 +81,7 @@ class Training(Protocol):
     @property
     def sink(self) -> Optional[ReportSink]: ...
 
-    def sparse_phase_ending(self, cycle: int) -> None: ...
+    def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None: ...
 
 
 class DSDEngine:
@@ -93,16 +92,16 @@ class DSDEngine:
         self.training = training
         self.owner = owner
         tracker = None
-        if options.monitor is not None or None in options.lengths:
+        if options.waits_for_metric:
             tracker = ConvergenceTracker(options.mode, options.patience, options.min_delta)
-        self.schedule = Schedule(build_stages(options.sparsities, *options.lengths), tracker)
+        self.schedule = Schedule(build_stages(len(options.sparsities), *options.lengths), tracker)
         self.reporter = PhaseReporter(options.log_histograms, options.log_scalars, options.figure_layers)
         self.selection = Selection(selected={})
         self.plan = MaskPlan(options.sparsities, options.scope, options.layer_sparsity)
-        self.histogram_targets: dict[str, nn.Parameter] = {}
         self._model: Optional[nn.Module] = None
         self._constraint: Optional[SparseConstraint] = None
         self._restored_masks: Optional[dict[str, Tensor]] = None
+        self._left_dense: dict[str, str] = {}  # targets the current sparse phase does not prune, with why
 
     # ------------------------------------------------------------------ read-only state
 
@@ -153,6 +152,7 @@ class DSDEngine:
     def bind(self, model: nn.Module) -> None:
         """Choose the targets in ``model`` (its FSDP2 modules resharded first, so they are the shards the
         optimizers own) and check everything that can be checked before training."""
+        refuse_flat_shards(model, self.owner)
         reshard_gathered(model)
         options = self.options
         selection = select_parameters(model, options.include, options.exclude, options.layer_types)
@@ -162,36 +162,56 @@ class DSDEngine:
         plan.check_fits(selection.selected)
         self._model, self.selection, self.plan = model, selection, plan
         self._warn_about_unmatched_patterns(model)
-        self.histogram_targets = {
-            name: param
-            for name, param in self.targets.items()
-            if options.histogram_layers is None or matches_any(name, options.histogram_layers)
-        }
+        for message in plan.prunes_nothing(selection.selected):
+            rank_zero_warn(f"{self.owner}: {message}")
         self.reporter.choose_figure_layers(self.targets)
 
     def check_optimizers(self, optimizers: Sequence[Optimizer], every_one_must_own_a_target: bool) -> None:
-        """Refuse targets that no optimizer updates and, where the user named the optimizers for DSD, an
-        optimizer that updates none of the targets (usually one built for another copy of the model)."""
-        owned: set[int] = set()
+        """Before training: where the user named the optimizers for DSD, refuse one that updates none of the
+        targets (usually one built for another copy of the model); warn about trainable targets that no
+        optimizer updates yet (they stay dense unless one owns them at a transition, see :meth:`pruned_now`)."""
         for index, optimizer in enumerate(optimizers):
-            params = {id(p) for group in optimizer.param_groups for p in group["params"]}
-            mine = params & {id(p) for p in self.targets.values()}
-            if every_one_must_own_a_target and not mine:
+            if every_one_must_own_a_target and not _owned_by([optimizer]) & {id(p) for p in self.targets.values()}:
                 raise ValueError(
                     f"{self.owner} was given optimizer {index} ({type(optimizer).__name__}), which updates none of"
                     f" the {len(self.targets)} weights DSD prunes ({_shortened(list(self.targets))}). Build the"
                     " optimizer from this model's parameters (after `fabric.setup(model)` or `fully_shard`,"
                     " which replace them) and pass it, or leave it out."
                 )
-            owned |= mine
-        orphans = [name for name, param in self.targets.items() if id(param) not in owned]
+        owned = _owned_by(optimizers)
+        orphans = [name for name, p in self.targets.items() if p.requires_grad and id(p) not in owned]
         if orphans:
-            raise ValueError(
-                f"{self.owner} prunes {_shortened(orphans)}, but no optimizer it was given updates"
-                f" {'it' if len(orphans) == 1 else 'them'}: pruned weights would stay exactly as pruned and the"
-                " optimizer state could not be masked. Give every optimizer that trains the model (an optimizer"
-                " built before `fully_shard` or `fabric.setup` holds the old parameters), or `exclude` these."
+            rank_zero_warn(
+                f"{self.owner}: no optimizer updates {_shortened(orphans)} yet. A target that no optimizer owns (or"
+                " that is frozen) when a sparse phase begins stays dense for that cycle, and the transition note"
+                " says so; one added later (`optimizer.add_param_group`, BackboneFinetuning) is pruned from the"
+                " next transition on. An optimizer built before `fully_shard` or `fabric.setup` holds the old"
+                " parameters: build it from the model's current ones."
             )
+
+    def pruned_now(self) -> tuple[list[str], dict[str, str]]:
+        """The targets a sparse phase starting now prunes (trainable and updated by one of the optimizers), and
+        why each other target stays dense; rank zero's answer on every rank, so all ranks prune alike."""
+        owned = _owned_by(self.training.optimizers)
+        left_dense = {
+            name: "frozen" if not param.requires_grad else "no optimizer updates it"
+            for name, param in self.targets.items()
+            if not param.requires_grad or id(param) not in owned
+        }
+        pruned = [name for name in self.targets if name not in left_dense]
+        return from_rank_zero((pruned, left_dense))
+
+    @property
+    def trainable_targets(self) -> dict[str, nn.Parameter]:
+        """The targets that train now (``requires_grad``): what the sparsity scalars show."""
+        return {name: param for name, param in self.targets.items() if param.requires_grad}
+
+    @property
+    def histogram_targets(self) -> dict[str, nn.Parameter]:
+        """The trainable targets that ``histogram_layers`` picks: what the histograms and figures show."""
+        patterns = self.options.histogram_layers
+        trainable = self.trainable_targets.items()
+        return {name: p for name, p in trainable if patterns is None or matches_any(name, patterns)}
 
     def _warn_about_unmatched_patterns(self, model: nn.Module) -> None:
         options = self.options
@@ -213,14 +233,23 @@ class DSDEngine:
     def advance_if_due(self, now: int) -> None:
         """Make every transition due at ``now`` (elapsed epochs or optimizer steps since training began).
 
-        A transition happens whole or not at all: what can refuse (the masks, from non-finite weights) is
-        decided before the schedule moves, and a report that fails to be written is warned about, not
+        The call happens whole or not at all: what can refuse (the masks, from non-finite weights) is decided
+        before the weights change, a refusal puts the schedule back where the call found it (earlier
+        transitions of the same call included), and a report that fails to be written is warned about, not
         raised, so it cannot leave a phase that says "sparse" without its masks."""
+        before = self.schedule.state_dict()
+        try:
+            self._advance_while_due(now)
+        except Exception:
+            self.schedule.load_state_dict(before)
+            raise
+
+    def _advance_while_due(self, now: int) -> None:
         while self.schedule.is_due(now):
             finished = self.schedule.stage
             if finished.phase is Phase.SPARSE:
                 self._record(Moment.END_OF_SPARSE, finished.cycle)
-                self.training.sparse_phase_ending(finished.cycle)
+                self.training.sparse_phase_ending(finished.cycle, self.targets)
             upcoming = self.schedule.stages[self.schedule.index + 1]
             if upcoming.phase is Phase.SPARSE:
                 self._prune(upcoming, now)
@@ -228,10 +257,41 @@ class DSDEngine:
                 self.schedule.advance(now)
                 self._redense(finished)
 
-    def observe(self, value: float) -> None:
-        """One check of the monitored metric: give every rank the same value (rank zero's, see
-        :func:`~lightning_dsd.sharding.from_rank_zero`) so that every rank moves alike."""
-        self.schedule.observe(float(value))
+    def join(self, now: int, why: str) -> None:
+        """Start the schedule at ``now`` rather than 0: DSD joins a run that has already trained (``why``), and
+        its phase lengths count from there. Said in one line."""
+        self.schedule.join(now)
+        spans, start, unit = [], now, self.options.interval
+        for stage in self.schedule.stages:
+            if stage.length is None:
+                spans.append(f"{stage.phase.value} until `{self.options.monitor}` converges")
+                break
+            spans.append(f"{stage.phase.value} {unit}s {start}-{start + stage.length - 1}")
+            start += stage.length
+        rank_zero_info(f"{self.owner} joins this run at {unit} {now} ({why}), and its phases count from there:"
+                       f" {', '.join(spans)}.")
+
+    def warn_if_left_sparse(self, now: int, remedy: str) -> None:
+        """Say so when training stops inside a sparse phase (early stopping, a time limit, an interrupt): the
+        model holds its pruned zeros and was not re-densed; ``remedy`` says how to finish, in the door's terms."""
+        if self.phase is not Phase.SPARSE:
+            return
+        length, unit = self.schedule.stage.length, self.options.interval
+        planned = "" if length is None else f", planned to end at {unit} {self.schedule.started_at + length}"
+        rank_zero_warn(
+            f"Training stopped in the sparse phase of cycle {self.cycle} (at {unit} {now}{planned}): the model holds"
+            f" the pruned zeros ({len(self.masks)} pruned tensors) and was not re-densed. To finish DSD, {remedy}"
+            " from a checkpoint of this run; the sparse model as it is can be used as such."
+        )
+
+    def observe(self, value: Optional[float]) -> bool:
+        """One check of the monitored metric: every rank takes rank zero's value (see
+        :func:`~lightning_dsd.sharding.from_rank_zero`), so that every rank moves alike. Return whether rank
+        zero had one (``None``: no value this time)."""
+        shared = from_rank_zero(value)
+        if shared is not None:
+            self.schedule.observe(float(shared))
+        return shared is not None
 
     # ------------------------------------------------------------------ transitions
 
@@ -244,23 +304,34 @@ class DSDEngine:
             rank_zero_info(self.selection.summary())
             if self.options.layer_sparsity:
                 rank_zero_info(f"DSD sparsity per parameter, one value per cycle: {self.layer_sparsities}")
-        check_finite(self.targets, self.owner)
-        masks = decide_masks(self.plan, self.targets, stage.cycle)
+        names, left_dense = self.pruned_now()
+        pruning = {name: self.targets[name] for name in names}
+        self._left_dense = left_dense
+        check_finite(pruning, self.owner)
+        masks = self.plan.decide(pruning, stage.cycle) if pruning else {}
         self.schedule.advance(now)
         self.enforce(masks)
         self._record(Moment.AFTER_PRUNING, stage.cycle)
         learning_rates = current_learning_rates(self.training.optimizers)
         self._log_scalars(learning_rates)
-        pruned = pruned_per_tensor(masks, self.targets)
-        total, pruned_sum = sum(p.numel() for p in self.targets.values()), sum(pruned.values())
+        pruned = pruned_per_tensor(masks, pruning)
+        total, pruned_sum = sum(p.numel() for p in pruning.values()), sum(pruned.values())
         text = (
-            f"DSD cycle {stage.cycle}: sparse phase. Pruned {pruned_sum}/{total} weights ({pruned_sum / total:.1%}) in"
-            f" {len(masks)} tensors, scope={self.options.scope!r}; the masks stay fixed for this phase. Learning rate"
-            f" unchanged: {_format_lrs(learning_rates)}."
+            f"DSD cycle {stage.cycle}: sparse phase. Pruned {pruned_sum}/{total} weights"
+            f" ({pruned_sum / max(total, 1):.1%}) in {len(masks)} tensors, scope={self.options.scope!r}; the masks stay"
+            f" fixed for this phase. Learning rate unchanged: {_format_lrs(learning_rates)}."
         )
         whole = [name for name, count in pruned.items() if count and count == self.targets[name].numel()]
         if whole:
             text += f" Pruned whole (every entry): {', '.join(whole)}."
+        if left_dense:
+            listed = ", ".join(f"{name} ({reason})" for name, reason in left_dense.items())
+            text += f" Left dense in this cycle: {listed}."
+            if not masks:
+                rank_zero_warn(
+                    f"DSD cycle {stage.cycle}: nothing was pruned: every target is frozen or updated by no optimizer"
+                    f" ({_shortened(list(left_dense))}). Check that the optimizers DSD was given train this model."
+                )
         text += self._disconnected_note(masks)
         self._note(text)
 
@@ -303,8 +374,10 @@ class DSDEngine:
     def _redense(self, finished: Stage) -> None:
         if self._constraint is not None:
             keep = self._constraint.keep_masks()
-            self._constraint.detach(self.training.optimizers)
+            self._constraint.zero_optimizer_state(self.training.optimizers)
+            self._constraint.detach()
             self._constraint = None
+            self._left_dense = {}
             seed = self.options.seed + finished.cycle
             reinitialize_pruned(self.targets, keep, self.options.redense_init, seed=seed)
             self._weights_changed()
@@ -329,7 +402,7 @@ class DSDEngine:
     def mask_gradients(self, optimizer: Any) -> None:
         """Zero the pruned entries' gradients before ``optimizer`` steps (after backward and unscaling)."""
         if self._constraint is not None:
-            self._constraint.mask_gradients(optimizer)
+            self._constraint.mask_gradients(unwrapped_optimizer(optimizer))
 
     def forget_masked_gradients(self) -> None:
         """A new batch: its gradients are not masked yet."""
@@ -368,7 +441,7 @@ class DSDEngine:
 
     def _log_scalars(self, learning_rates: Optional[list[list[float]]] = None) -> None:
         lrs = learning_rates if learning_rates is not None else current_learning_rates(self.training.optimizers)
-        self._report(lambda sink: self.reporter.log_scalars(sink, self.phase, self.cycle, self.targets, lrs))
+        self._report(lambda sink: self.reporter.log_scalars(sink, self.phase, self.cycle, self.trainable_targets, lrs))
 
     def start_reporting(self) -> None:
         """Before the first step: the TensorBoard chart layout."""
@@ -394,27 +467,40 @@ class DSDEngine:
     def state_dict(self) -> dict[str, Any]:
         """The schedule and, in a sparse phase, the full masks at 1 bit per weight (a sharded weight's mask is
         gathered from its shards, one tensor at a time, on every rank), so a resume works on any mesh."""
-        masks = FullMasks(self.masks, self.targets) if self.phase is Phase.SPARSE else {}
-        return encode_state(self.schedule.state_dict(), masks, self.run_config())
+        sparse = self.phase is Phase.SPARSE
+        masks = FullMasks(self.masks, self.targets) if sparse else {}
+        return encode_state(self.schedule.state_dict(), masks, self.run_config(), self._left_dense if sparse else {})
 
     def load_state_dict(self, state: Any) -> None:
         """Check a saved DSD state against this run (see :mod:`lightning_dsd.state`), then take it; a damaged
         or mismatched state raises before anything changes. The masks apply at :meth:`resume_sparse_phase`."""
         shapes = {name: list(param.shape) for name, param in self.targets.items()}
-        check_masks = partial(self.plan.check_masks, self.targets)
-        schedule, masks = decode_state(state, self.run_config(), check_masks, shapes)
+
+        def check_masks(masks: Mapping[str, Tensor], cycle: int, left_dense: Mapping[str, str]) -> None:
+            pruned = {name: param for name, param in self.targets.items() if name not in left_dense}
+            self.plan.check_masks(pruned, masks, cycle)
+
+        schedule, masks, left_dense = decode_state(state, self.run_config(), check_masks, shapes)
         if self._constraint is not None:  # a sparse phase this run had started gives way to the saved one
             self._constraint.detach()
             self._constraint = None
         self.schedule.load_state_dict(schedule)
         local_masks = {name: local_slice(mask, self.targets[name]) for name, mask in masks.items()}  # one at a time
         self._restored_masks = local_masks or None
+        self._left_dense = left_dense
 
     def run_config(self) -> RunConfig:
-        stages = [[s.phase.value, s.cycle, s.length, shown(s.sparsity)] for s in self.schedule.stages]
+        sparsities = self.plan.sparsities
+        stages = [[s.phase.value, s.cycle, s.length, 0.0 if s.phase is Phase.DENSE else shown(sparsities[s.cycle])]
+                  for s in self.schedule.stages]
         layer_sparsity = self.options.layer_sparsity
         shown_layers = {p: shown(s) for p, s in layer_sparsity.items()} if layer_sparsity else None
         return RunConfig(stages, self.options.interval, self.options.scope, shown_layers, list(self.targets))
+
+
+def _owned_by(optimizers: Sequence[Optimizer]) -> set[int]:
+    """The identities of every parameter the ``optimizers`` update, in any param group."""
+    return {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
 
 
 def _format_lrs(lrs: list[list[float]]) -> str:

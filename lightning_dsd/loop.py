@@ -35,17 +35,18 @@ from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch.distributed as dist
 from lightning.fabric.utilities.rank_zero import rank_zero_warn
-from lightning.fabric.wrappers import _FabricModule, _FabricOptimizer
+from lightning.fabric.wrappers import _FabricModule
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dsd.arguments import SparsityValue
+from lightning_dsd.constraint import unwrapped_optimizer
+from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
-from lightning_dsd.options import ReadsOptions, check_options
-from lightning_dsd.phases import Phase
-from lightning_dsd.selection import LayerSpec, LayerType, Selection, uninitialized_parameters
+from lightning_dsd.options import check_options, door_options
+from lightning_dsd.selection import LayerSpec, LayerType
 from lightning_dsd.sharding import from_rank_zero
 from lightning_dsd.state import CheckpointStateError
 
@@ -96,7 +97,7 @@ class WriterSink:
         return os.path.join(log_dir, "dsd_figures") if log_dir else None
 
 
-class DSD(ReadsOptions):
+class DSD(ReadsEngine):
     r"""Dense → Sparse → Re-dense for a plain PyTorch or Lightning Fabric training loop.
 
     Build it once the model and its optimizers are ready (after ``fabric.setup``), call :meth:`step` after each
@@ -154,21 +155,11 @@ class DSD(ReadsOptions):
         mask_storage: str = "weight_dtype",
     ) -> None:
         self.options = check_options(
-            sparsity, dense_epochs, sparse_epochs, redense_epochs, interval=interval, monitor=None, mode=mode,
-            patience=patience, min_delta=min_delta, lr_scale=lr_scale, include=include, exclude=exclude,
-            layer_types=layer_types, scope=scope, layer_sparsity=layer_sparsity, redense_init=redense_init,
-            seed=seed, mask_storage=mask_storage, log_histograms=log_histograms,
-            histogram_every_n_epochs=histogram_every_n_epochs, histogram_layers=histogram_layers,
-            log_scalars=log_scalars, figure_layers=figure_layers, monitor_required=False,
+            sparsity, dense_epochs, sparse_epochs, redense_epochs, monitor_required=False, **door_options(locals())
         )
         self._model = _unwrapped_module(model)
-        lazy = uninitialized_parameters(self._model)
-        if lazy:
-            raise ValueError(
-                f"DSD needs the shapes of the weights it prunes, but {lazy} belong to lazy modules that no forward"
-                " pass has shaped yet. Run one forward pass (e.g. `model(example_batch)`) before `DSD(...)`."
-            )
-        unwrapped = [_unwrapped_optimizer(o) for o in _as_list(optimizers, "optimizers", Optimizer)]
+        refuse_lazy_modules(self._model, "DSD", "before `DSD(...)`")
+        unwrapped = [unwrapped_optimizer(o) for o in _as_list(optimizers, "optimizers", Optimizer)]
         self._optimizers = list({id(o): o for o in unwrapped}.values())  # one optimizer given twice is one
         many = isinstance(schedulers, (list, tuple))
         self._schedulers = list(schedulers) if many else [] if schedulers is None else [schedulers]
@@ -197,40 +188,15 @@ class DSD(ReadsOptions):
     def sink(self) -> WriterSink:
         return self._sink
 
-    def sparse_phase_ending(self, cycle: int) -> None:
+    def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None:
         """Nothing to export: save ``dsd.state_dict()`` with your model for that."""
 
     # ------------------------------------------------------------------ read-only state
 
     @property
-    def phase(self) -> Phase:
-        """The current phase: :attr:`Phase.DENSE`, :attr:`Phase.SPARSE` or :attr:`Phase.REDENSE`."""
-        return self._engine.phase
-
-    @property
-    def cycle(self) -> int:
-        """The 0-based DSD cycle (one per sparsity)."""
-        return self._engine.cycle
-
-    @property
     def finished(self) -> bool:
         """Whether the last phase has run its course: :meth:`step` does nothing from then on."""
         return self._engine.is_finished(self._elapsed)
-
-    @property
-    def masks(self) -> dict[str, Tensor]:
-        """Bool keep masks by the model's own parameter names in a sparse phase (``True`` = kept; this rank's
-        shard for a ``DTensor``), else empty."""
-        return self._engine.masks
-
-    @property
-    def selection(self) -> Selection:
-        """What is pruned, with input dimensions, tied names and what was left dense."""
-        return self._engine.selection
-
-    @property
-    def target_names(self) -> list[str]:
-        return list(self._engine.targets)
 
     @property
     def elapsed(self) -> int:
@@ -252,30 +218,23 @@ class DSD(ReadsOptions):
                 )
             return
         self._start_if_pending()
-        elapsed_before, schedule_before = self._elapsed, self._engine.schedule.state_dict()
-        try:
-            self._step(metric)
-        except Exception:  # a refused transition (non-finite weights) leaves the count and the schedule as they were
-            self._elapsed = elapsed_before
-            self._engine.schedule.load_state_dict(schedule_before)
-            raise
-        if self.finished:
-            self._engine.training_ended()
-
-    def _step(self, metric: Optional[Union[float, Tensor]]) -> None:
-        if None in self.options.lengths:  # the metric decides: every rank takes rank zero's (None included)
-            shared = from_rank_zero(None if metric is None else float(metric))
-            if shared is not None:
-                self._engine.observe(shared)
-            elif self._engine.schedule.stage.length is None:
+        if self.options.waits_for_metric:  # every rank takes rank zero's metric (None included)
+            observed = self._engine.observe(None if metric is None else float(metric))
+            if not observed and self._engine.schedule.waits_for_metric:
                 raise ValueError(
                     f"The {self.phase.value} phase runs until a metric converges (its length is None), so `step()`"
                     " needs that metric each time on rank zero, e.g. `dsd.step(val_loss)`."
                 )
         if self.interval == "epoch":
             self._engine.epoch_ended(self._elapsed)
-        self._elapsed += 1
-        self._engine.advance_if_due(self._elapsed)
+        self._elapsed += 1  # reports of the transitions are filed under the new count
+        try:
+            self._engine.advance_if_due(self._elapsed)  # refused: the engine leaves its schedule as it was
+        except Exception:
+            self._elapsed -= 1  # and the refused call does not count
+            raise
+        if self.finished:
+            self._engine.training_ended()
 
     def mask_gradients(self) -> None:
         """Zero the pruned entries' gradients now (before gradient clipping, so it measures the sparse
@@ -339,8 +298,3 @@ def _unwrapped_module(model: nn.Module) -> nn.Module:
     while isinstance(model, (_FabricModule, DistributedDataParallel)):
         model = model.module
     return model
-
-
-def _unwrapped_optimizer(optimizer: Optimizer) -> Optimizer:
-    """The torch optimizer behind Fabric's wrapper (its hooks fire whoever calls ``step``)."""
-    return optimizer.optimizer if isinstance(optimizer, _FabricOptimizer) else optimizer

@@ -5,7 +5,9 @@ quantities: the param groups' ``lr``, ``initial_lr``, ``max_lr`` and ``min_lr`` 
 scheduler's own ``base_lrs``, ``min_lrs`` (ReduceLROnPlateau), ``max_lrs`` (CyclicLR), ``eta_min``
 (cosine schedules) and ``_last_lr``. Multiplying all of them by the same factor makes every later learning
 rate exactly ``factor`` times what it would have been. Schedulers that wrap others (SequentialLR,
-ChainedScheduler) are followed into their children.
+ChainedScheduler) are followed into their children. Lightning's ``BackboneFinetuning`` schedules the
+backbone's param group itself, from its ``previous_backbone_lr`` (and ``backbone_initial_lr``, when given):
+handed over as a scheduler, it is scaled the same way.
 
 Examples:
     >>> import torch
@@ -24,7 +26,9 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
-SCHEDULER_LR_ATTRIBUTES = ("base_lrs", "min_lrs", "max_lrs", "eta_min", "_last_lr")
+SCHEDULER_LR_ATTRIBUTES = (
+    "base_lrs", "min_lrs", "max_lrs", "eta_min", "_last_lr", "previous_backbone_lr", "backbone_initial_lr"
+)
 
 
 def _scaled(value: Any, factor: float) -> Any:

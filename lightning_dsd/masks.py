@@ -36,8 +36,8 @@ class NMPattern:
     the ``n`` largest in magnitude are kept (``2:4`` is the pattern sparse tensor cores accelerate).
 
     Examples:
-        >>> NMPattern.parse("2:4"), NMPattern(2, 4).sparsity
-        (NMPattern(n=2, m=4), 0.5)
+        >>> NMPattern.parse("2:4"), str(NMPattern(1, 8))
+        (NMPattern(n=2, m=4), '1:8')
     """
 
     n: int
@@ -49,10 +49,6 @@ class NMPattern:
         if not (sep and n.strip().isdigit() and m.strip().isdigit() and 0 < int(n) < int(m)):
             raise ValueError(f"an N:M pattern needs integers 0 < N < M, as in '2:4'. Found: {text!r}.")
         return cls(int(n), int(m))
-
-    @property
-    def sparsity(self) -> float:
-        return 1 - self.n / self.m
 
     def __str__(self) -> str:
         return f"{self.n}:{self.m}"
@@ -138,24 +134,6 @@ def magnitude_masks(
             pruned = smallest_entries(scores, pruned_count(scores.numel(), sparsity))
             masks[name] = pruned.logical_not_().view(weight.shape)
     return masks
-
-
-def global_magnitude_masks(weights: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
-    """One threshold over all tensors: ``round(sparsity * total)`` smallest entries of the lot are pruned.
-
-    Ties are broken by position in the order of ``weights``, then within each flattened tensor.
-    """
-    with torch.no_grad():
-        scores = torch.cat([w.detach().abs().flatten().float().to(_common_device(weights)) for w in weights.values()])
-        keep = smallest_entries(scores, pruned_count(scores.numel(), sparsity)).logical_not_()
-        pieces = keep.split([w.numel() for w in weights.values()])
-        pairs = zip(weights.items(), pieces, strict=True)
-        return {name: piece.view(w.shape).to(w.device) for (name, w), piece in pairs}
-
-
-def _common_device(weights: Mapping[str, Tensor]) -> torch.device:
-    devices = {w.device for w in weights.values()}
-    return devices.pop() if len(devices) == 1 else torch.device("cpu")
 
 
 def disconnected_units(keep: Tensor, input_dim: int = 1) -> tuple[int, int]:

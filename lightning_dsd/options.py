@@ -1,8 +1,11 @@
-"""The options of a DSD run, checked once, whichever front door takes them (``DSDCallback`` or ``DSD``).
+"""The options of a DSD run, declared once and checked once, whichever front door takes them.
 
-:func:`check_options` is the one place where the arguments both front doors share are validated; each
-message names the argument, says what is allowed and shows what was passed (see
-:mod:`lightning_dsd.arguments`). The result is a frozen :class:`DSDOptions` the engine reads.
+:class:`DSDOptions` is the one declaration: each keyword option is a field with its default and its check.
+The front doors (``DSDCallback``, ``DSD``, ``DSDTrainerCallback``) keep explicit signatures, which IDEs and
+jsonargparse read, and hand their arguments to :func:`check_options` (:func:`door_options` picks them from
+the door's ``locals()``); a test holds every door's defaults to the declaration's. Each message names the
+argument, says what is allowed and shows what was passed (see :mod:`lightning_dsd.arguments`). The meaning
+of every option is written once, in :class:`~lightning_dsd.DSDCallback`'s docstring.
 
 Examples:
     >>> options = check_options(0.5, 10, 10, 10)
@@ -16,8 +19,8 @@ Examples:
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Mapping, Optional, Union
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Mapping, Optional, Union
 
 from lightning_dsd.arguments import (
     check_bool,
@@ -33,39 +36,65 @@ from lightning_dsd.arguments import (
     check_sparsities,
 )
 from lightning_dsd.constraint import MASK_STORAGES
-from lightning_dsd.masks import NMPattern, Sparsity
-from lightning_dsd.plan import SCOPES
+from lightning_dsd.masks import Sparsity
+from lightning_dsd.plan import SCOPES, MaskPlan
 from lightning_dsd.redense import REDENSE_INITS
 from lightning_dsd.selection import LayerSpec, LayerType
 
 INTERVALS = ("epoch", "step")
 
 
+def _choice(*allowed: str) -> Callable[[str, Any], Any]:
+    return lambda name, value: check_choice(name, value, allowed)
+
+
+def _monitor(name: str, value: Any) -> Optional[str]:
+    if value is not None and not (isinstance(value, str) and value):
+        raise ValueError(f"`{name}` must be None or the name of a logged metric. Found: {value!r}.")
+    return value
+
+
+def _option(default: Any, check: Callable[[str, Any], Any]) -> Any:
+    """A keyword option: its default and the check that turns what a user passed into its checked value."""
+    return field(default=default, metadata={"check": check})
+
+
 @dataclass(frozen=True)
 class DSDOptions:
-    """Everything that decides what DSD does, checked (see :class:`~lightning_dsd.DSDCallback` for each)."""
+    """Everything that decides what DSD does, checked: the one declaration of every option that the front
+    doors share (see :class:`~lightning_dsd.DSDCallback` for what each means). Each keyword option is a field
+    with its default and its check; :func:`check_options` builds one from a door's arguments."""
 
     sparsities: tuple[Sparsity, ...]
     lengths: tuple[Optional[int], Optional[int], Optional[int]]
-    interval: str = "epoch"
-    monitor: Optional[str] = None
-    mode: str = "min"
-    patience: int = 3
-    min_delta: float = 0.0
-    lr_scale: float = 0.1
-    include: Optional[tuple[str, ...]] = None
-    exclude: Optional[tuple[str, ...]] = None
-    layer_types: Optional[dict[LayerType, LayerSpec]] = None
-    scope: str = "layer"
-    layer_sparsity: Optional[dict[str, Sparsity]] = None
-    redense_init: str = "zero"
-    seed: int = 0
-    mask_storage: str = "weight_dtype"
-    log_histograms: bool = True
-    histogram_every_n_epochs: Optional[int] = None
-    histogram_layers: Optional[tuple[str, ...]] = None
-    log_scalars: bool = True
-    figure_layers: Union[int, tuple[str, ...]] = 2
+    interval: str = _option("epoch", _choice(*INTERVALS))
+    monitor: Optional[str] = _option(None, _monitor)
+    mode: str = _option("min", _choice("min", "max"))
+    patience: int = _option(3, check_non_negative_int)
+    min_delta: float = _option(0.0, check_real)
+    lr_scale: float = _option(0.1, lambda name, value: check_real(name, value, positive=True))
+    include: Optional[tuple[str, ...]] = _option(None, check_patterns)
+    exclude: Optional[tuple[str, ...]] = _option(None, check_patterns)
+    layer_types: Optional[dict[LayerType, LayerSpec]] = _option(None, lambda _, value: check_layer_types(value))
+    scope: str = _option("layer", _choice(*SCOPES))
+    log_histograms: bool = _option(True, check_bool)
+    histogram_every_n_epochs: Optional[int] = _option(None, check_every_n)
+    histogram_layers: Optional[tuple[str, ...]] = _option(None, check_patterns)
+    log_scalars: bool = _option(True, check_bool)
+    figure_layers: Union[int, tuple[str, ...]] = _option(2, lambda _, value: check_figure_layers(value))
+    layer_sparsity: Optional[dict[str, Sparsity]] = _option(None, lambda _, value: check_layer_sparsity(value))
+    redense_init: str = _option("zero", _choice(*REDENSE_INITS))
+    seed: int = _option(0, check_non_negative_int)
+    mask_storage: str = _option("weight_dtype", _choice(*MASK_STORAGES))
+
+    @property
+    def waits_for_metric(self) -> bool:
+        """Whether some phase runs until the monitored metric converges (a length of ``None``)."""
+        return None in self.lengths
+
+
+#: The keyword options, in declaration order, with their defaults: what every front door's signature offers.
+KEYWORD_OPTIONS: dict[str, Any] = {f.name: f.default for f in fields(DSDOptions) if "check" in f.metadata}
 
 
 def check_options(
@@ -74,111 +103,60 @@ def check_options(
     sparse_epochs: Any,
     redense_epochs: Any,
     *,
-    interval: Any = "epoch",
-    monitor: Any = None,
-    mode: Any = "min",
-    patience: Any = 3,
-    min_delta: Any = 0.0,
-    lr_scale: Any = 0.1,
-    include: Any = None,
-    exclude: Any = None,
-    layer_types: Optional[Mapping[LayerType, LayerSpec]] = None,
-    scope: Any = "layer",
-    layer_sparsity: Any = None,
-    redense_init: Any = "zero",
-    seed: Any = 0,
-    mask_storage: Any = "weight_dtype",
-    log_histograms: Any = True,
-    histogram_every_n_epochs: Any = None,
-    histogram_layers: Any = None,
-    log_scalars: Any = True,
-    figure_layers: Any = 2,
     monitor_required: bool = True,
+    **keywords: Any,
 ) -> DSDOptions:
-    """Check every shared option, in the order of the signature, and return them as :class:`DSDOptions`.
-    ``monitor_required=False`` when the metric comes another way (``DSD.step(metric)``)."""
-    sparsities = check_sparsities(sparsity)
-    lengths = {
-        "dense_epochs": check_length("dense_epochs", dense_epochs),
-        "sparse_epochs": check_length("sparse_epochs", sparse_epochs),
-        "redense_epochs": check_length("redense_epochs", redense_epochs),
+    """Check a front door's arguments against the declaration (:class:`DSDOptions`) and return them checked.
+    ``keywords`` are the keyword options (a missing one takes its default); ``monitor_required=False`` when
+    the metric comes another way (``DSD.step(metric)``)."""
+    unknown = sorted(set(keywords) - set(KEYWORD_OPTIONS))
+    if unknown:
+        raise TypeError(f"Unknown DSD option(s) {unknown}. The options are: {list(KEYWORD_OPTIONS)}.")
+    lengths = (
+        check_length("dense_epochs", dense_epochs),
+        check_length("sparse_epochs", sparse_epochs),
+        check_length("redense_epochs", redense_epochs),
+    )
+    checked = {
+        f.name: f.metadata["check"](f.name, keywords.get(f.name, f.default))
+        for f in fields(DSDOptions)
+        if "check" in f.metadata
     }
-    checked_interval = check_choice("interval", interval, INTERVALS)
-    if monitor is not None and not (isinstance(monitor, str) and monitor):
-        raise ValueError(f"`monitor` must be None or the name of a logged metric. Found: {monitor!r}.")
-    waiting = [name for name, length in lengths.items() if length is None]
-    if waiting and monitor is None and monitor_required:
+    options = DSDOptions(sparsities=check_sparsities(sparsity), lengths=lengths, **checked)
+    waiting = [name for name, length in zip(("dense_epochs", "sparse_epochs", "redense_epochs"), lengths,
+                                             strict=True) if length is None]
+    if waiting and options.monitor is None and monitor_required:
         raise ValueError(
             f"{', '.join(f'`{n}`' for n in waiting)} = None runs a phase until a metric converges, so"
             " `monitor` must name a logged metric (e.g. monitor='val_loss'). Found: monitor=None."
         )
-    checked_scope = check_choice("scope", scope, SCOPES)
-    checked_layer_sparsity = check_layer_sparsity(layer_sparsity)
-    if checked_scope == "global" and (checked_layer_sparsity or any(isinstance(s, NMPattern) for s in sparsities)):
-        raise ValueError(
-            "`scope='global'` sets one threshold over all targets, so it takes neither `layer_sparsity` nor"
-            f" 'N:M' patterns. Found: layer_sparsity={layer_sparsity!r}, sparsity={sparsity!r}."
-        )
-    dense, sparse, redense = lengths.values()
-    return DSDOptions(
-        sparsities=sparsities,
-        lengths=(dense, sparse, redense),
-        interval=checked_interval,
-        monitor=monitor,
-        mode=check_choice("mode", mode, ("min", "max")),
-        patience=check_non_negative_int("patience", patience),
-        min_delta=check_real("min_delta", min_delta),
-        lr_scale=check_real("lr_scale", lr_scale, positive=True),
-        include=check_patterns("include", include),
-        exclude=check_patterns("exclude", exclude),
-        layer_types=check_layer_types(layer_types),
-        scope=checked_scope,
-        layer_sparsity=checked_layer_sparsity,
-        redense_init=check_choice("redense_init", redense_init, REDENSE_INITS),
-        seed=check_non_negative_int("seed", seed),
-        mask_storage=check_choice("mask_storage", mask_storage, MASK_STORAGES),
-        log_histograms=check_bool("log_histograms", log_histograms),
-        histogram_every_n_epochs=check_every_n("histogram_every_n_epochs", histogram_every_n_epochs),
-        histogram_layers=check_patterns("histogram_layers", histogram_layers),
-        log_scalars=check_bool("log_scalars", log_scalars),
-        figure_layers=check_figure_layers(figure_layers),
-    )
+    MaskPlan(options.sparsities, options.scope, options.layer_sparsity)  # what the plan refuses (a global scope's)
+    return options
 
+
+def door_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
+    """The keyword options among a front door's arguments (``locals()`` at the top of its ``__init__``), so that
+    a door hands them on without writing each one again."""
+    return {name: arguments[name] for name in KEYWORD_OPTIONS if name in arguments}
 
 
 class ReadsOptions:
-    """The checked options as read-only attributes of a front door (``dsd.sparsities``, ``dsd.scope``, ...)."""
+    """Every checked option as a read-only attribute of a front door, named as its keyword (``dsd.scope``,
+    ``dsd.lr_scale``, ...), and the positional ones as ``dsd.sparsities`` and ``dsd.lengths``: the attributes
+    are the fields of :class:`DSDOptions`, read from ``self.options``."""
 
     options: DSDOptions
 
-    @property
-    def sparsities(self) -> tuple[Sparsity, ...]:
-        return self.options.sparsities
+    def __getattr__(self, name: str) -> Any:  # only called for names the door itself does not have
+        if name in _OPTION_FIELDS and "options" in vars(self):
+            return getattr(self.options, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
-    @property
-    def interval(self) -> str:
-        return self.options.interval
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _OPTION_FIELDS:
+            raise AttributeError(f"`{name}` is a checked DSD option, read-only once the door is built. Build a new"
+                                 f" {type(self).__name__} with {name}={value!r}.")
+        super().__setattr__(name, value)
 
-    @property
-    def monitor(self) -> Optional[str]:
-        return self.options.monitor
 
-    @property
-    def scope(self) -> str:
-        return self.options.scope
-
-    @property
-    def include(self) -> Optional[tuple[str, ...]]:
-        return self.options.include
-
-    @property
-    def exclude(self) -> Optional[tuple[str, ...]]:
-        return self.options.exclude
-
-    @property
-    def layer_sparsity(self) -> Optional[dict[str, Sparsity]]:
-        return self.options.layer_sparsity
-
-    @property
-    def lr_scale(self) -> float:
-        return self.options.lr_scale
+_OPTION_FIELDS = frozenset(f.name for f in fields(DSDOptions))

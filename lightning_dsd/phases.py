@@ -6,7 +6,7 @@ and the monitored metric by its caller. Its whole state is a handful of plain va
 checkpoint is a matter of :meth:`Schedule.state_dict` and :meth:`Schedule.load_state_dict`.
 
 Examples:
-    >>> schedule = Schedule(build_stages(sparsities=(0.5, 0.25), dense=2, sparse=1, redense=1))
+    >>> schedule = Schedule(build_stages(cycles=2, dense=2, sparse=1, redense=1))
     >>> [f"{stage.phase.value}:{stage.cycle}" for stage in schedule.stages]
     ['dense:0', 'sparse:0', 'redense:0', 'sparse:1', 'redense:1']
     >>> schedule.is_due(now=1), schedule.is_due(now=2)
@@ -53,30 +53,28 @@ class Moment(str, Enum):
 
 @dataclass(frozen=True)
 class Stage:
-    """One phase of one cycle: ``length`` epochs or steps, or ``None`` for "until the metric converges"."""
+    """One phase of one cycle: ``length`` epochs or steps, or ``None`` for "until the metric converges". (A
+    cycle's sparsity is the mask plan's, :class:`~lightning_dsd.plan.MaskPlan`.)"""
 
     phase: Phase
     cycle: int
     length: Optional[int]
-    sparsity: Any  # a float, or an N:M pattern (lightning_dsd.masks.NMPattern)
 
 
-def build_stages(
-    sparsities: Sequence[Any], dense: Optional[int], sparse: Optional[int], redense: Optional[int]
-) -> tuple[Stage, ...]:
-    """Lay out D S D (S D ...): one dense phase, then a sparse and a re-dense phase per sparsity.
+def build_stages(cycles: int, dense: Optional[int], sparse: Optional[int], redense: Optional[int]) -> tuple[Stage, ...]:
+    """Lay out D S D (S D ...): one dense phase, then a sparse and a re-dense phase per cycle (one per sparsity).
 
     The re-dense phase of one cycle is the dense phase the next cycle prunes from, as in the paper's
     DeepSpeech 2 run (50% then 25%).
 
     Examples:
-        >>> [s.phase.value for s in build_stages([0.5], dense=3, sparse=None, redense=3)]
+        >>> [s.phase.value for s in build_stages(1, dense=3, sparse=None, redense=3)]
         ['dense', 'sparse', 'redense']
     """
-    stages = [Stage(Phase.DENSE, 0, dense, 0.0)]
-    for cycle, sparsity in enumerate(sparsities):
-        stages.append(Stage(Phase.SPARSE, cycle, sparse, sparsity))
-        stages.append(Stage(Phase.REDENSE, cycle, redense, sparsity))
+    stages = [Stage(Phase.DENSE, 0, dense)]
+    for cycle in range(cycles):
+        stages.append(Stage(Phase.SPARSE, cycle, sparse))
+        stages.append(Stage(Phase.REDENSE, cycle, redense))
     return tuple(stages)
 
 
@@ -145,6 +143,11 @@ class Schedule:
         """Whether the current stage has run its course (the last stage is never left)."""
         return not self.is_last and self.is_over(now)
 
+    @property
+    def waits_for_metric(self) -> bool:
+        """Whether the current stage runs until the monitored metric converges (its length is ``None``)."""
+        return self.stage.length is None
+
     def is_over(self, now: int) -> bool:
         length = self.stage.length
         return self.converged if length is None else now - self.started_at >= length
@@ -160,25 +163,39 @@ class Schedule:
 
     def observe(self, value: float) -> None:
         """Feed one check of the monitored metric to the current stage's convergence tracker."""
-        if self.tracker is not None and self.tracker.update(value) and self.stage.length is None:
+        if self.tracker is not None and self.tracker.update(value) and self.waits_for_metric:
             self.converged = True
 
-    def required_length(self) -> Optional[int]:
-        """Epochs or steps the whole schedule needs, or ``None`` when a stage waits for convergence."""
-        lengths = [stage.length for stage in self.stages]
-        return None if None in lengths else sum(lengths)  # type: ignore[arg-type]
+    def join(self, now: int) -> None:
+        """Start the first stage at ``now`` instead of 0: DSD joins a run that has already trained (a resume from
+        a checkpoint written without DSD), and its phase lengths count from there."""
+        if self.index != 0:
+            raise RuntimeError(f"the schedule can be joined only in its first stage, not in stage {self.index}")
+        self.started_at = now
 
-    def stage_at(self, elapsed: int) -> Stage:
-        """The stage a fixed-length schedule is in after ``elapsed`` epochs or steps from its start.
+    def end(self) -> Optional[int]:
+        """When (in epochs or steps, as ``now`` counts) the last stage will have run its course, from where the
+        schedule stands; ``None`` when a stage still to finish waits for convergence.
 
         Examples:
-            >>> Schedule(build_stages([0.5], dense=2, sparse=3, redense=1)).stage_at(4).phase
+            >>> schedule = Schedule(build_stages(1, dense=2, sparse=3, redense=1))
+            >>> schedule.end(), schedule.advance(now=4).phase.value, schedule.end()
+            (6, 'sparse', 8)
+        """
+        lengths = [stage.length for stage in self.stages[self.index:]]
+        return None if None in lengths else self.started_at + sum(lengths)  # type: ignore[arg-type]
+
+    def stage_at(self, now: int) -> Stage:
+        """The stage a fixed-length schedule will be in at ``now`` (epochs or steps), from where it stands.
+
+        Examples:
+            >>> Schedule(build_stages(1, dense=2, sparse=3, redense=1)).stage_at(4).phase
             <Phase.SPARSE: 'sparse'>
         """
-        end = 0
-        for stage in self.stages:
+        end = self.started_at
+        for stage in self.stages[self.index:]:
             end += stage.length or 0
-            if elapsed < end:
+            if now < end:
                 return stage
         return self.stages[-1]
 

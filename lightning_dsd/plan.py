@@ -1,9 +1,18 @@
-"""What the masks of each DSD cycle must be: the sparsity every target gets, and the masks that follow.
+r"""What the masks of each DSD cycle must be, and the one place they are decided, on any number of processes.
 
-A :class:`MaskPlan` is the policy half of pruning, free of Lightning: it resolves per-layer overrides,
-checks that N:M patterns fit the weights' input dimensions, decides masks from weights (one threshold per
-tensor, or one over all targets), and checks masks that come from elsewhere (a checkpoint) against the
-same rules, entry count for entry count.
+A :class:`MaskPlan` is the policy of pruning, free of Lightning: it resolves per-layer overrides, checks that
+N:M patterns fit the weights' input dimensions, decides masks from weights (one threshold per tensor, or one
+over all targets), and checks masks that come from elsewhere (a checkpoint) against the same rules, entry
+count for entry count. :meth:`MaskPlan.decide` gives every rank exactly the masks one process would decide
+from the full tensors, whether the weights are plain (one process; DDP, where rank zero decides and
+broadcasts) or sharded ``DTensor``\ s (FSDP2, tensor parallelism), built on the primitives of
+:mod:`lightning_dsd.sharding`:
+
+* ``scope="layer"`` and N:M: each full tensor is decided on its own (a sharded one gathered **one at a time**,
+  decided, sliced to this rank's shard and let go);
+* ``scope="global"``: the exact k-th smallest magnitude over all targets, found by bisection on float bit
+  patterns with counts summed over ranks (:func:`global_masks`), gathering nothing but, at most, the one
+  tensor whose ties the count splits.
 
 Examples:
     >>> import torch
@@ -15,26 +24,36 @@ Examples:
     >>> [int((~m).sum()) for m in masks.values()]
     [12, 8]
     >>> plan.check_masks(weights, masks, cycle=0)  # masks this plan decided pass its own check
+    >>> weights = {"a": torch.tensor([3.0, -1.0, 0.5]), "b": torch.tensor([[0.2, 4.0], [-2.0, 0.1]])}
+    >>> masks = MaskPlan((0.4,), scope="global").decide(weights, cycle=0)
+    >>> masks["a"], masks["b"]
+    (tensor([ True,  True, False]), tensor([[False,  True],
+            [ True, False]]))
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Mapping, Optional, Sequence, Union
+from typing import Callable, Mapping, Optional, Sequence, Union
 
+import torch
+import torch.distributed as dist
 from torch import Tensor
 
 from lightning_dsd.masks import (
     NMPattern,
     Sparsity,
     check_pattern_fits,
-    global_magnitude_masks,
     magnitude_masks,
+    pack_mask,
     pruned_count,
+    unpack_mask,
 )
 from lightning_dsd.selection import matches_any
+from lightning_dsd.sharding import any_sharded, counts_over_ranks, full_tensor, local_part, local_slice
 
 SCOPES = ("layer", "global")
+_LARGEST_BITS = 0x7FFFFFFF  # above every non-negative float32 bit pattern, NaN included
 
 
 def shown(sparsity: Sparsity) -> Union[float, str]:
@@ -58,6 +77,22 @@ class MaskPlan:
     layer_sparsity: Optional[Mapping[str, Sparsity]] = None
     input_dims: Mapping[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        if self.scope not in SCOPES:
+            raise ValueError(f"`scope` must be one of {list(SCOPES)}. Found: {self.scope!r}.")
+        if self.scope == "global" and (self.layer_sparsity or any(isinstance(s, NMPattern) for s in self.sparsities)):
+            overrides = {p: shown(s) for p, s in self.layer_sparsity.items()} if self.layer_sparsity else None
+            raise ValueError(
+                "`scope='global'` sets one threshold over all targets, so it takes neither `layer_sparsity` nor"
+                f" 'N:M' patterns. Found: layer_sparsity={overrides!r},"
+                f" sparsity={[shown(s) for s in self.sparsities]!r}."
+            )
+
+    def global_sparsity(self, cycle: int) -> Optional[float]:
+        """The one sparsity over all targets in ``cycle`` under ``scope="global"``; ``None`` per layer."""
+        sparsity = self.sparsities[cycle]
+        return sparsity if self.scope == "global" and isinstance(sparsity, float) else None
+
     def resolve(self, names: Sequence[str], cycle: int) -> dict[str, Sparsity]:
         """The sparsity of each named target in ``cycle``, after ``layer_sparsity`` overrides."""
         default = self.sparsities[cycle]
@@ -76,10 +111,56 @@ class MaskPlan:
                 if isinstance(sparsity, NMPattern):
                     check_pattern_fits(name, weights[name].shape, sparsity, self.input_dims.get(name, 1))
 
+    def prunes_nothing(self, weights: Mapping[str, Tensor]) -> list[str]:
+        """One message per cycle and target whose float sparsity rounds to no pruned weight (``round(s * N) == 0``),
+        or, for ``scope="global"``, per cycle whose sparsity prunes nothing over all targets.
+
+        Examples:
+            >>> import torch
+            >>> MaskPlan((0.001, 0.5)).prunes_nothing({"head.weight": torch.zeros(10, 16)})
+            ['sparsity 0.001 prunes no weight of `head.weight` in cycle 0: round(0.001 * 160) = 0.']
+        """
+        messages = []
+        for cycle in range(len(self.sparsities)):
+            overall = self.global_sparsity(cycle)
+            if overall is not None:
+                total = sum(w.numel() for w in weights.values())
+                if pruned_count(total, overall) == 0:
+                    messages.append(f"sparsity {overall} prunes no weight in cycle {cycle} (scope='global'):"
+                                    f" round({overall} * {total}) = 0.")
+                continue
+            for name, resolved in self.resolve(list(weights), cycle).items():
+                numel = weights[name].numel()
+                if not isinstance(resolved, NMPattern) and pruned_count(numel, resolved) == 0:
+                    messages.append(f"sparsity {resolved} prunes no weight of `{name}` in cycle {cycle}:"
+                                    f" round({resolved} * {numel}) = 0.")
+        return messages
+
+    @torch.no_grad()
     def decide(self, weights: Mapping[str, Tensor], cycle: int) -> dict[str, Tensor]:
-        """Keep masks (``True`` = kept) for the targets at the start of ``cycle``'s sparse phase."""
-        if self.scope == "global":
-            return global_magnitude_masks(weights, float(self.sparsities[cycle]))  # type: ignore[arg-type]
+        """This rank's keep masks (``True`` = kept) for the targets at the start of ``cycle``'s sparse phase,
+        equal on every rank to what one process decides from the full tensors (see the module docstring). A
+        collective when a process group runs more than one rank: every rank calls it, with the same names."""
+        sharded = any_sharded(weights)
+        if sharded and self.global_sparsity(cycle) is None:
+            return {name: local_slice(self._decide_per_layer({name: full_tensor(w)}, cycle)[name], w)
+                    for name, w in weights.items()}
+        if sharded or not (dist.is_initialized() and dist.get_world_size() > 1):
+            return self._decide_local(weights, cycle)
+        # DDP: rank zero decides and broadcasts packed bits, so every rank prunes alike even where the replicas'
+        # weights differ in the last bit.
+        on_rank_zero = dist.get_rank() == 0
+        packed = [{name: pack_mask(mask) for name, mask in self._decide_local(weights, cycle).items()}
+                  if on_rank_zero else None]
+        dist.broadcast_object_list(packed, src=0)
+        decided: dict[str, Tensor] = packed[0] or {}
+        return {name: unpack_mask(bits, weights[name].shape).to(weights[name].device) for name, bits in decided.items()}
+
+    def _decide_local(self, weights: Mapping[str, Tensor], cycle: int) -> dict[str, Tensor]:
+        overall = self.global_sparsity(cycle)
+        return global_masks(weights, overall) if overall is not None else self._decide_per_layer(weights, cycle)
+
+    def _decide_per_layer(self, weights: Mapping[str, Tensor], cycle: int) -> dict[str, Tensor]:
         return magnitude_masks(weights, self.resolve(list(weights), cycle), self.input_dims)
 
     def check_masks(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], cycle: int) -> None:
@@ -94,12 +175,13 @@ class MaskPlan:
             if tuple(masks[name].shape) != tuple(weight.shape):
                 raise ValueError(f"the mask of `{name}` has shape {tuple(masks[name].shape)}, expected the"
                                  f" weight's shape {tuple(weight.shape)}")
-        if self.scope == "global":
-            pruned, total = pruned_fraction(masks)
-            expected = pruned_count(total, float(self.sparsities[cycle]))  # type: ignore[arg-type]
+        overall = self.global_sparsity(cycle)
+        if overall is not None:
+            pruned, total = pruned_and_total(masks)
+            expected = pruned_count(total, overall)
             if pruned != expected:
                 raise ValueError(f"the masks prune {pruned} of {total} weights, expected"
-                                 f" round({shown(self.sparsities[cycle])} * {total}) = {expected} (scope='global')")
+                                 f" round({overall} * {total}) = {expected} (scope='global')")
             return
         for name, sparsity in self.resolve(list(weights), cycle).items():
             mask = masks[name]
@@ -115,12 +197,97 @@ class MaskPlan:
                                  f" round({sparsity} * {mask.numel()}) = {expected}")
 
 
-def pruned_fraction(masks: Mapping[str, Tensor]) -> tuple[int, int]:
-    """How many entries ``masks`` prune, out of how many.
+def pruned_and_total(masks: Mapping[str, Tensor]) -> tuple[int, int]:
+    """How many entries ``masks`` prune, and out of how many.
 
     Examples:
-        >>> import torch
-        >>> pruned_fraction({"w": torch.tensor([True, False, False, True])})
+        >>> pruned_and_total({"w": torch.tensor([True, False, False, True])})
         (2, 4)
     """
     return sum(int((~m).sum()) for m in masks.values()), sum(m.numel() for m in masks.values())
+
+
+@torch.no_grad()
+def check_finite(weights: Mapping[str, Tensor], owner: str = "DSD") -> None:
+    """Refuse to decide masks from weights with NaN or infinite entries (a diverged run): magnitudes that do
+    not order would silently prune fewer than ``round(sparsity * N)``. A collective when any weight is a
+    ``DTensor``, so every rank raises alike.
+
+    Examples:
+        >>> check_finite({"w": torch.tensor([1.0, float("nan")])})
+        Traceback (most recent call last):
+        ...
+        ValueError: DSD cannot prune `w`: 1 of its 2 weights are NaN or infinite ...
+    """
+    bad = counts_over_ranks(weights, lambda _, entries: (~torch.isfinite(entries)).sum()).tolist()
+    found = [(name, count) for name, count in zip(weights, bad, strict=True) if count]
+    if found:
+        listed = ", ".join(f"`{name}`: {count} of its {weights[name].numel()} weights" for name, count in found)
+        raise ValueError(
+            f"{owner} cannot prune {listed} are NaN or infinite at the transition to the sparse phase, so their"
+            " magnitudes cannot be ranked. Training has diverged: lower the learning rate or clip gradients,"
+            " and resume from an earlier checkpoint. Nothing was pruned."
+        )
+
+
+@torch.no_grad()
+def global_masks(weights: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+    """Local keep masks pruning the ``round(sparsity * total)`` smallest magnitudes over all ``weights``,
+    ties broken by position in the order of ``weights`` then within each full flattened tensor, whether the
+    weights are plain or sharded (then without gathering them: a collective).
+
+    The threshold is the k-th smallest ``float32`` magnitude, found by bisection over its bit pattern
+    (non-negative floats order like their bits): 31 rounds, each counting every local tensor on its device,
+    then one host sync and, for sharded weights, one all-reduce of the stacked counts. Sharded magnitudes are
+    made one shard at a time, so at most one float32 copy of a shard exists at once; plain ones are made once
+    (4 bytes per weight, for the length of the call). Only a tensor whose ties are split by the count is
+    gathered, to find which of its tied entries come first.
+
+    Examples:
+        >>> global_masks({"a": torch.tensor([0.5, -0.5]), "b": torch.tensor([0.5, 2.0])}, 0.5)  # ties: first go
+        {'a': tensor([False, False]), 'b': tensor([True, True])}
+    """
+    total = sum(w.numel() for w in weights.values())
+    k = pruned_count(total, sparsity)
+    if k <= 0 or k >= total:
+        return {name: torch.full(local_part(w).shape, k <= 0, device=w.device) for name, w in weights.items()}
+    made_once = {} if any_sharded(weights) else {name: _magnitude_bits(w) for name, w in weights.items()}
+
+    def count(compare: Callable[[Tensor, int], Tensor], threshold: int) -> Tensor:
+        def of_tensor(name: str, entries: Tensor) -> Tensor:
+            bits = made_once[name] if name in made_once else _magnitude_bits(entries)
+            return compare(bits, threshold).sum()
+
+        return counts_over_ranks(weights, of_tensor)
+
+    low, high = 0, _LARGEST_BITS
+    while low < high:  # the smallest t with at least k magnitudes <= t is the k-th smallest
+        middle = (low + high) // 2
+        if int(count(torch.le, middle).sum()) >= k:
+            high = middle
+        else:
+            low = middle + 1
+    threshold = low
+    missing = k - int(count(torch.lt, threshold).sum())
+    tied = count(torch.eq, threshold).tolist()
+    masks = {}
+    for (name, weight), n_tied in zip(weights.items(), tied, strict=True):
+        prune_ties = min(missing, n_tied)
+        missing -= prune_ties
+        local_bits = made_once[name] if name in made_once else _magnitude_bits(local_part(weight))
+        keep = local_bits > threshold
+        if prune_ties == 0:
+            keep |= local_bits == threshold
+        elif prune_ties < n_tied:  # the first prune_ties tied entries of the full tensor go
+            full_bits = _magnitude_bits(full_tensor(weight))
+            full_keep = full_bits > threshold
+            later_ties = torch.nonzero(full_bits == threshold).flatten()[prune_ties:]
+            full_keep[later_ties] = True
+            keep = local_slice(full_keep.view(weight.shape), weight).flatten()
+        masks[name] = keep.view(local_part(weight).shape)
+    return masks
+
+
+def _magnitude_bits(entries: Tensor) -> Tensor:
+    """The float32 magnitudes of ``entries``, flattened, as their int32 bit patterns (which order alike)."""
+    return entries.detach().abs().float().flatten().view(torch.int32)

@@ -208,10 +208,10 @@ class PhaseReporter:
 
     # -------------------------------------------------------------- the figure
 
-    def draw_figure(self, sink: ReportSink, cycle: int) -> list[str]:
-        """Draw, log and save the five-panel figure of ``cycle`` for each figure layer; return the PNG paths."""
+    def draw_figure(self, sink: ReportSink, cycle: int) -> None:
+        """Draw, log and save the five-panel figure of ``cycle`` for each figure layer."""
         if not (sink.is_rank_zero and sink.has_loggers and self._figure_names):
-            return []
+            return
         if not _MATPLOTLIB_AVAILABLE:
             if not self._warned_matplotlib:
                 self._warned_matplotlib = True
@@ -219,26 +219,23 @@ class PhaseReporter:
                     "DSD skips the five-panel figure: matplotlib is not installed"
                     " (`pip install lightning-dsd[figures]`). Histograms and scalars are unaffected."
                 )
-            return []
+            return
         from lightning_dsd.figure import five_panel_figure
 
         tensorboard = sink.tensorboard()
         directory = sink.figure_directory()
         if directory is not None:
             os.makedirs(directory, exist_ok=True)
-        paths = []
         for name in self._figure_names:
             panels = {m: self._snapshots[(cycle, m)][name] for m in Moment if (cycle, m) in self._snapshots}
             figure = five_panel_figure(name, cycle, panels)
             if directory is not None:
                 path = os.path.join(directory, f"cycle{cycle}_{name}.png")
                 figure.savefig(path, dpi=80)
-                paths.append(path)
             if tensorboard is not None:
                 tensorboard.add_figure(f"dsd_figure/{name}", figure, sink.step, close=False)
         for moment in Moment:
             self._snapshots.pop((cycle, moment), None)
-        return paths
 
 
 def _write_each(

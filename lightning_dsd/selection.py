@@ -119,8 +119,8 @@ class Selection:
 
     ``input_dims``: each target's input dimension. ``layer_types``: each target's layer class name.
     ``tied``: for a target reachable under several names, all of them. ``left_out``: parameters of two or
-    more dimensions that the default left dense, by layer class name. ``skipped_frozen``: frozen
-    parameters the default left dense.
+    more dimensions that the default left dense, by layer class name. Frozen targets are chosen like any
+    other: whether a cycle prunes one is decided at its transition (a frozen one stays dense then).
     """
 
     selected: dict[str, nn.Parameter]
@@ -128,7 +128,6 @@ class Selection:
     layer_types: dict[str, str] = field(default_factory=dict)
     tied: dict[str, list[str]] = field(default_factory=dict)
     left_out: dict[str, list[str]] = field(default_factory=dict)
-    skipped_frozen: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         """A short account of what is targeted and what was left dense.
@@ -146,8 +145,6 @@ class Selection:
         if self.left_out:
             left = "; ".join(f"{kind} x{len(names)} ({_shorten(names)})" for kind, names in self.left_out.items())
             lines.append(f"Left dense by default: {left}.")
-        if self.skipped_frozen:
-            lines.append(f"Left dense because frozen: {_shorten(self.skipped_frozen)}.")
         return " ".join(lines)
 
 
@@ -193,8 +190,8 @@ def select_parameters(
     """Resolve ``include``/``exclude`` against ``model`` into the parameters to prune, in model order.
 
     ``layer_types`` declares linear-like layers beyond the built-in ones (and may override those).
-    Frozen parameters (``requires_grad=False``) are targeted only when an ``include`` pattern names them;
-    otherwise they are reported in :attr:`Selection.skipped_frozen`.
+    Frozen parameters (``requires_grad=False``) are chosen too: a layer frozen now may train later
+    (``BackboneFinetuning``), so whether a cycle prunes it is decided at that cycle's transition.
     """
     owners = _owners(model, layer_types or {})
     names_of: dict[int, list[str]] = {}
@@ -210,9 +207,6 @@ def select_parameters(
         else:
             wanted = param.dim() >= 2 and matches_any(name, include)
         if not wanted or (exclude and matches_any(name, exclude)):
-            continue
-        if include is None and not param.requires_grad:
-            selection.skipped_frozen.append(name)
             continue
         selection.selected[name] = param
         selection.input_dims[name] = owner.spec.input_dim if owner.spec is not None else DEFAULT_INPUT_DIM

@@ -6,7 +6,8 @@ dicts only, so ``torch.load(..., weights_only=True)`` reads it.
 
 :func:`decode_state` checks everything before anything is changed: a known format version (version 1,
 which had no configuration, is migrated; a newer one is refused), schedule fields in range, a mask for
-exactly each target with the target's shape whose pruned count is what the configuration prescribes, and
+exactly each target the cycle prunes (every target but those it left dense, frozen or owned by no optimizer,
+which the state lists) with the target's shape whose pruned count is what the configuration prescribes, and
 a configuration that agrees with the resuming callback's on everything that already happened:
 
 * may change: lengths of phases not yet finished (the current one included), ``lr_scale``, ``monitor``,
@@ -24,10 +25,10 @@ Examples:
     ...                    interval="epoch", scope="layer", layer_sparsity=None, targets=["w"])
     >>> state = encode_state({"index": 1, "started_at": 1, "converged": False}, {"w": torch.tensor([True, False])},
     ...                      config)
-    >>> schedule, masks = decode_state(state, config, lambda masks, cycle: None, {"w": (2,)})
-    >>> schedule["index"], masks["w"]
-    (1, tensor([ True, False]))
-    >>> no_check = lambda masks, cycle: None
+    >>> no_check = lambda masks, cycle, left_dense: None
+    >>> schedule, masks, left_dense = decode_state(state, config, no_check, {"w": (2,)})
+    >>> schedule["index"], masks["w"], left_dense
+    (1, tensor([ True, False]), {})
     >>> decode_state({**state, "version": 99}, config, no_check, {"w": (2,)})  # doctest: +ELLIPSIS
     Traceback (most recent call last):
     ...
@@ -109,12 +110,19 @@ class RunConfig:
         return found
 
 
-def encode_state(schedule: Mapping[str, Any], masks: Mapping[str, Tensor], config: RunConfig) -> dict[str, Any]:
-    """The checkpoint entry: plain data, masks packed at 1 bit per weight."""
+def encode_state(
+    schedule: Mapping[str, Any],
+    masks: Mapping[str, Tensor],
+    config: RunConfig,
+    left_dense: Optional[Mapping[str, str]] = None,
+) -> dict[str, Any]:
+    """The checkpoint entry: plain data, masks packed at 1 bit per weight, and the targets the current sparse
+    phase left dense (name to reason)."""
     return {
         "version": STATE_VERSION,
         "schedule": dict(schedule),
         "masks": {name: {"bits": pack_mask(mask), "shape": list(mask.shape)} for name, mask in masks.items()},
+        "left_dense": dict(left_dense or {}),
         "config": config.to_state(),
     }
 
@@ -122,14 +130,15 @@ def encode_state(schedule: Mapping[str, Any], masks: Mapping[str, Tensor], confi
 def decode_state(
     state: Any,
     config: RunConfig,
-    check_masks: Callable[[Mapping[str, Tensor], int], None],
+    check_masks: Callable[[Mapping[str, Tensor], int, Mapping[str, str]], None],
     shapes: Mapping[str, Sequence[int]],
-) -> tuple[dict[str, Any], PackedMasks]:
-    """Check a checkpoint entry against the resuming callback; return its schedule state and its masks
-    (unpacked as each is read).
+) -> tuple[dict[str, Any], PackedMasks, dict[str, str]]:
+    """Check a checkpoint entry against the resuming callback; return its schedule state, its masks
+    (unpacked as each is read) and the targets its sparse phase left dense.
 
-    ``check_masks(masks, cycle)`` raises ``ValueError`` for masks that do not prune what the configuration
-    prescribes (see :meth:`lightning_dsd.plan.MaskPlan.check_masks`); ``shapes`` are the targets' shapes.
+    ``check_masks(masks, cycle, left_dense)`` raises ``ValueError`` for masks that do not prune what the
+    configuration prescribes for the targets not left dense (see
+    :meth:`lightning_dsd.plan.MaskPlan.check_masks`); ``shapes`` are the targets' shapes.
     """
     if not isinstance(state, Mapping):
         raise CheckpointStateError(f"its DSD state is {_brief(state)}, expected a mapping")
@@ -153,17 +162,30 @@ def decode_state(
             " logging options may change).",
         )
     masks = _checked_masks(state.get("masks"), shapes)
+    left_dense = _checked_left_dense(state.get("left_dense", {}), shapes)
     phase, cycle = stages[index][0], stages[index][1]
-    if phase == "sparse" and not masks:
+    if phase == "sparse" and not masks and not left_dense:
         raise CheckpointStateError(f"it was saved in the sparse phase of cycle {cycle} but holds no masks")
-    if phase != "sparse" and masks:
-        raise CheckpointStateError(f"it was saved in the {phase} phase but holds masks for {sorted(masks)}")
-    if masks:
+    if phase != "sparse" and (masks or left_dense):
+        raise CheckpointStateError(f"it was saved in the {phase} phase but holds masks for"
+                                   f" {sorted(masks) or sorted(left_dense)}")
+    if phase == "sparse":
         try:
-            check_masks(masks, cycle)
+            check_masks(masks, cycle, left_dense)
         except ValueError as error:
             raise CheckpointStateError(f"`masks`: {error}") from None
-    return schedule, masks
+    return schedule, masks, left_dense
+
+
+def _checked_left_dense(left_dense: Any, shapes: Mapping[str, Sequence[int]]) -> dict[str, str]:
+    """The targets a sparse phase left dense, by name, with why: a mapping of target names to strings."""
+    valid = isinstance(left_dense, Mapping) and all(
+        isinstance(name, str) and name in shapes and isinstance(reason, str) for name, reason in left_dense.items()
+    )
+    if not valid:
+        raise CheckpointStateError(f"its `left_dense` entry is {_brief(left_dense)}, expected a mapping from target"
+                                   f" names ({_brief(sorted(shapes))}) to the reason each stayed dense")
+    return dict(left_dense)
 
 
 def _check_schedule(schedule: Any, n_stages: int) -> dict[str, Any]:

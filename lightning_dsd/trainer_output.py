@@ -12,7 +12,7 @@ Examples:
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -20,22 +20,55 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
 
 def output_directory(trainer: "pl.Trainer") -> str:
-    """Where everything DSD writes goes (figures, sparse exports): the TensorBoard logger's directory, else
-    the first logger's ``log_dir`` or ``save_dir`` (what ``Trainer.log_dir`` reads, without its collective),
-    else ``default_root_dir``."""
+    """Where everything DSD writes goes (figures, sparse exports), one directory per run: the TensorBoard
+    logger's ``log_dir``, else ``ModelCheckpoint``'s rule for the first logger,
+    ``<save_dir or default_root_dir>/<name>/<version>`` (MLflow, W&B and Comet runs share one ``save_dir``
+    and differ by name and version), else ``default_root_dir``."""
     tensorboard = _tensorboard_logger(trainer)
     if tensorboard is not None:
         return tensorboard.log_dir
-    if trainer.loggers:
-        first = trainer.loggers[0]
-        directory = getattr(first, "log_dir", None) or first.save_dir
-        if directory:
-            return str(directory)
-    return trainer.default_root_dir
+    if not trainer.loggers:
+        return trainer.default_root_dir
+    first = trainer.loggers[0]
+    version = first.version if isinstance(first.version, str) else f"version_{first.version}"
+    return os.path.join(first.save_dir or trainer.default_root_dir, str(first.name), version)
 
 
 def _tensorboard_logger(trainer: "pl.Trainer") -> Optional[TensorBoardLogger]:
     return next((logger for logger in trainer.loggers if isinstance(logger, TensorBoardLogger)), None)
+
+
+class ProgressBarPhase:
+    """``dsd=<phase>`` in the progress bar: added to what the bar's public ``get_metrics`` returns for the
+    length of a fit; a ``get_metrics`` the user set on the bar is left alone.
+
+    Examples:
+        >>> from lightning.pytorch.callbacks import TQDMProgressBar
+        >>> bar, shown = TQDMProgressBar(), ProgressBarPhase()
+        >>> shown.show(bar, lambda: "sparse"); "get_metrics" in vars(bar)
+        True
+        >>> shown.remove(bar); "get_metrics" in vars(bar)
+        False
+    """
+
+    def __init__(self) -> None:
+        self._installed: Optional[Any] = None
+
+    def show(self, bar: Optional[Any], label: Callable[[], str]) -> None:
+        if bar is None or "get_metrics" in vars(bar):
+            return
+        metrics_of_bar = bar.get_metrics
+
+        def get_metrics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
+            return {**metrics_of_bar(trainer, pl_module), "dsd": label()}
+
+        bar.get_metrics = get_metrics
+        self._installed = get_metrics
+
+    def remove(self, bar: Optional[Any]) -> None:
+        if bar is not None and self._installed is not None and vars(bar).get("get_metrics") is self._installed:
+            del vars(bar)["get_metrics"]
+        self._installed = None
 
 
 class TrainerSink:

@@ -14,6 +14,7 @@ import torch
 from helpers import ConvLSTMNet, StepRecorder, adamw, make_loader, make_trainer, seeded  # beside this script
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
+from test_user_code import BuiltInConfigureModel
 
 from lightning_dsd import DSDCallback
 
@@ -41,9 +42,11 @@ def main() -> None:
     parser.add_argument("--scope", default="layer")
     parser.add_argument("--out", required=True)
     parser.add_argument("--resume", default=None)
+    parser.add_argument("--model", choices=["init", "configure_model"], default="init",
+                        help="build the layers in __init__ or in configure_model (Lightning's hook for large models)")
     args = parser.parse_args()
     with seeded(3):
-        model = ConvLSTMNet(optimizer=adamw)
+        model = ConvLSTMNet(optimizer=adamw) if args.model == "init" else BuiltInConfigureModel()
     dsd = DSDCallback(0.5, 1, 2, 1, scope=args.scope)
     recorder = StepRecorder(dsd)
     callbacks = [dsd, recorder, DumpPerRank(args.out, recorder)]

@@ -26,6 +26,16 @@ from lightning_dsd import DSDCallback, Phase
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 
 
+def sorted_global_keep(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:
+    """The slow, obvious reference for a global threshold: one stable sort of every |w| in order, the
+    ``round(sparsity * total)`` first pruned (ties by position, tensor by tensor)."""
+    flat = torch.cat([w.detach().abs().float().flatten() for w in weights.values()])
+    keep = torch.ones_like(flat, dtype=torch.bool)
+    keep[torch.sort(flat, stable=True).indices[: round(sparsity * flat.numel())]] = False
+    pieces = keep.split([w.numel() for w in weights.values()])
+    return {name: piece.view(w.shape) for (name, w), piece in zip(weights.items(), pieces, strict=True)}
+
+
 def make_loader(n: int = 64, batch_size: int = 16, seed: int = 0) -> DataLoader:
     """Sequences of 4 channels x 12 steps, 3 classes; deterministic, never shuffled."""
     generator = torch.Generator().manual_seed(seed)

@@ -150,9 +150,11 @@ def test_manual_optimization_with_two_optimizers_param_groups_and_a_frozen_layer
     caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
     make_trainer([dsd, LearningRates(), recorder], max_epochs=3).fit(TwoOptimizerGAN(), make_loader())
 
-    assert sorted(dsd.target_names) == ["discriminator.0.weight", "discriminator.3.weight",
+    assert sorted(dsd.target_names) == ["discriminator.0.weight", "discriminator.3.weight", "frozen.weight",
                                         "generator.0.weight", "generator.2.weight"]
-    assert "Left dense because frozen: frozen.weight." in caplog.text
+    assert "Left dense in this cycle: frozen.weight (frozen)." in caplog.text
+    assert sorted(recorder.masks_seen[0]) == ["discriminator.0.weight", "discriminator.3.weight",
+                                              "generator.0.weight", "generator.2.weight"]
     assert [p for p, _, _ in recorder.steps] == ["dense"] * 8 + ["sparse"] * 8 + ["redense"] * 8
     assert all(zeros for _, _, zeros in recorder.steps)
     assert lrs[Phase.REDENSE] == pytest.approx([0.1 * lr for lr in lrs[Phase.DENSE]])

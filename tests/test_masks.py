@@ -7,7 +7,6 @@ import torch
 
 from lightning_dsd.masks import (
     NMPattern,
-    global_magnitude_masks,
     magnitude_masks,
     nm_mask,
     pack_mask,
@@ -58,16 +57,6 @@ def test_half_precision_weights_give_the_same_masks_as_their_float_values():
     weight = torch.randn(64, 32).to(torch.bfloat16)
     keep = magnitude_masks({"w": weight}, {"w": 0.5})["w"]
     assert torch.equal(keep, reference_keep(weight.float(), 0.5))
-
-
-def test_global_masks_use_one_threshold_over_all_tensors():
-    generator = torch.Generator().manual_seed(0)
-    weights = {"a": torch.randn(30, 10, generator=generator), "b": 3 * torch.randn(50, generator=generator)}
-    keep = global_magnitude_masks(weights, 0.4)
-    everything = torch.cat([w.flatten() for w in weights.values()])
-    expected = reference_keep(everything, 0.4)
-    assert torch.equal(torch.cat([keep["a"].flatten(), keep["b"].flatten()]), expected)
-    assert keep["a"].shape == (30, 10)
 
 
 def test_masks_over_16m_entries_where_torch_quantile_refuses():

@@ -10,17 +10,17 @@ from lightning_dsd.phases import ConvergenceTracker, Phase, Schedule, build_stag
 
 
 def test_stages_run_d_s_d_then_s_d_per_further_sparsity():
-    stages = build_stages((0.5, 0.25, 0.1), dense=3, sparse=2, redense=1)
-    assert [(s.phase, s.cycle, s.length, s.sparsity) for s in stages] == [
-        (Phase.DENSE, 0, 3, 0.0),
-        (Phase.SPARSE, 0, 2, 0.5), (Phase.REDENSE, 0, 1, 0.5),
-        (Phase.SPARSE, 1, 2, 0.25), (Phase.REDENSE, 1, 1, 0.25),
-        (Phase.SPARSE, 2, 2, 0.1), (Phase.REDENSE, 2, 1, 0.1),
+    stages = build_stages(3, dense=3, sparse=2, redense=1)
+    assert [(s.phase, s.cycle, s.length) for s in stages] == [
+        (Phase.DENSE, 0, 3),
+        (Phase.SPARSE, 0, 2), (Phase.REDENSE, 0, 1),
+        (Phase.SPARSE, 1, 2), (Phase.REDENSE, 1, 1),
+        (Phase.SPARSE, 2, 2), (Phase.REDENSE, 2, 1),
     ]
 
 
 def test_a_fixed_schedule_advances_exactly_at_the_counted_lengths_and_never_leaves_the_last_stage():
-    schedule = Schedule(build_stages((0.5,), dense=2, sparse=3, redense=1))
+    schedule = Schedule(build_stages(1, dense=2, sparse=3, redense=1))
     walked = []
     for now in range(10):
         while schedule.is_due(now):
@@ -28,14 +28,19 @@ def test_a_fixed_schedule_advances_exactly_at_the_counted_lengths_and_never_leav
         walked.append(schedule.stage.phase.value)
     assert walked == ["dense"] * 2 + ["sparse"] * 3 + ["redense"] * 5
     assert schedule.is_last and schedule.is_over(6) and not schedule.is_over(5)
-    assert schedule.required_length() == 6
-    assert [schedule.stage_at(t).phase.value for t in (0, 1, 2, 4, 5, 99)] == [
+    assert schedule.end() == 6
+    fresh = Schedule(build_stages(1, dense=2, sparse=3, redense=1))
+    assert fresh.end() == 6
+    assert [fresh.stage_at(t).phase.value for t in (0, 1, 2, 4, 5, 99)] == [
         "dense", "dense", "sparse", "sparse", "redense", "redense"]
+    fresh.join(3)  # DSD joins a run at epoch 3: every phase counts from there
+    assert fresh.end() == 9
+    assert [fresh.stage_at(t).phase.value for t in (3, 4, 5, 7, 8)] == ["dense", "dense", "sparse", "sparse", "redense"]
 
 
 def test_a_phase_of_length_none_ends_when_the_tracker_says_converged_and_the_tracker_restarts():
-    schedule = Schedule(build_stages((0.5,), dense=None, sparse=1, redense=1), ConvergenceTracker("min", 1, 0.0))
-    assert schedule.required_length() is None
+    schedule = Schedule(build_stages(1, dense=None, sparse=1, redense=1), ConvergenceTracker("min", 1, 0.0))
+    assert schedule.end() is None
     for value in (1.0, 0.5):
         schedule.observe(value)
     assert not schedule.is_due(now=100)
@@ -61,11 +66,11 @@ def test_min_delta_makes_small_improvements_count_as_none():
 
 
 def test_state_round_trips_as_plain_values():
-    schedule = Schedule(build_stages((0.5,), dense=None, sparse=2, redense=1), ConvergenceTracker("min", 2, 0.0))
+    schedule = Schedule(build_stages(1, dense=None, sparse=2, redense=1), ConvergenceTracker("min", 2, 0.0))
     schedule.observe(1.0)
     schedule.advance(4)
     state = schedule.state_dict()
     assert state == {"index": 1, "started_at": 4, "converged": False, "tracker": {"best": math.inf, "wait": 0}}
-    restored = Schedule(build_stages((0.5,), dense=None, sparse=2, redense=1), ConvergenceTracker("min", 2, 0.0))
+    restored = Schedule(build_stages(1, dense=None, sparse=2, redense=1), ConvergenceTracker("min", 2, 0.0))
     restored.load_state_dict(state)
     assert restored.state_dict() == state and restored.stage.phase is Phase.SPARSE

@@ -7,11 +7,12 @@ import logging
 import pytest
 import torch
 from helpers import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, run_recorded
+from test_masks import reference_keep
 from torch import nn
 
 from lightning_dsd import DSDCallback
 from lightning_dsd.masks import NMPattern
-from lightning_dsd.plan import MaskPlan
+from lightning_dsd.plan import MaskPlan, global_masks
 
 
 def test_layer_sparsity_overrides_matching_layers_first_match_wins(caplog):
@@ -89,3 +90,13 @@ def test_global_scope_checks_the_count_over_all_targets():
     assert sum(int((~m).sum()) for m in masks.values()) == round(0.3 * 56)
     with pytest.raises(ValueError, match=r"the masks prune 16 of 56 weights, expected round\(0.3 \* 56\) = 17"):
         plan.check_masks(weights, {"a": _keep_one_more(masks["a"]), "b": masks["b"]}, 0)
+
+
+def test_global_masks_use_one_threshold_over_all_tensors():
+    generator = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(30, 10, generator=generator), "b": 3 * torch.randn(50, generator=generator)}
+    keep = global_masks(weights, 0.4)
+    everything = torch.cat([w.flatten() for w in weights.values()])
+    expected = reference_keep(everything, 0.4)
+    assert torch.equal(torch.cat([keep["a"].flatten(), keep["b"].flatten()]), expected)
+    assert keep["a"].shape == (30, 10)

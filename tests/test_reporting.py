@@ -203,13 +203,16 @@ class _RemoteLogger(Logger):
         pass
 
 
-def test_with_a_logger_that_has_no_directory_everything_goes_to_default_root_dir(tmp_path, caplog):
+def test_with_a_logger_that_has_no_directory_everything_goes_under_default_root_dir_as_modelcheckpoint_does(
+    tmp_path, caplog
+):
     caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
-    with pytest.warns(UserWarning, match="figures are saved as PNG under .*root.dsd_figures"):
+    run_dir = tmp_path / "root" / "remote" / "version_0"  # <default_root_dir>/<name>/<version>, ModelCheckpoint's rule
+    with pytest.warns(UserWarning, match="figures are saved as PNG under .*root.remote.version_0.dsd_figures"):
         dsd, _, _ = _run(tmp_path / "root", _RemoteLogger(), export_sparse="checkpoint")
-    assert dsd.exported_sparse_models[0]["checkpoint"] == str(tmp_path / "root" / "dsd_sparse" / "cycle0.ckpt")
-    assert len(glob.glob(str(tmp_path / "root" / "dsd_figures" / "*.png"))) == 2
-    assert caplog.text.count(f"DSDCallback writes its figures and sparse exports under {tmp_path / 'root'}") == 1
+    assert dsd.exported_sparse_models[0]["checkpoint"] == str(run_dir / "dsd_sparse" / "cycle0.ckpt")
+    assert len(glob.glob(str(run_dir / "dsd_figures" / "*.png"))) == 2
+    assert caplog.text.count(f"DSDCallback writes its figures and sparse exports under {run_dir}") == 1
 
 
 class _ProgressBarProbe(pl.Callback):

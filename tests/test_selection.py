@@ -62,13 +62,11 @@ def test_exclude_removes_matches_from_the_defaults():
                      "lstm.weight_hr_l0"}
 
 
-def test_frozen_parameters_are_skipped_by_default_and_reported_but_taken_when_included():
+def test_frozen_parameters_are_chosen_like_any_other_since_each_transition_decides_what_it_prunes():
     zoo = Zoo()
     zoo.conv1.weight.requires_grad_(False)
-    selection = select_parameters(zoo)
-    assert "conv1.weight" not in selection.selected
-    assert selection.skipped_frozen == ["conv1.weight"]
-    assert "conv1.weight" in select_parameters(zoo, include=["conv1.weight"]).selected
+    assert "conv1.weight" in select_parameters(zoo).selected
+    assert "conv1.weight" not in select_parameters(zoo, exclude=["conv1.*"]).selected
 
 
 def test_input_dimensions_follow_each_layer_layout():

@@ -6,21 +6,22 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.distributed as dist
+from helpers import sorted_global_keep
+from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Partial, Replicate, Shard, distribute_tensor
 
-from lightning_dsd.masks import NMPattern, global_magnitude_masks
-from lightning_dsd.plan import MaskPlan
+from lightning_dsd.masks import NMPattern
+from lightning_dsd.plan import MaskPlan, global_masks
 from lightning_dsd.sharding import (
     FullMasks,
     check_placements,
     count_zeros,
     counts_once,
-    decide_masks,
     full_mask,
-    global_masks,
     local_slice,
     pruned_per_tensor,
+    refuse_flat_shards,
 )
 
 
@@ -33,11 +34,11 @@ def _random_weights(generator: torch.Generator) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("seed", range(40))
-def test_the_bisected_global_threshold_prunes_exactly_what_the_one_device_function_prunes(seed):
+def test_the_bisected_global_threshold_prunes_exactly_what_a_sort_prunes(seed):
     generator = torch.Generator().manual_seed(seed)
     weights = _random_weights(generator)
     sparsity = float(torch.rand(1, generator=generator))
-    expected = global_magnitude_masks(weights, sparsity)
+    expected = sorted_global_keep(weights, sparsity)
     masks = global_masks(weights, sparsity)
     assert all(torch.equal(masks[name], expected[name]) for name in weights)
 
@@ -52,8 +53,9 @@ def test_global_masks_at_the_edges_keep_or_prune_everything_as_round_says(sparsi
 def test_layer_scope_and_nm_decisions_are_the_plans_own_on_plain_tensors():
     weights = {"fc.weight": torch.randn(4, 8), "conv.weight": torch.randn(6, 4, 3)}
     plan = MaskPlan((0.3,), layer_sparsity={"fc.*": NMPattern(2, 4)}, input_dims={"fc.weight": 1})
-    expected = plan.decide(weights, cycle=0)
-    masks = decide_masks(plan, weights, cycle=0)
+    masks = plan.decide(weights, cycle=0)
+    expected = {"fc.weight": plan.decide({"fc.weight": weights["fc.weight"]}, 0)["fc.weight"],
+                "conv.weight": sorted_global_keep({"conv.weight": weights["conv.weight"]}, 0.3)["conv.weight"]}
     assert all(torch.equal(masks[n], expected[n]) for n in weights)
     assert pruned_per_tensor(masks, weights) == {"fc.weight": 32 // 2, "conv.weight": round(0.3 * 72)}
 
@@ -85,8 +87,8 @@ def test_dtensor_shards_are_sliced_gathered_and_counted_like_the_full_tensor(one
     assert torch.equal(full_mask(keep, sharded), keep)
     assert count_zeros({"s": sharded, "r": replicated}) == {"s": 2, "r": 2}
     assert counts_once(sharded) and counts_once(replicated)
-    masks = decide_masks(MaskPlan((0.5,), scope="global"), {"s": sharded, "r": replicated}, cycle=0)
-    expected = global_magnitude_masks({"s": full, "r": full}, 0.5)
+    masks = MaskPlan((0.5,), scope="global").decide({"s": sharded, "r": replicated}, cycle=0)
+    expected = sorted_global_keep({"s": full, "r": full}, 0.5)
     assert torch.equal(masks["s"], expected["s"]) and torch.equal(masks["r"], expected["r"])
 
 
@@ -113,8 +115,22 @@ def test_the_global_threshold_sends_one_stacked_count_per_bisection_round_whatev
     to_python = []  # each read of a count into Python is a host sync on a GPU
     monkeypatch.setattr(torch.Tensor, "__int__", lambda t: to_python.append(1) or t.item())
     masks = global_masks(sharded, 0.3)
-    expected = global_magnitude_masks(full, 0.3)
+    expected = sorted_global_keep(full, 0.3)
     assert all(torch.equal(masks[name], expected[name]) for name in full)
     # 31 bisection rounds over the float32 bit patterns, then the count below the threshold and the ties.
     assert sent == [torch.Size([64])] * 33, "one all-reduce of all 64 counts per round, not one per target"
     assert len(to_python) <= 34, "about one read of the summed count per round, not one per target per round"
+
+
+def test_models_sharded_into_flat_parameters_are_refused_naming_fully_shard():
+    class DeepSpeedEngine(nn.Module):  # what deepspeed.initialize returns, matched by its class name
+        def __init__(self) -> None:
+            super().__init__()
+            self.module = nn.Linear(4, 4)
+
+    with pytest.raises(ValueError, match=r"found DeepSpeedEngine at `the model`.*`fully_shard`"):
+        refuse_flat_shards(DeepSpeedEngine())
+    flattened = nn.Linear(4, 4)
+    flattened.weight._fsdp_flattened = True  # how FSDP1 marks the parameters it manages (use_orig_params=True)
+    with pytest.raises(ValueError, match=r"found an FSDP1-flattened parameter at `weight`"):
+        refuse_flat_shards(flattened)

@@ -1,1 +1,0 @@
-"""pytest configuration: the shared helpers live in ``helpers.py``, imported by name."""
