@@ -44,7 +44,9 @@ by ``TrainingArguments(resume_from_checkpoint=...)`` when that is set (the way t
 outside ``output_dir``). To be sure the file belongs to the checkpoint the Trainer restored, the run writes
 a small record (a run token) into the ``TrainerState``'s ``stateful_callbacks`` under ``"lightning_dsd"``,
 so it is saved in every ``trainer_state.json``; the file must carry that token and the restored step, or
-the resume is refused with what was found. (``restore_callback_states_from_checkpoint=True`` makes the
+the resume is refused with what was found. A checkpoint without that record was saved without DSD: DSD joins
+the run there and its phases count from that step, as ``DSDCallback`` does.
+(``restore_callback_states_from_checkpoint=True`` makes the
 Trainer warn that it ignores this entry: it is not a callback's own state.)
 
 Examples:
@@ -59,7 +61,6 @@ Examples:
 
 from __future__ import annotations
 
-import inspect
 import math
 import os
 import sys
@@ -76,10 +77,10 @@ from torch.utils.hooks import RemovableHandle
 from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
 
 from lightning_dsd.arguments import check_bool
+from lightning_dsd.door import ReadsEngine
 from lightning_dsd.engine import DSDEngine
-from lightning_dsd.options import ReadsOptions, check_options
+from lightning_dsd.options import KEYWORD_OPTIONS, check_options
 from lightning_dsd.phases import Phase
-from lightning_dsd.selection import Selection
 from lightning_dsd.sharding import from_rank_zero
 from lightning_dsd.state import CheckpointStateError
 
@@ -88,13 +89,11 @@ STATE_FILE = "dsd_state.pt"
 #: The key of DSD's record in ``TrainerState.stateful_callbacks`` (saved in ``trainer_state.json``).
 RECORD_KEY = "lightning_dsd"
 
-_LENGTHS = ("sparsity", "dense_epochs", "sparse_epochs", "redense_epochs")
-#: The shared options :func:`~lightning_dsd.options.check_options` takes by keyword.
-SHARED_OPTIONS = tuple(name for name in inspect.signature(check_options).parameters
-                       if name not in _LENGTHS and name != "monitor_required")
+#: The shared keyword options (:data:`~lightning_dsd.options.KEYWORD_OPTIONS`, declared once for every door).
+SHARED_OPTIONS = tuple(KEYWORD_OPTIONS)
 
 
-class DSDTrainerCallback(ReadsOptions, TrainerCallback):
+class DSDTrainerCallback(ReadsEngine, TrainerCallback):
     r"""Train Dense → Sparse → Re-dense inside ``transformers.Trainer``: ``callbacks=[DSDTrainerCallback(...)]``.
 
     Args:
@@ -147,40 +146,6 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
         self._started = False
         self._training = False
 
-    # ------------------------------------------------------------------ read-only state
-
-    @property
-    def phase(self) -> Phase:
-        """The current phase: :attr:`Phase.DENSE`, :attr:`Phase.SPARSE` or :attr:`Phase.REDENSE`."""
-        return self._engine.phase
-
-    @property
-    def cycle(self) -> int:
-        """The 0-based DSD cycle (one per sparsity)."""
-        return self._engine.cycle
-
-    @property
-    def masks(self) -> dict[str, Tensor]:
-        """Bool keep masks by parameter name in a sparse phase (this rank's shard of a ``DTensor``), else empty."""
-        return self._engine.masks
-
-    @property
-    def selection(self) -> Selection:
-        """What is pruned (chosen at ``on_train_begin``), with tied names and what was left dense, and why."""
-        return self._engine.selection
-
-    @property
-    def target_names(self) -> list[str]:
-        return list(self._engine.targets)
-
-    @property
-    def phase_label(self) -> str:
-        return self._engine.phase_label
-
-    @property
-    def in_last_phase(self) -> bool:
-        return self._engine.schedule.is_last
-
     # ------------------------------------------------------------------ what the engine asks of a door
 
     @property
@@ -195,7 +160,7 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
     def sink(self) -> Optional[TrainerSink]:
         return self._sink
 
-    def sparse_phase_ending(self, cycle: int) -> None:
+    def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None:
         """Nothing to export: the ``checkpoint-N`` folders of the sparse phase hold the sparse model."""
 
     # ------------------------------------------------------------------ set-up
@@ -225,10 +190,10 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
         self._schedulers = _torch_schedulers(kwargs.get("lr_scheduler"))
         self._engine.bind(model)
         self._engine.check_optimizers(self._optimizers, every_one_must_own_a_target=False)
-        if resuming:  # checked and taken before anything is written
-            self._token = self._restore(args, state)
-        else:
-            self._token = from_rank_zero(uuid.uuid4().hex)
+        token = self._restore(args, state) if resuming else None  # checked and taken before anything is written
+        if resuming and token is None:
+            self._engine.join(self._now(state), "the checkpoint holds no DSD state")
+        self._token = token or from_rank_zero(uuid.uuid4().hex)
         self._sink = TrainerSink(self._trainer, args, state, self.options)
         self._sink.say_what_is_skipped()
         _records(state)[RECORD_KEY] = {"token": self._token, "file": STATE_FILE}
@@ -240,14 +205,14 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
 
     def _warn_if_schedule_does_not_fit(self, state: TrainerState) -> None:
         schedule = self._engine.schedule
-        needed = schedule.required_length()
+        end = schedule.end()
         limit = int(state.num_train_epochs) if self.interval == "epoch" else state.max_steps
-        if needed is not None and limit and limit < needed:
+        if end is not None and limit and limit < end:
             unit = "num_train_epochs" if self.interval == "epoch" else "max_steps"
             rank_zero_warn(
-                f"The DSD schedule needs {needed} {self.interval}s"
+                f"The DSD schedule needs {end} {self.interval}s"
                 f" ({' + '.join(str(s.length) for s in schedule.stages)}), but the Trainer runs {unit}={limit}:"
-                f" training will stop in the {schedule.stage_at(limit).phase.value} phase. Set {unit}={needed} to"
+                f" training will stop in the {schedule.stage_at(limit - 1).phase.value} phase. Set {unit}={end} to"
                 " run every phase."
             )
 
@@ -313,7 +278,7 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
                 f"DSDTrainerCallback's `monitor={self.monitor!r}` is not among the evaluation's metrics"
                 f" {sorted(metrics or {})}. Name one of them (the Trainer prefixes them with `eval_`)."
             )
-        self._engine.observe(float(from_rank_zero(float(value))))
+        self._engine.observe(float(value))
         self._stop_if_finished(state, control)
 
     def _stop_if_finished(self, state: TrainerState, control: TrainerControl) -> None:
@@ -325,6 +290,7 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
                      **kwargs: Any) -> None:
         self._training = False
         self._hook_gradients()
+        self._engine.warn_if_left_sparse(self._now(state), "resume with `trainer.train(resume_from_checkpoint=...)`")
         self._engine.training_ended()
         if self._sink is not None:
             self._sink.close()
@@ -342,18 +308,19 @@ class DSDTrainerCallback(ReadsOptions, TrainerCallback):
             torch.save(saved, path + ".tmp")
             os.replace(path + ".tmp", path)
 
-    def _restore(self, args: TrainingArguments, state: TrainerState) -> str:
+    def _restore(self, args: TrainingArguments, state: TrainerState) -> Optional[str]:
         """Find, read and check the DSD state of the checkpoint the Trainer restored (see the module
-        docstring); raise :class:`~lightning_dsd.state.CheckpointStateError` before anything changes."""
+        docstring) and return its run token; ``None`` for a checkpoint saved without DSD (DSD then joins the run
+        from there). Raise :class:`~lightning_dsd.state.CheckpointStateError` before anything changes."""
         step = state.global_step
         record = _records(state).get(RECORD_KEY)
+        if record is None:
+            return None
         token = record.get("token") if isinstance(record, Mapping) else None
         if not isinstance(token, str):
             raise CheckpointStateError(
-                f"the checkpoint of step {step} has no DSD record in its trainer_state.json (found {record!r} under"
-                f" `stateful_callbacks[{RECORD_KEY!r}]`), so it was not saved by a Trainer running DSDTrainerCallback",
-                "Resume it without DSDTrainerCallback, or start a new DSD run from its model"
-                " (`from_pretrained(checkpoint)` and `train()` without `resume_from_checkpoint`).",
+                f"its trainer_state.json holds {record!r} under `stateful_callbacks[{RECORD_KEY!r}]`, expected"
+                " DSD's record, a mapping with a `token` string"
             )
         folders = [checkpoint_folder(args, step)]
         if isinstance(args.resume_from_checkpoint, str):

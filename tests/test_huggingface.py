@@ -399,6 +399,22 @@ def test_an_epoch_clock_resumed_mid_epoch_with_evaluation_every_two_steps_is_bit
     assert all(torch.equal(w, weights(resumed)[n]) for n, w in weights(full).items())
 
 
+def test_a_checkpoint_saved_without_dsd_is_joined_and_the_phases_count_from_its_step(tmp_path, caplog):
+    args = arguments(tmp_path, max_steps=6, save_strategy="steps", save_steps=2)
+    Trainer(model=gpt2(), args=args, train_dataset=Tokens(), callbacks=[StopAt(2)]).train()
+    dsd, seen = DSDTrainerCallback(0.5, 1, 2, 1, interval="step"), {}
+
+    class Phases(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen[state.global_step] = dsd.phase.value
+
+    with caplog.at_level(logging.INFO):
+        Trainer(model=gpt2(), args=args, train_dataset=Tokens(), callbacks=[dsd, Phases()]).train(
+            resume_from_checkpoint=True)
+    assert seen == {3: "dense", 4: "sparse", 5: "sparse", 6: "redense"}
+    assert any("joins this run at step 2 (the checkpoint holds no DSD state)" in r.getMessage() for r in caplog.records)
+
+
 def test_a_checkpoint_outside_output_dir_is_found_through_training_arguments(tmp_path, interrupted):
     elsewhere = tmp_path / "moved" / "checkpoint-4"
     shutil.copytree(interrupted / "checkpoint-4", elsewhere)
@@ -493,12 +509,18 @@ def test_bert_with_a_frozen_base_prunes_only_what_trains_and_says_the_base_stays
         param.requires_grad_(False)
     model.bert.pooler.dense.weight.requires_grad_(True)
     dsd = DSDTrainerCallback(0.5, 1, 2, 1, interval="step")
+    pruned = {}
+
+    class Pruned(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            pruned.update(dsd.masks)
+
     with caplog.at_level(logging.INFO):
         Trainer(model=model, args=arguments(tmp_path, max_steps=4), train_dataset=Tokens(classes=3),
-                callbacks=[dsd]).train()
-    assert dsd.target_names == ["bert.pooler.dense.weight", "classifier.weight"]
-    assert "bert.encoder.layer.0.attention.self.query.weight" in dsd.selection.skipped_frozen
-    assert any("Left dense because frozen" in r.getMessage() for r in caplog.records)
+                callbacks=[dsd, Pruned()]).train()
+    assert sorted(pruned) == ["bert.pooler.dense.weight", "classifier.weight"]
+    notes = [r.getMessage() for r in caplog.records if "sparse phase. Pruned" in r.getMessage()]
+    assert len(notes) == 1 and "bert.encoder.layer.0.attention.self.query.weight (frozen)" in notes[0]
     assert not (model.bert.encoder.layer[0].attention.self.query.weight == 0).any()
 
 
