@@ -303,7 +303,7 @@ def _resumable_run(out: Path, with_dsd: bool, stop_at: int | None = None, resume
     model = gpt2()
     dsd = DSDTrainerCallback(0.5, 2, 4, 2, interval="step", **dsd_options) if with_dsd else None
     callbacks = [c for c in (dsd, StopAt(stop_at) if stop_at else None) if c is not None]
-    args = arguments(out, max_steps=8, save_strategy="steps", save_steps=1, save_total_limit=2,
+    args = arguments(out, max_steps=8, save_strategy="steps", save_steps=2, save_total_limit=1,
                      gradient_accumulation_steps=2)
     trainer = Trainer(model=model, args=args, train_dataset=Tokens(n=48), callbacks=callbacks)
     trainer.train(resume_from_checkpoint=True if resume else None)
@@ -312,7 +312,7 @@ def _resumable_run(out: Path, with_dsd: bool, stop_at: int | None = None, resume
 
 @pytest.fixture(scope="module")
 def interrupted(tmp_path_factory):
-    """A DSD run stopped at step 4 (mid-sparse: steps 3-6), its checkpoints rotated by save_total_limit=2."""
+    """A DSD run stopped at step 4 (mid-sparse: steps 3-6), its checkpoints rotated by save_total_limit=1."""
     out = tmp_path_factory.mktemp("interrupted")
     _resumable_run(out, with_dsd=True, stop_at=4)
     return out
@@ -339,7 +339,7 @@ def test_a_resume_mid_sparse_from_the_latest_checkpoint_is_bit_identical_where_t
 
 def test_dsd_state_rotates_with_its_checkpoint_folder_and_is_recorded_in_trainer_state(interrupted):
     folders = sorted(os.path.basename(p) for p in glob.glob(str(interrupted / "checkpoint-*")))
-    assert folders == ["checkpoint-3", "checkpoint-4"]
+    assert folders == ["checkpoint-4"]  # checkpoint-2 went, with its dsd_state.pt
     for folder in folders:
         saved = torch.load(interrupted / folder / STATE_FILE, weights_only=True)
         state = json.loads((interrupted / folder / "trainer_state.json").read_text())
