@@ -112,8 +112,9 @@ class DSD(ReadsEngine):
         optimizers: the optimizer, or a list of them, that train the targeted weights (Fabric's wrappers are
             fine). Each must update some target, and every target must be updated by one.
         sparsity: as for :class:`~lightning_dsd.DSDCallback`.
-        dense_epochs: as for :class:`~lightning_dsd.DSDCallback`; a length of ``None`` runs that phase until the
-            metric given to :meth:`step` converges (``mode``, ``patience``, ``min_delta``).
+        dense_epochs: as for :class:`~lightning_dsd.DSDCallback`; this and the next two lengths count
+            :meth:`step` calls, and ``None`` runs the phase until the metric given to :meth:`step` converges
+            (``mode``, ``patience``, ``min_delta``).
         sparse_epochs: likewise.
         redense_epochs: likewise.
         schedulers: the learning-rate scheduler, or a list of them, to keep the re-dense learning-rate change
