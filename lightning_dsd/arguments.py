@@ -15,7 +15,7 @@ Examples:
 from __future__ import annotations
 
 import math
-from numbers import Real
+from numbers import Integral, Real
 from typing import Any, Mapping, Optional, Sequence
 
 from lightning.pytorch.utilities import rank_zero_warn
@@ -113,6 +113,11 @@ def _is_real(value: Any) -> bool:
     return isinstance(value, Real) and not isinstance(value, bool)
 
 
+def _as_int(value: Any) -> Optional[int]:
+    """``value`` as an ``int`` when it is an integer (numpy's included), never a bool; else ``None``."""
+    return int(value) if isinstance(value, Integral) and not isinstance(value, bool) else None
+
+
 def check_fraction(value: Any, rule: str) -> float:
     """``value`` as a float strictly between 0 and 1, else a ``ValueError`` with ``rule``."""
     if not _is_real(value) or math.isnan(value) or not 0 < value < 1:
@@ -157,11 +162,12 @@ def check_length(name: str, value: Any) -> Optional[int]:
     """A phase length: an int >= 0, or ``None`` for "until the monitored metric converges"."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    length = _as_int(value)
+    if length is None or length < 0:
         raise ValueError(
             f"`{name}` must be an int >= 0, or None to run the phase until `monitor` converges. Found: {value!r}."
         )
-    return value
+    return length
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
@@ -171,9 +177,10 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
 
 
 def check_non_negative_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+    number = _as_int(value)
+    if number is None or number < 0:
         raise ValueError(f"`{name}` must be an int >= 0. Found: {value!r}.")
-    return value
+    return number
 
 
 def check_real(name: str, value: Any, *, positive: bool = False) -> float:
@@ -209,21 +216,23 @@ def check_bool(name: str, value: Any) -> bool:
 def check_every_n(name: str, value: Any) -> Optional[int]:
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+    number = _as_int(value)
+    if number is None or number < 1:
         raise ValueError(f"`{name}` must be None or an int >= 1. Found: {value!r}.")
-    return value
+    return number
 
 
 def check_figure_layers(value: Any) -> "int | tuple[str, ...]":
     """How many of the largest layers get the figure (an int >= 0), or glob patterns picking them."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        if value < 0:
-            raise ValueError(f"`figure_layers` must be an int >= 0 or glob patterns. Found: {value!r}.")
-        return value
-    patterns = check_patterns("figure_layers", value)
-    if patterns is None:
-        raise ValueError(f"`figure_layers` must be an int >= 0 or glob patterns. Found: {value!r}.")
-    return patterns
+    rule = f"`figure_layers` must be an int >= 0 (how many of the largest layers) or glob patterns. Found: {value!r}."
+    number = _as_int(value)
+    if number is not None:
+        if number < 0:
+            raise ValueError(rule)
+        return number
+    if value is None or isinstance(value, bool):
+        raise ValueError(rule)
+    return check_patterns("figure_layers", value)  # type: ignore[return-value]  # not None: value is not None
 
 
 def check_layer_types(value: Any) -> Optional[dict[Any, Any]]:

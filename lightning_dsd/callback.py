@@ -32,6 +32,7 @@ from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
 from lightning_dsd.options import check_options, door_options
 from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
+from lightning_dsd.state import CheckpointStateError
 from lightning_dsd.trainer_limits import warn_if_schedule_does_not_fit
 from lightning_dsd.trainer_output import ProgressBarPhase, TrainerSink, output_directory
 
@@ -197,10 +198,9 @@ class DSDCallback(ReadsEngine, Callback):
             return
         self._trainer, self._sink = trainer, TrainerSink(trainer)
         self._bound_this_fit = self._state_loaded_this_fit = self._training_this_fit = False
+        self._pending_state = None  # one left by a fit that failed before `on_fit_start` is not this fit's
         self._check_strategy(trainer)
         self._check_other_callbacks(trainer)
-        if uninitialized_parameters(pl_module) and pl_module.example_input_array is not None:
-            _materialize_lazy_modules(pl_module)  # before DDP wraps the module, which refuses lazy parameters
         self._sink.check_loggers(
             self.options.log_histograms, self.options.log_scalars, bool(self.options.figure_layers)
         )
@@ -243,6 +243,7 @@ class DSDCallback(ReadsEngine, Callback):
         share); let DSD join, from now, a run resumed from a checkpoint without DSD state."""
         engine = self._engine
         if self._state_loaded_this_fit:
+            self._check_restored_state(trainer)
             return
         if self._schedule_completed:
             raise RuntimeError(
@@ -262,13 +263,34 @@ class DSDCallback(ReadsEngine, Callback):
         if self._trained_with is None and self._now(trainer) > 0:
             self._engine.join(self._now(trainer), "the checkpoint holds no DSD state")
 
+    def _check_restored_state(self, trainer: "pl.Trainer") -> None:
+        """Refuse a restored DSD state that contradicts the checkpoint's own Trainer state and weights: a phase
+        begun after the epoch or step the Trainer resumes at, or masks that prune weights the restored model
+        holds as non-zero (the state of another run, or damaged)."""
+        now, started_at = self._now(trainer), self._engine.schedule.started_at
+        if started_at > now:
+            raise CheckpointStateError(
+                f"its `schedule.started_at` is {self.interval} {started_at}, after {self.interval} {now}, where the"
+                " Trainer resumes from the same checkpoint"
+            )
+        live = self._engine.pruned_but_nonzero()
+        if live:
+            listed = ", ".join(f"`{name}`: {count}" for name, count in live.items())
+            raise CheckpointStateError(
+                f"its masks prune weights that the checkpoint's model holds as non-zero ({listed}), while a sparse"
+                " phase keeps every pruned weight at exactly zero: the DSD state and the weights come from different"
+                " runs, or one of them is damaged"
+            )
+
     def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init
-        if any(isinstance(cb, StochasticWeightAveraging) for cb in callbacks):
+        averaging = next((cb for cb in callbacks if isinstance(cb, _WEIGHT_AVERAGING)), None)
+        if averaging is not None:
             raise ValueError(
-                "DSDCallback cannot run with StochasticWeightAveraging: SWA replaces the learning-rate schedule"
-                " that re-dense scales and, at the end, overwrites the weights with an average taken across"
-                " phases (sparse ones included). Run SWA in a separate `fit` after DSD has finished."
+                f"DSDCallback cannot run with {type(averaging).__name__}: weight averaging evaluates, and at the end"
+                " leaves in the model, an average taken across phases, so the sparse phase's zeros are neither in"
+                " its evaluation forwards nor in the final model (StochasticWeightAveraging also replaces the"
+                " learning-rate schedule that re-dense scales). Average in a separate `fit` after DSD has finished."
             )
         if any(isinstance(cb, EarlyStopping) for cb in callbacks):
             rank_zero_warn(
@@ -395,19 +417,32 @@ class DSDCallback(ReadsEngine, Callback):
         self._state_loaded_this_fit = True
 
 
+#: Weight averaging: SWA, and the ``WeightAveraging`` family (``EMAWeightAveraging``, ...) of Lightning >= 2.6.
+_WEIGHT_AVERAGING: tuple[type, ...] = tuple(
+    cls for cls in (StochasticWeightAveraging, getattr(pl.callbacks, "WeightAveraging", None)) if cls is not None
+)
+
+
 def _materialize_lazy_modules(pl_module: "pl.LightningModule") -> None:
     """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, moved to
-    the module's device as Lightning's model summary moves it; without it, refuse with what to do."""
+    the module's device and run in evaluation mode without gradients, as Lightning's model summary runs it (so
+    no BatchNorm statistic or dropout draw is spent on it); without it, refuse with what to do."""
     if not uninitialized_parameters(pl_module):
         return
     if pl_module.example_input_array is None:
         refuse_lazy_modules(pl_module, "DSDCallback", "before `trainer.fit`, or set `self.example_input_array` in"
                             " the LightningModule so DSD can run it")
     example = pl_module._apply_batch_transfer_handler(pl_module.example_input_array)
-    with torch.no_grad():
-        if isinstance(example, (list, tuple)):
-            pl_module(*example)
-        elif isinstance(example, dict):
-            pl_module(**example)
-        else:
-            pl_module(example)
+    modes = {module: module.training for module in pl_module.modules()}
+    pl_module.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example, (list, tuple)):
+                pl_module(*example)
+            elif isinstance(example, dict):
+                pl_module(**example)
+            else:
+                pl_module(example)
+    finally:
+        for module, training in modes.items():
+            module.training = training

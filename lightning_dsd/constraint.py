@@ -54,7 +54,8 @@ MASK_STORAGES = ("weight_dtype", "bool")
 @torch.no_grad()
 def zero_pruned(tensors: list[Tensor], keep_masks: list[Tensor]) -> None:
     """Zero the pruned entries in place: multiply by keep masks (bool, or of the tensors' dtype), fused."""
-    torch._foreach_mul_(tensors, keep_masks)
+    if tensors:  # a sparse phase that prunes nothing (every target frozen or in no optimizer) has none
+        torch._foreach_mul_(tensors, keep_masks)
 
 
 ZERO_PRESERVING_OPTIMIZERS: tuple[type[Optimizer], ...] = (

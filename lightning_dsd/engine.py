@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
 
+import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
 from torch import Tensor, nn
 from torch.optim import Optimizer
@@ -54,6 +55,7 @@ from lightning_dsd.selection import (
 from lightning_dsd.sharding import (
     FullMasks,
     check_placements,
+    counts_over_ranks,
     from_rank_zero,
     full_mask,
     local_slice,
@@ -383,6 +385,21 @@ class DSDEngine:
         self._constraint.attach(self.training.optimizers)
         self._restored_masks = None
         self._weights_changed()
+
+    @torch.no_grad()
+    def pruned_but_nonzero(self) -> dict[str, int]:
+        """In a sparse phase restored from a checkpoint, before its masks are enforced: how many entries each
+        mask prunes whose weight is not zero (a collective for sharded weights). A consistent checkpoint has
+        none: the sparse phase kept every pruned weight at exactly zero."""
+        masks = self._restored_masks
+        if self.phase is not Phase.SPARSE or not masks:
+            return {}
+        weights = {name: self.targets[name] for name in masks}
+        def live(name: str, entries: Tensor) -> Tensor:
+            return ((entries != 0) & ~masks[name].to(entries.device)).sum()
+
+        counts = counts_over_ranks(weights, live)
+        return {name: count for name, count in zip(weights, counts.tolist(), strict=True) if count}
 
     def resume_sparse_phase(self) -> None:
         """At the start of training in a sparse phase (a resume): enforce the restored masks."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.utilities import rank_zero_warn
@@ -71,7 +71,8 @@ class TrainingLimit:
     ) -> Optional[TrainingLimit]:
         """The first limit of ``max_epochs`` and ``max_steps`` (``None``/``-1``: none) in ``interval`` units;
         ``steps_per_epoch`` is ``None`` where it is unknown (an iterable dataset, manual optimization)."""
-        per_epoch = f"{steps_per_epoch} optimizer steps per epoch ({batches}, accumulate_grad_batches={accumulate})"
+        steps = _counted(steps_per_epoch, "optimizer step")
+        per_epoch = f"{steps} per epoch ({batches}, accumulate_grad_batches={accumulate})"
         candidates = []
         if max_epochs is not None and max_epochs >= 0:
             if interval == "epoch":
@@ -95,14 +96,20 @@ def warn_if_schedule_does_not_fit(trainer: "pl.Trainer", schedule: Schedule, int
     limit = None if end is None else training_limit(trainer, interval)
     if end is None or limit is None or limit.stops_at >= end:
         return
-    joined = schedule.index == 0 and schedule.started_at > 0
-    origin = f", from {interval} {schedule.started_at}" if joined else ""
+    origin = f", the current {schedule.stage.phase.value} phase from {interval} {schedule.started_at}" if (
+        schedule.started_at > 0) else ""
     stops_in = schedule.stage_at(max(math.ceil(limit.stops_at) - 1, 0)).phase.value
     rank_zero_warn(
         f"The DSD schedule needs {end} {interval}s ({' + '.join(str(s.length) for s in schedule.stages)}{origin}),"
         f" but the Trainer has {limit.description}: training will stop in the {stops_in} phase. Set"
         f" {limit.setting_for(end)} to run every phase."
     )
+
+
+def _counted(count: Any, unit: str) -> str:
+    """``"1 batch"``, ``"4 batches"``."""
+    plural = unit + ("es" if unit.endswith("ch") else "s")
+    return f"{count} {unit if count == 1 else plural}"
 
 
 def training_limit(trainer: "pl.Trainer", interval: str) -> Optional[TrainingLimit]:
@@ -115,5 +122,5 @@ def training_limit(trainer: "pl.Trainer", interval: str) -> Optional[TrainingLim
     steps_per_epoch = math.ceil(batches / accumulate) if known else None
     limit = trainer.limit_train_batches
     every_batch = isinstance(limit, float) and limit == 1.0  # an int 1 means one batch
-    limited = f"{batches} batches" + ("" if every_batch else f", limit_train_batches={limit}")
+    limited = _counted(batches, "batch") + ("" if every_batch else f", limit_train_batches={limit}")
     return TrainingLimit.of(trainer.max_epochs, trainer.max_steps, steps_per_epoch, limited, accumulate, interval)

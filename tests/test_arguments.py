@@ -27,6 +27,8 @@ CONSTRUCTION_ERRORS = [
     (dict(interval="batch"), ValueError, r"`interval` must be one of \['epoch', 'step'\]. Found: 'batch'"),
     (dict(mode="maximize"), ValueError, r"`mode` must be one of \['min', 'max'\]. Found: 'maximize'"),
     (dict(scope="model"), ValueError, r"`scope` must be one of \['layer', 'global'\]. Found: 'model'"),
+    (dict(figure_layers=True), ValueError, r"`figure_layers` must be an int >= 0 \(how many of the largest layers\) or"
+                                           r" glob patterns. Found: True"),
     (dict(patience=-1), ValueError, r"`patience` must be an int >= 0. Found: -1"),
     (dict(min_delta=float("inf")), ValueError, r"`min_delta` must be a finite number. Found: inf"),
     (dict(lr_scale=0), ValueError, r"`lr_scale` must be a finite number > 0. Found: 0"),
@@ -45,7 +47,7 @@ CONSTRUCTION_ERRORS = [
     (dict(redense_init="he"), ValueError, r"`redense_init` must be one of \['zero', 'small_normal'\]. Found: 'he'"),
     (dict(seed=-1), ValueError, r"`seed` must be an int >= 0. Found: -1"),
     (dict(histogram_every_n_epochs=0), ValueError, r"`histogram_every_n_epochs` must be None or an int >= 1"),
-    (dict(figure_layers=-1), ValueError, r"`figure_layers` must be an int >= 0 or glob patterns. Found: -1"),
+    (dict(figure_layers=-1), ValueError, r"`figure_layers` must be an int >= 0 .*or glob patterns. Found: -1"),
     (dict(mask_storage="uint8"), ValueError, r"`mask_storage` must be one of \['weight_dtype', 'bool'\]"),
     (dict(log_histograms=1), TypeError, r"`log_histograms` must be a bool. Found: 1"),
     (dict(layer_types=[nn.Linear]), ValueError, r"`layer_types` must map nn.Module subclasses.*Found: \[<class"),
@@ -67,3 +69,11 @@ def test_bad_layer_specs_are_refused(kwargs, message):
 def test_bad_arguments_are_refused_at_construction(overrides, error, message):
     with pytest.raises(error, match=message):
         DSDCallback(**{**VALID, **overrides})
+
+
+def test_numpy_integers_are_taken_as_the_ints_they_are():
+    import numpy as np
+
+    dsd = DSDCallback(0.5, np.int64(2), np.int32(1), 1, patience=np.int64(4), histogram_every_n_epochs=np.int8(2))
+    assert dsd.lengths == (2, 1, 1) and dsd.patience == 4 and dsd.histogram_every_n_epochs == 2
+    assert all(type(value) is int for value in (*dsd.lengths, dsd.patience, dsd.histogram_every_n_epochs))

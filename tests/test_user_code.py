@@ -332,7 +332,7 @@ def test_a_callback_left_mid_schedule_is_refused_by_a_new_trainer_naming_ckpt_pa
          r"max_steps=5, which is 2.5 epochs at 2 optimizer steps per epoch \(4 batches, accumulate_grad_batches=2\).*"
          r"Set max_steps=12"),
         ("step", dict(max_epochs=2, limit_train_batches=1),
-         r"needs 6 steps .*max_epochs=2, which is 2 steps at 1 optimizer steps per epoch \(1 batches,"
+         r"needs 6 steps .*max_epochs=2, which is 2 steps at 1 optimizer step per epoch \(1 batch,"
          r" limit_train_batches=1, accumulate_grad_batches=1\): training will stop in the dense phase."
          r" Set max_epochs=6"),
         ("step", dict(max_epochs=1, accumulate_grad_batches=2),
@@ -476,6 +476,9 @@ class TunableClassifier(BuiltInConfigureModel):
     def train_dataloader(self):
         return make_loader(batch_size=self.batch_size)
 
+    def val_dataloader(self):
+        return make_loader(n=32, seed=1, batch_size=self.batch_size)
+
 
 def test_the_tuner_then_fit_runs_the_schedule_from_the_start():
     from lightning.pytorch.tuner import Tuner
@@ -522,3 +525,125 @@ def test_validation_twice_an_epoch_with_a_phase_that_waits_for_convergence():
     assert dsd.phase is Phase.REDENSE
     assert {p for p, _, _ in recorder.steps} == {"dense", "sparse", "redense"}
     assert all(zeros for _, _, zeros in recorder.steps)
+
+
+# ------------------------------------------------------------------- found by an adversarial review, fixed
+
+
+class FreezesEverything(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        for module in pl_module.modules():
+            if isinstance(module, nn.Linear):
+                module.weight.requires_grad_(False)
+
+
+def test_a_sparse_phase_in_which_every_target_is_frozen_prunes_nothing_and_says_so():
+    dsd = DSDCallback(0.5, 1, 1, 1)
+    with seeded():
+        model = BuiltInConfigureModel()
+    with pytest.warns(UserWarning, match=r"DSD cycle 0: nothing was pruned: every target is frozen or updated by no"
+                                         r" optimizer \(`net.1.weight`, `net.3.weight`\)"):
+        make_trainer([dsd, FreezesEverything()], max_epochs=3).fit(model, make_loader())
+    assert dsd.phase is Phase.REDENSE and int((model.net[1].weight == 0).sum()) == 0
+
+
+@pytest.mark.parametrize("averaging", ["EMAWeightAveraging", "StochasticWeightAveraging"])
+def test_weight_averaging_which_would_undo_the_zeros_in_evaluation_and_at_the_end_is_refused(averaging):
+    import lightning.pytorch.callbacks as callbacks
+
+    if not hasattr(callbacks, averaging):
+        pytest.skip(f"this Lightning has no {averaging}")
+    made = getattr(callbacks, averaging)(swa_lrs=0.01) if averaging == "StochasticWeightAveraging" else (
+        getattr(callbacks, averaging)(decay=0.9))
+    with seeded():
+        model = BuiltInConfigureModel()
+    with pytest.raises(ValueError, match=rf"DSDCallback cannot run with {averaging}: weight averaging"):
+        make_trainer([DSDCallback(0.5, 1, 1, 1), made], max_epochs=3).fit(model, make_loader())
+
+
+class FailsToConfigureOptimizers(BuiltInConfigureModel):
+    fail = True
+
+    def configure_optimizers(self):
+        if FailsToConfigureOptimizers.fail:
+            raise RuntimeError("a bug in configure_optimizers")
+        return super().configure_optimizers()
+
+
+def test_a_checkpoint_state_read_by_a_fit_that_failed_early_does_not_reach_the_next_fit(tmp_path):
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    with seeded():
+        make_trainer([DSDCallback(0.5, 1, 3, 1), checkpoints], max_epochs=2, enable_checkpointing=True).fit(
+            BuiltInConfigureModel(), make_loader())
+    dsd = DSDCallback(0.5, 1, 3, 1)
+    with pytest.raises(RuntimeError, match="a bug in configure_optimizers"):
+        make_trainer([dsd], max_epochs=6).fit(FailsToConfigureOptimizers(), make_loader(),
+                                              ckpt_path=tmp_path / "epoch=1.ckpt")
+    FailsToConfigureOptimizers.fail = False
+    phases = EpochPhases(dsd)
+    make_trainer([dsd, phases], max_epochs=6).fit(FailsToConfigureOptimizers(), make_loader())  # no ckpt_path
+    assert phases.phases == {0: "dense", 1: "sparse", 2: "sparse", 3: "sparse", 4: "redense"}
+
+
+class LazyBodyHeadInSetup(Classifier):
+    """A lazy body shaped by ``example_input_array``, BatchNorm and dropout, and a head built in ``setup``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.LazyLinear(32), nn.BatchNorm1d(32), nn.Dropout(0.5))
+        self.example_input_array = 100 * torch.randn(4, 4, 12)
+
+    def setup(self, stage: str) -> None:
+        if not hasattr(self, "head"):
+            self.head = nn.Linear(32, 3)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
+class BatchNormAtFitStart(pl.Callback):
+    def on_fit_start(self, trainer, pl_module):
+        self.batches = int(pl_module.body[2].num_batches_tracked)
+        self.training = pl_module.training
+
+
+def test_lazy_modules_are_shaped_once_the_model_is_final_in_eval_mode_without_touching_batchnorm():
+    dsd, seen = DSDCallback(0.5, 1, 1, 1), BatchNormAtFitStart()
+    with seeded():
+        model = LazyBodyHeadInSetup()
+    make_trainer([dsd, seen], max_epochs=3).fit(model, make_loader())
+    assert dsd.target_names == ["body.1.weight", "head.weight"]
+    assert seen.batches == 0, "the shaping forward pass left BatchNorm's running statistics alone"
+    assert seen.training is True
+
+
+def _mid_sparse_checkpoint(tmp_path: Path) -> Path:
+    checkpoints = ModelCheckpoint(dirpath=tmp_path, save_top_k=-1, filename="{epoch}")
+    with seeded():
+        make_trainer([DSDCallback(0.5, 1, 3, 1), checkpoints], max_epochs=3, enable_checkpointing=True).fit(
+            BuiltInConfigureModel(), make_loader())
+    return tmp_path / "epoch=1.ckpt"  # the first of three sparse epochs has just ended
+
+
+@pytest.mark.parametrize(
+    ("damage", "message"),
+    [
+        (lambda c: c["callbacks"]["DSDCallback"]["schedule"].update(started_at=100),
+         r"`schedule.started_at` is epoch 100, after epoch 2, where the Trainer resumes"),
+        (lambda c: c["state_dict"]["net.1.weight"].fill_(1.0),
+         r"its masks prune weights that the checkpoint's model holds as non-zero \(`net.1.weight`: 768\)"),
+    ],
+    ids=["phase-begins-after-the-resume", "weights-not-zero-where-pruned"],
+)
+def test_a_dsd_state_that_contradicts_the_checkpoints_own_clock_or_weights_is_refused_before_training(
+    tmp_path, damage, message
+):
+    checkpoint = torch.load(_mid_sparse_checkpoint(tmp_path), weights_only=False)
+    damage(checkpoint)
+    torch.save(checkpoint, tmp_path / "damaged.ckpt")
+    model = BuiltInConfigureModel()
+    with pytest.raises(ValueError, match=message):
+        make_trainer([DSDCallback(0.5, 1, 3, 1)], max_epochs=5).fit(model, make_loader(),
+                                                                    ckpt_path=tmp_path / "damaged.ckpt")
+    for name, value in model.state_dict().items():  # the checkpoint's weights, untouched by masks or steps
+        assert torch.equal(value, checkpoint["state_dict"][name]), name
