@@ -5,12 +5,15 @@ re-densed" warning, and resumes bit-identical in every phase, the final one incl
 
 from __future__ import annotations
 
+import glob
 import warnings
 
 import torch
 from helpers import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, resumable_model, seeded
 from lightning.pytorch.callbacks import ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
+from torch.utils.tensorboard import SummaryWriter
 
 from lightning_dsd import DSD, DSDCallback, Phase
 from lightning_dsd.plan import MaskPlan
@@ -203,3 +206,22 @@ def test_a_trainer_run_that_ends_sparse_resumes_bit_identical_in_every_phase(tmp
         assert [(p, c) for p, c, _ in recorder.steps][0] == (PHASES[epoch + 1], CYCLES[epoch + 1])
         for (name, a), b in zip(uninterrupted.state_dict().items(), resumed.state_dict().values(), strict=True):
             assert torch.equal(a, b), f"{name} differs after resuming from epoch {epoch}"
+
+
+def test_the_final_sparse_phase_has_its_histograms_figure_and_notes(tmp_path):
+    writer = SummaryWriter(tmp_path / "run")
+    model, optimizer, dsd = _loop_run(writer=writer, figure_layers=1, sparsity=0.5, sparse_epochs=1,
+                                      redense_epochs=1, final_sparse_epochs=1, dense_epochs=1)
+    _loop_train(model, optimizer, dsd, 20)
+    writer.close()
+    assert dsd.finished and dsd.elapsed == 4
+    (events,) = glob.glob(str(tmp_path / "run" / "events.out.tfevents.*"))
+    accumulator = EventAccumulator(events, size_guidance={"histograms": 0, "tensors": 0})
+    accumulator.Reload()
+    # cycle 0 at steps 1 and 3 (its sparse phase ends when step() is called the 2nd time); the final one, at the end
+    assert [e.step for e in accumulator.Histograms("dsd_weights/head.weight/2_after_pruning")] == [1, 3]
+    assert [e.step for e in accumulator.Histograms("dsd_weights/head.weight/3_end_of_sparse")] == [2, 4]
+    notes = [e.tensor_proto.string_val[0].decode() for e in accumulator.Tensors("dsd/transitions/text_summary")]
+    assert notes[2].startswith("DSD cycle 1: final sparse phase. Pruned") and "to the end of training" in notes[2]
+    assert notes[3].startswith("DSD cycle 1: training ended in the final sparse phase, as planned")
+    assert len(glob.glob(str(tmp_path / "run" / "dsd_figures" / "cycle1_*.png"))) == 1

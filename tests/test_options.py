@@ -35,7 +35,8 @@ def test_check_options_fills_defaults_and_refuses_what_the_declaration_does_not_
     assert options == DSDOptions(sparsities=(0.5,), lengths=(1, 2, 3), lr_scale=0.5)
     assert options.waits_for_metric is False
     assert check_options((0.5, "2:4"), None, 1, 1, monitor="val_loss").waits_for_metric is True
-    with pytest.raises(TypeError, match=r"Unknown DSD option\(s\) \['lr_scal'\]. The options are: \['final_sparse_epochs'"):
+    unknown = r"Unknown DSD option\(s\) \['lr_scal'\]. The options are: \['final_sparse_epochs', 'interval'"
+    with pytest.raises(TypeError, match=unknown):
         check_options(0.5, 1, 1, 1, lr_scal=0.5)
     with pytest.raises(ValueError, match=r"`scope='global'` sets one threshold.*Found: layer_sparsity=None,"
                                          r" sparsity=\['2:4'\]"):
