@@ -24,6 +24,9 @@ Sections:
 7. **The global threshold's transition** on FSDP2 for 64 and 256 bf16 targets: seconds and the rise of
    resident memory while the masks are decided (``--global-only``; run it with ``PYTHONPATH`` set to another
    checkout to compare two versions side by side).
+8. **transformers**: the sparse-phase step of a ``transformers.Trainer`` with ``DSDTrainerCallback`` ÷ the same
+   Trainer's step without it (GPT-2 from a random-init config, AdamW, rounds in alternation, a second plain
+   Trainer as the noise floor; ``--transformers-only``).
 """
 
 from __future__ import annotations
@@ -570,13 +573,93 @@ def _sharded_rank(
     dist.destroy_process_group()
 
 
+# --------------------------------------------------------------------------- 8. transformers.Trainer
+
+
+def transformers_trainer(rounds: int = 5, steps: int = 14, layers: int = 4, width: int = 256, batch: int = 8) -> None:
+    """Sparse-phase step of a ``transformers.Trainer`` with ``DSDTrainerCallback`` (pruned before the first step,
+    every step sparse) ÷ the step of the same Trainer without it; a second plain Trainer is the control. Each
+    round runs the three Trainers in turn (order alternating), each for ``steps`` optimizer steps on the same
+    data from the same initial weights; a step is timed from ``on_step_begin`` to ``on_step_end`` (forward,
+    backward, clipping, optimizer and scheduler step, every callback) and the first 4 are dropped."""
+    from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
+    from transformers.utils import logging as transformers_logging
+
+    from lightning_dsd.huggingface import DSDTrainerCallback
+
+    transformers_logging.set_verbosity_error()
+
+    class StepTimer(TrainerCallback):
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self._start = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self._start)
+
+    config = GPT2Config(n_layer=layers, n_embd=width, n_head=4, vocab_size=2048, n_positions=64, resid_pdrop=0.0,
+                        embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    ids = torch.randint(0, config.vocab_size, (batch * steps, 64), generator=torch.Generator().manual_seed(0))
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    variants = ("plain", "DSD sparse phase", "plain (control)")
+    medians: dict[str, list[float]] = {v: [] for v in variants}
+    fastest: dict[str, list[float]] = {v: [] for v in variants}  # least disturbed by other processes
+    targeted = 0
+    for r in range(rounds):
+        for variant in variants if r % 2 == 0 else variants[::-1]:
+            torch.manual_seed(0)
+            model = GPT2LMHeadModel(config)
+            timer = StepTimer()
+            callbacks: list = [timer]
+            if variant == "DSD sparse phase":
+                dsd = DSDTrainerCallback(0.5, 0, 10**6, 1, interval="step", log_histograms=False, log_scalars=False,
+                                         figure_layers=0)
+                callbacks.append(dsd)
+            args = TrainingArguments(output_dir="/tmp/dsd_benchmark_transformers", max_steps=steps,
+                                     per_device_train_batch_size=batch, use_cpu=True, report_to="none",
+                                     save_strategy="no", disable_tqdm=True, max_grad_norm=1.0, logging_steps=10**6)
+            Trainer(model=model, args=args, train_dataset=data, callbacks=callbacks).train()
+            if variant == "DSD sparse phase":
+                targeted = sum(model.get_parameter(n).numel() for n in dsd.target_names)
+            medians[variant].append(statistics.median(timer.times[4:]))
+            fastest[variant].append(min(timer.times[4:]))
+
+    def ratios(times: dict[str, list[float]], variant: str) -> list[float]:
+        return [t / p for t, p in zip(times[variant], times["plain"], strict=True)]
+
+    rows = [("plain Trainer step, median (ms)", 1e3 * statistics.median(medians["plain"]))]
+    for label, times in (("median step", medians), ("fastest step", fastest)):
+        rows += [
+            (f"DSD sparse-phase ÷ plain, {label}", statistics.median(ratios(times, "DSD sparse phase"))),
+            (f"control: second plain ÷ plain, {label} (the noise floor)",
+             statistics.median(ratios(times, "plain (control)"))),
+            (f"per-round DSD ÷ plain, {label}", ", ".join(f"{x:.3f}" for x in ratios(times, "DSD sparse phase"))),
+        ]
+    table(
+        f"transformers.Trainer: GPT-2 {layers} layers x {width} ({targeted / 1e6:.1f}M targeted weights), batch"
+        f" {batch} x 64 tokens, AdamW, max_grad_norm=1, sparsity 0.5; median of {rounds} rounds x"
+        f" {steps - 4} timed steps",
+        ["measure", "value"],
+        rows,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--quick", action="store_true", help="fewer rounds and sizes")
     parser.add_argument("--device", action="append", help="cpu and/or cuda (default: cpu, plus cuda if present)")
     parser.add_argument("--sharded-only", action="store_true", help="only section 6, FSDP2 over 2 CPU processes")
     parser.add_argument("--global-only", action="store_true", help="only section 7, the global threshold's transition")
+    parser.add_argument("--transformers-only", action="store_true",
+                        help="only section 8, a transformers.Trainer with and without DSDTrainerCallback")
     args = parser.parse_args(argv)
+    if args.transformers_only:
+        torch.set_flush_denormal(True)  # AdamW's exp_avg_sq of rarely seen tokens goes denormal: a slow CPU path
+        print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, {torch.get_num_threads()} threads")
+        transformers_trainer(**({"rounds": 3, "layers": 2, "width": 128} if args.quick else {}))
+        return
     if args.global_only:
         global_threshold(repeat=2 if args.quick else 3)
         return
@@ -598,6 +681,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     memory()
     sharded(rounds=3 if args.quick else 8)
     global_threshold(repeat=2 if args.quick else 3)
+    transformers_trainer(**({"rounds": 3, "layers": 2, "width": 128} if args.quick else {}))
 
 
 if __name__ == "__main__":
