@@ -26,7 +26,7 @@ beside the table.
 
     python benchmarks/accuracy_study.py                                # the full study, 2 processes
     python benchmarks/accuracy_study.py --seeds 2 --families mlp --epochs-scale 0.05   # smoke run
-    python benchmarks/accuracy_study.py --families mlp-acdc --seeds 4 --epochs-scale 0.25 \
+    python benchmarks/accuracy_study.py --families mlp-acdc --seeds 5 \
         --table benchmarks/results/accuracy_study_acdc.md                               # the AC/DC arm
 """
 
@@ -40,6 +40,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -102,7 +103,7 @@ FAMILIES = {
         DENSE, LLR, Arm("DSD 0.8, ih dense, 45 re-dense", "dsd", 0.8, IH_DENSE),
     )),
     "mlp-acdc": Family("mlp-acdc", "mlp", (40, 20, 20), 10, (
-        DENSE,
+        DENSE, LLR,
         *(Arm(f"{name} {s}", kind, s) for s in (0.8, 0.9)
           for name, kind in (("AC/DC", "acdc"), ("sparse-only", "sparse-only"), ("DSD", "dsd"))),
     )),
@@ -454,22 +455,40 @@ def is_it_dsd(seeds: list[dict[str, Any]]) -> list[dict[str, str]]:
 
 
 def acdc_rows(family: Family, seeds: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """The sparse models of the AC/DC family against dense, paired by seed: AC/DC's final model, sparse-only's,
-    DSD's at the end of its sparse phase; and dense itself."""
+    """The models of the AC/DC family against dense, paired by seed: LLR (dense with the learning-rate drop the
+    sparse arms have), then per sparsity AC/DC's final model, sparse-only's and DSD's at the end of its sparse
+    phase; and dense itself."""
     dense = [s["arms"]["dense"]["test"] for s in seeds]
     rows = [{"model": "dense", "sparsity": "0", "test accuracy %": _mean_std(dense, 100.0), "- dense (95% CI)": "",
              "detectable (80% power)": "", "seeds >= dense": ""}]
+    models = [("LLR (dense, the same learning-rate drop)", 0.0, "LLR", "test")]
     for sparsity in sorted({arm.sparsity for arm in family.arms if arm.sparsity}):
-        for label, arm, key in ((f"AC/DC {sparsity}, final sparse model", f"AC/DC {sparsity}", "test"),
+        models += [(f"AC/DC {sparsity}, final sparse model", sparsity, f"AC/DC {sparsity}", "test"),
+                   (f"sparse-only {sparsity}", sparsity, f"sparse-only {sparsity}", "test"),
+                   (f"DSD {sparsity}, sparse model (end of its sparse phase)", sparsity, f"DSD {sparsity}",
+                    "sparse_test")]
+    for label, sparsity, arm, key in models:
+        values = [s["arms"][arm][key] for s in seeds]
+        differences = [v - d for v, d in zip(values, dense, strict=True)]
+        rows.append({"model": label, "sparsity": f"{sparsity:g}", "test accuracy %": _mean_std(values, 100.0),
+                     "- dense (95% CI)": shown_interval(differences, 100.0),
+                     "detectable (80% power)": detectable(differences, 100.0),
+                     "seeds >= dense": f"{sum(d >= 0 for d in differences)}/{len(differences)}"})
+    return rows
+
+
+def acdc_against_sparse(family: Family, seeds: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """AC/DC's final sparse model against the other sparse models of the same sparsity, paired by seed."""
+    rows = []
+    for sparsity in sorted({arm.sparsity for arm in family.arms if arm.sparsity}):
+        acdc = [s["arms"][f"AC/DC {sparsity}"]["test"] for s in seeds]
+        for label, arm, key in (("LLR (dense)", "LLR", "test"),
                                 (f"sparse-only {sparsity}", f"sparse-only {sparsity}", "test"),
-                                (f"DSD {sparsity}, sparse model (end of its sparse phase)", f"DSD {sparsity}",
-                                 "sparse_test")):
-            values = [s["arms"][arm][key] for s in seeds]
-            differences = [v - d for v, d in zip(values, dense, strict=True)]
-            rows.append({"model": label, "sparsity": f"{sparsity:g}", "test accuracy %": _mean_std(values, 100.0),
-                         "- dense (95% CI)": shown_interval(differences, 100.0),
-                         "detectable (80% power)": detectable(differences, 100.0),
-                         "seeds >= dense": f"{sum(d >= 0 for d in differences)}/{len(differences)}"})
+                                (f"DSD {sparsity}, sparse model", f"DSD {sparsity}", "sparse_test")):
+            differences = [a - s["arms"][arm][key] for a, s in zip(acdc, seeds, strict=True)]
+            rows.append({"AC/DC at": f"{sparsity:g}", "AC/DC final sparse model -": label,
+                         "points (95% CI)": shown_interval(differences, 100.0),
+                         "seeds AC/DC better": f"{sum(d > 0 for d in differences)}/{len(differences)}"})
     return rows
 
 
@@ -540,10 +559,13 @@ def main(argv: Sequence[str] | None = None) -> str:
         tables.append(f"AC/DC: dense {families['mlp-acdc'].epochs[0]} (shared), then S {alternation}, D"
                       f" {alternation}, S {alternation}, D {alternation}, final S {final} epochs.\n\n"
                       + markdown_table(acdc_rows(families["mlp-acdc"], results["mlp-acdc"])))
+        tables.append(markdown_table(acdc_against_sparse(families["mlp-acdc"], results["mlp-acdc"])))
     schedule = "; ".join(f"{name}: {'/'.join(map(str, f.epochs))}, {len(results[name])} seeds"
                          for name, f in families.items())
+    command = " ".join(["python benchmarks/accuracy_study.py", *(sys.argv[1:] if argv is None else argv)])
     text = (
         f"Paired study (dense/sparse/re-dense epochs, seeds: {schedule}; epochs scaled by {args.epochs_scale:g}).\n"
+        f"Command: `{command}`.\n"
         f"Differences are arm - control per seed: mean [95% t interval], * = excludes 0; points of test accuracy,\n"
         f"bits per character for the LM (lower is better). {elapsed:.0f} s with {args.processes} worker"
         f" process(es) on {os.cpu_count()} CPUs.\n\n" + "\n\n".join(tables) + "\n"
