@@ -11,7 +11,12 @@ they differ. DSD runs through ``lightning_dsd.DSD``, the plain-loop front door. 
 * controls on the MLP: ``WD-tuned`` (LLR with Adam's L2 weight decay chosen per seed on the validation split
   from 1e-5, 1e-4, 1e-3, trained from scratch), ``sparse-only`` (pruned at the same epoch, never re-densed,
   the same learning-rate drop), ``random-mask DSD`` (DSD with a random mask of the same per-tensor sparsity),
-  ``DSD, Adam state cleared`` (Adam's moments *and step count* of the targets restart at re-dense).
+  ``DSD, Adam state cleared`` (Adam's moments *and step count* of the targets restart at re-dense);
+* the AC/DC family (``mlp-acdc``, Peste et al., NeurIPS 2021), on the same MLP and budget: ``AC/DC <s>`` (two
+  alternations of sparse and dense phases, each an eighth of the budget after the shared dense phase, then a
+  final sparse phase to the end; ``lr_scale=1.0``, ``redense_state="all"``, and the same 10x learning-rate drop
+  as LLR at the same epoch, which falls in its final phase), against ``sparse-only <s>``, DSD's sparse model at
+  the end of its sparse phase and dense, at 0.8 and 0.9.
 
 Data: MNIST-1D (generated locally; 10% of its training set held out for validation) and, for a character-level
 causal transformer, Python's own documentation text (``pydoc_data.topics``, shipped with Python; 10% held out).
@@ -21,6 +26,8 @@ beside the table.
 
     python benchmarks/accuracy_study.py                                # the full study, 2 processes
     python benchmarks/accuracy_study.py --seeds 2 --families mlp --epochs-scale 0.05   # smoke run
+    python benchmarks/accuracy_study.py --families mlp-acdc --seeds 5 \
+        --table benchmarks/results/accuracy_study_acdc.md                               # the AC/DC arm
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ import logging
 import math
 import os
 import statistics
+import sys
 import time
 import warnings
 from concurrent.futures import ProcessPoolExecutor
@@ -55,7 +63,7 @@ class Arm:
     """One way to spend the budget after the shared dense phase."""
 
     name: str
-    kind: str  # dense, llr, dsd, sparse-only, random-mask, clear-adam, wd
+    kind: str  # dense, llr, dsd, sparse-only, random-mask, clear-adam, wd, acdc
     sparsity: float = 0.0
     exclude: tuple[str, ...] = ()
 
@@ -95,10 +103,17 @@ FAMILIES = {
     "gru-long-redense": Family("gru-long-redense", "gru", (60, 15, 45), 5, (
         DENSE, LLR, Arm("DSD 0.8, ih dense, 45 re-dense", "dsd", 0.8, IH_DENSE),
     )),
+    "mlp-acdc": Family("mlp-acdc", "mlp", (40, 20, 20), 10, (
+        DENSE, LLR,
+        *(Arm(f"{name} {s}", kind, s) for s in (0.8, 0.9)
+          for name, kind in (("AC/DC", "acdc"), ("sparse-only", "sparse-only"), ("DSD", "dsd"))),
+    )),
     "charlm": Family("charlm", "charlm", (8, 4, 4), 3, (
         DENSE, LLR, Arm("DSD 0.3", "dsd", 0.3), Arm("DSD 0.5", "dsd", 0.5),
     ), lr=2e-3),
 }
+
+OWN_RUN = ("mlp-acdc",)  # families run by their own command (see the module docstring), not by default
 
 
 # ----------------------------------------------------------------------------------------------- the tasks
@@ -236,6 +251,7 @@ class ArmResult:
     val: float
     train_loss: float
     sparse_test: Optional[float] = None
+    zeros: Optional[float] = None  # the share of exact zeros among the targets at the end (AC/DC: its sparsity)
     weight_decay: Optional[float] = None
     tried: Optional[dict[str, dict[str, float]]] = None  # WD-tuned: validation and test of every decay tried
 
@@ -279,6 +295,8 @@ def run_arm(task: Task, family: Family, arm: Arm, seed: int, start: dict[str, An
         loss = _epochs(task, model, optimizer, seed, range(dense, total), drop)
         return ArmResult(task.evaluate(model, "test"), task.evaluate(model, "val"), loss)
 
+    if arm.kind == "acdc":
+        return _acdc(task, family, arm, seed, model, optimizer)
     sparse_length, redense_length = (sparse + redense, 0) if arm.kind == "sparse-only" else (sparse, redense)
     dsd = DSD(model, optimizer, arm.sparsity, 0, sparse_length, redense_length, exclude=list(arm.exclude) or None,
               log_histograms=False, log_scalars=False)
@@ -298,6 +316,38 @@ def run_arm(task: Task, family: Family, arm: Arm, seed: int, start: dict[str, An
 
     loss = _epochs(task, model, optimizer, seed, range(dense, total), after_epoch)
     return ArmResult(task.evaluate(model, "test"), task.evaluate(model, "val"), loss, result.get("sparse_test"))
+
+
+def acdc_lengths(family: Family) -> tuple[int, int]:
+    """AC/DC's schedule in the family's budget after the shared dense phase: two alternations of sparse and
+    dense phases of ``a`` epochs each (an eighth of the budget: 5 of 40), then a final sparse phase to the end
+    (at least 1 epoch, which overruns the budget only at smoke-run scales)."""
+    _, sparse, redense = family.epochs
+    alternation = max(1, (sparse + redense) // 8)
+    return alternation, max(1, sparse + redense - 4 * alternation)
+
+
+def _acdc(task: Task, family: Family, arm: Arm, seed: int, model: nn.Module,
+          optimizer: torch.optim.Optimizer) -> ArmResult:
+    """AC/DC from the shared dense model (its warm-up): S a, D a, S a, D a, final S to the end of the budget,
+    no extra learning-rate drop at decompression (``lr_scale=1.0``), the whole Adam state of the targets
+    restarted at each one (``redense_state="all"``), and the run's own schedule: the same 10x drop as LLR, at the
+    same epoch (within the final sparse phase)."""
+    dense, sparse, redense = family.epochs
+    alternation, final = acdc_lengths(family)
+    acdc = DSD(model, optimizer, (arm.sparsity, arm.sparsity), 0, alternation, alternation,
+               final_sparse_epochs=final, lr_scale=1.0, redense_state="all", log_histograms=False, log_scalars=False)
+
+    def after_epoch(epoch: int) -> None:
+        if epoch + 1 == dense + sparse:
+            _drop_lr(optimizer)
+        acdc.step()
+
+    loss = _epochs(task, model, optimizer, seed, range(dense, dense + 4 * alternation + final), after_epoch)
+    assert acdc.finished and acdc.phase is Phase.SPARSE, "AC/DC ends in its final sparse phase"
+    targets = acdc.selection.selected.values()
+    zeros = sum(int((p == 0).sum()) for p in targets) / sum(p.numel() for p in targets)
+    return ArmResult(task.evaluate(model, "test"), task.evaluate(model, "val"), loss, zeros=zeros)
 
 
 def _tuned_weight_decay(task: Task, family: Family, seed: int) -> ArmResult:
@@ -392,6 +442,44 @@ def is_it_dsd(seeds: list[dict[str, Any]]) -> list[dict[str, str]]:
     return rows
 
 
+def acdc_rows(family: Family, seeds: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """The models of the AC/DC family against dense, paired by seed: LLR (dense with the learning-rate drop the
+    sparse arms have), then per sparsity AC/DC's final model, sparse-only's and DSD's at the end of its sparse
+    phase; and dense itself."""
+    dense = [s["arms"]["dense"]["test"] for s in seeds]
+    rows = [{"model": "dense", "sparsity": "0", "test accuracy %": _mean_std(dense, 100.0), "- dense (95% CI)": "",
+             "detectable (80% power)": "", "seeds >= dense": ""}]
+    models = [("LLR (dense, the same learning-rate drop)", 0.0, "LLR", "test")]
+    for sparsity in sorted({arm.sparsity for arm in family.arms if arm.sparsity}):
+        models += [(f"AC/DC {sparsity}, final sparse model", sparsity, f"AC/DC {sparsity}", "test"),
+                   (f"sparse-only {sparsity}", sparsity, f"sparse-only {sparsity}", "test"),
+                   (f"DSD {sparsity}, sparse model (end of its sparse phase)", sparsity, f"DSD {sparsity}",
+                    "sparse_test")]
+    for label, sparsity, arm, key in models:
+        values = [s["arms"][arm][key] for s in seeds]
+        differences = [v - d for v, d in zip(values, dense, strict=True)]
+        rows.append({"model": label, "sparsity": f"{sparsity:g}", "test accuracy %": _mean_std(values, 100.0),
+                     "- dense (95% CI)": shown_interval(differences, 100.0),
+                     "detectable (80% power)": detectable(differences, 100.0),
+                     "seeds >= dense": f"{sum(d >= 0 for d in differences)}/{len(differences)}"})
+    return rows
+
+
+def acdc_against_sparse(family: Family, seeds: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """AC/DC's final sparse model against the other sparse models of the same sparsity, paired by seed."""
+    rows = []
+    for sparsity in sorted({arm.sparsity for arm in family.arms if arm.sparsity}):
+        acdc = [s["arms"][f"AC/DC {sparsity}"]["test"] for s in seeds]
+        for label, arm, key in (("LLR (dense)", "LLR", "test"),
+                                (f"sparse-only {sparsity}", f"sparse-only {sparsity}", "test"),
+                                (f"DSD {sparsity}, sparse model", f"DSD {sparsity}", "sparse_test")):
+            differences = [a - s["arms"][arm][key] for a, s in zip(acdc, seeds, strict=True)]
+            rows.append({"AC/DC at": f"{sparsity:g}", "AC/DC final sparse model -": label,
+                         "points (95% CI)": shown_interval(differences, 100.0),
+                         "seeds AC/DC better": f"{sum(d > 0 for d in differences)}/{len(differences)}"})
+    return rows
+
+
 def markdown_table(rows: list[dict[str, str]]) -> str:
     header = list(rows[0])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -420,7 +508,8 @@ def plot(results: dict[str, list[dict[str, Any]]], path: str) -> None:
 
 def main(argv: Sequence[str] | None = None) -> str:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
+    parser.add_argument("--families", nargs="+", default=[name for name in FAMILIES if name not in OWN_RUN],
+                        choices=list(FAMILIES), help=f"default: all but {', '.join(OWN_RUN)}, which run on their own")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per family (default: each family's own)")
     parser.add_argument("--epochs-scale", type=float, default=1.0, help="multiply every phase length (smoke runs)")
     parser.add_argument("--processes", type=int, default=2, help="worker processes (1: run here)")
@@ -447,16 +536,24 @@ def main(argv: Sequence[str] | None = None) -> str:
     elapsed = time.perf_counter() - started
 
     classifier_rows = [row for name, seeds in results.items() if families[name].model != "charlm"
-                       for row in summarize(families[name], seeds, lm=False)]
+                       and name != "mlp-acdc" for row in summarize(families[name], seeds, lm=False)]
     tables = [markdown_table(classifier_rows)] if classifier_rows else []
     if "charlm" in results:
         tables.append(markdown_table(summarize(families["charlm"], results["charlm"], lm=True)))
     if "mlp" in results:
         tables.append(markdown_table(is_it_dsd(results["mlp"])))
+    if "mlp-acdc" in results:
+        alternation, final = acdc_lengths(families["mlp-acdc"])
+        tables.append(f"AC/DC: dense {families['mlp-acdc'].epochs[0]} (shared), then S {alternation}, D"
+                      f" {alternation}, S {alternation}, D {alternation}, final S {final} epochs.\n\n"
+                      + markdown_table(acdc_rows(families["mlp-acdc"], results["mlp-acdc"])))
+        tables.append(markdown_table(acdc_against_sparse(families["mlp-acdc"], results["mlp-acdc"])))
     schedule = "; ".join(f"{name}: {'/'.join(map(str, f.epochs))}, {len(results[name])} seeds"
                          for name, f in families.items())
+    command = " ".join(["python benchmarks/accuracy_study.py", *(sys.argv[1:] if argv is None else argv)])
     text = (
         f"Paired study (dense/sparse/re-dense epochs, seeds: {schedule}; epochs scaled by {args.epochs_scale:g}).\n"
+        f"Command: `{command}`.\n"
         f"Differences are arm - control per seed: mean [95% t interval], * = excludes 0; points of test accuracy,\n"
         f"bits per character for the LM (lower is better). {elapsed:.0f} s with {args.processes} worker"
         f" process(es) on {os.cpu_count()} CPUs.\n\n" + "\n\n".join(tables) + "\n"
@@ -470,7 +567,7 @@ def main(argv: Sequence[str] | None = None) -> str:
         json.dump({"elapsed_s": elapsed, "epochs_scale": args.epochs_scale, "weight_decays": args.weight_decays,
                    "families": {name: asdict(f) for name, f in families.items()}, "per_seed": results}, raw, indent=1)
     if classifier_rows:
-        plot(results, args.plot)
+        plot({name: seeds for name, seeds in results.items() if name != "mlp-acdc"}, args.plot)
     print(f"({elapsed:.0f} s; tables in {args.table}, per-seed results beside it, plot in {args.plot})")
     return text
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from numbers import Integral, Real
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
@@ -168,6 +168,29 @@ def check_length(name: str, value: Any) -> Optional[int]:
             f"`{name}` must be an int >= 0, or None to run the phase until `monitor` converges. Found: {value!r}."
         )
     return length
+
+
+def check_cycle_lengths(name: str, value: Any, cycles: int) -> Union[Optional[int], tuple[Optional[int], ...]]:
+    """A phase length for every cycle (as :func:`check_length`), or a sequence of them, one per cycle.
+
+    Examples:
+        >>> check_cycle_lengths("sparse_epochs", [5, 5, 20], cycles=3)
+        (5, 5, 20)
+        >>> check_cycle_lengths("sparse_epochs", [5, 5], cycles=3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `sparse_epochs` gives 2 lengths, but `sparsity` gives 3 cycles: ...
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return check_length(name, value)
+    lengths = tuple(check_length(f"{name}[{i}]", length) for i, length in enumerate(value))
+    if len(lengths) != cycles:
+        raise ValueError(
+            f"`{name}` gives {len(lengths)} length{'s' if len(lengths) != 1 else ''}, but `sparsity` gives"
+            f" {cycles} cycle{'s' if cycles != 1 else ''}: pass one length for every cycle, or a sequence of"
+            f" exactly {cycles} (one per cycle, in order). Found: {name}={value!r}."
+        )
+    return lengths
 
 
 def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:

@@ -46,6 +46,9 @@ class DSDCallback(ReadsEngine, Callback):
     pruned weights restart from zero (with zeroed optimizer state) and every learning rate, scheduler
     included, becomes ``lr_scale`` times what it would have been. Several sparsities run several cycles
     (``(0.5, 0.25)`` runs D S D S D); each re-dense multiplies the learning rate by ``lr_scale`` again.
+    With ``final_sparse_epochs`` the run ends sparse, as AC/DC does (Peste et al., NeurIPS 2021): after the
+    last re-dense one more sparse phase prunes afresh, by magnitude, at the last cycle's sparsity, and the
+    final model holds its zeros (see the AC/DC recipe in the docs).
 
     The model is never reparametrized: its ``state_dict``, parameters and forward pass stay those of the
     plain model in every phase.
@@ -55,9 +58,16 @@ class DSDCallback(ReadsEngine, Callback):
             the N largest of every M consecutive weights along the input dimension), or one per cycle.
         dense_epochs: length of the first dense phase; ``0`` prunes before the first step (the paper's use
             on pre-trained models); ``None`` runs it until ``monitor`` converges.
-        sparse_epochs: length of each sparse phase, likewise.
-        redense_epochs: length of each re-dense phase, likewise.
-        interval: ``"epoch"`` or ``"step"``: what the three lengths count (optimizer steps for ``"step"``).
+        sparse_epochs: length of each sparse phase, likewise, or a sequence of lengths, one per cycle (a
+            sequence whose length is not the number of cycles is refused).
+        redense_epochs: length of each re-dense phase, likewise (one length, or one per cycle).
+        final_sparse_epochs: length of a final sparse phase after the last re-dense, whose masks are decided
+            afresh from the weights' magnitudes at the last cycle's sparsity (numbered cycle
+            ``len(sparsity)``); the run then ends sparse: the zeros hold to the last step, in the final
+            model, its ``state_dict`` and the last checkpoint, and ``export_sparse`` saves it when training
+            ends. ``0`` (the default): no final phase, the run ends re-densed; ``None``: until ``monitor``
+            converges (then the ``Trainer``'s own limits end the run).
+        interval: ``"epoch"`` or ``"step"``: what the lengths count (optimizer steps for ``"step"``).
         monitor: metric that decides convergence for phases given as ``None``.
         mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is an improvement.
         patience: checks without improvement after which a phase has converged.
@@ -89,6 +99,10 @@ class DSDCallback(ReadsEngine, Callback):
         redense_init: how pruned weights restart at re-dense: ``"zero"`` (the paper's) or
             ``"small_normal"`` (normal noise with a tenth of the standard deviation of the layer's
             surviving weights, drawn from a generator seeded with ``seed`` and the cycle).
+        redense_state: how the optimizer state of the pruned tensors restarts at each re-dense:
+            ``"pruned"`` (the paper's: zero at the pruned entries, the rest kept) or ``"all"`` (AC/DC's: the
+            whole state of every pruned tensor is dropped and the optimizer builds it afresh, so Adam's
+            moments and its step count restart together, bias correction included).
         seed: seed of the random re-dense initialisation.
         mask_storage: how masks are kept during sparse phases: ``"weight_dtype"`` (one element of the
             weight's dtype per weight, applied with a fused multiply: the fastest measured) or ``"bool"``
@@ -115,9 +129,10 @@ class DSDCallback(ReadsEngine, Callback):
         self,
         sparsity: Union[SparsityValue, float, str, Sequence[Union[SparsityValue, float, str]]],
         dense_epochs: Optional[int],
-        sparse_epochs: Optional[int],
-        redense_epochs: Optional[int],
+        sparse_epochs: Union[Optional[int], Sequence[Optional[int]]],
+        redense_epochs: Union[Optional[int], Sequence[Optional[int]]],
         *,
+        final_sparse_epochs: Optional[int] = 0,
         interval: str = "epoch",
         monitor: Optional[str] = None,
         mode: str = "min",
@@ -137,6 +152,7 @@ class DSDCallback(ReadsEngine, Callback):
         layer_sparsity: Optional[Mapping[str, Union[SparsityValue, float, str]]] = None,
         export_sparse: Optional[str] = None,
         redense_init: str = "zero",
+        redense_state: str = "pruned",
         seed: int = 0,
         mask_storage: str = "weight_dtype",
         prune: bool = True,

@@ -1,8 +1,10 @@
 """``FinalPhaseCheckpoint``: a ``ModelCheckpoint`` that only considers the last DSD phase.
 
 A plain ``ModelCheckpoint(monitor=...)`` ranks every epoch of the run together, so its "best" may be a
-dense-phase model that DSD went on to improve. This one ignores everything before the final re-dense:
-its ``best_model_path`` is the best *DSD* model.
+dense-phase model that DSD went on to improve. This one ignores everything before DSD's last phase, the
+final re-dense: its ``best_model_path`` is the best *DSD* model. When the run ends sparse
+(``final_sparse_epochs``), the last phase is the final sparse one, and the best model is the best of the
+final sparse models, every one of them holding the final masks' zeros.
 
 Examples:
     >>> from lightning_dsd import DSDCallback

@@ -69,7 +69,8 @@ class ReadsEngine(ReadsOptions):
 
     @property
     def in_last_phase(self) -> bool:
-        """Whether the schedule has reached its last phase (the final re-dense)."""
+        """Whether the schedule has reached its last phase: the final re-dense, or the final sparse phase when
+        ``final_sparse_epochs`` is set (the run ends sparse)."""
         return self._engine.schedule.is_last
 
 

@@ -43,7 +43,7 @@ from lightning_dsd.masks import disconnected_units
 from lightning_dsd.options import DSDOptions
 from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
 from lightning_dsd.plan import MaskPlan, check_finite, shown
-from lightning_dsd.redense import reinitialize_pruned
+from lightning_dsd.redense import reinitialize_pruned, restart_optimizer_state
 from lightning_dsd.reporting import PhaseReporter, ReportSink, current_seed
 from lightning_dsd.selection import (
     Selection,
@@ -97,12 +97,13 @@ class DSDEngine:
         tracker = None
         if options.waits_for_metric:
             tracker = ConvergenceTracker(options.mode, options.patience, options.min_delta)
-        self.schedule = Schedule(build_stages(len(options.sparsities), *options.lengths), tracker)
+        stages = build_stages(len(options.sparsities), *options.lengths, final=options.final_sparse_epochs)
+        self.schedule = Schedule(stages, tracker)
         self.reporter = PhaseReporter(options.log_histograms, options.log_scalars, options.figure_layers)
         if not options.prune:
             self.reporter.figure_title = "LLR control (prune=False, nothing pruned): weight distribution"
         self.selection = Selection(selected={})
-        self.plan = MaskPlan(options.sparsities, options.scope, options.layer_sparsity)
+        self.plan = MaskPlan(options.cycle_sparsities, options.scope, options.layer_sparsity)
         self._model: Optional[nn.Module] = None
         self._constraint: Optional[SparseConstraint] = None
         self._restored_masks: Optional[dict[str, Tensor]] = None
@@ -141,6 +142,8 @@ class DSDEngine:
 
     @property
     def phase_label(self) -> str:
+        if self.schedule.in_final_sparse_phase:
+            return "final sparse"
         cycles = len(self.options.sparsities)
         return self.phase.value if cycles == 1 else f"{self.phase.value} {self.cycle + 1}/{cycles}"
 
@@ -163,7 +166,7 @@ class DSDEngine:
         selection = select_parameters(model, options.include, options.exclude, options.layer_types)
         check_selection(model, selection, options.include, options.exclude)
         check_placements(selection.selected)
-        plan = MaskPlan(options.sparsities, options.scope, options.layer_sparsity, selection.input_dims)
+        plan = MaskPlan(options.cycle_sparsities, options.scope, options.layer_sparsity, selection.input_dims)
         plan.check_fits(selection.selected)
         self._model, self.selection, self.plan = model, selection, plan
         self._warn_about_unmatched_patterns(model)
@@ -278,8 +281,9 @@ class DSDEngine:
 
     def warn_if_left_sparse(self, now: int, remedy: str) -> None:
         """Say so when training stops inside a sparse phase (early stopping, a time limit, an interrupt): the
-        model holds its pruned zeros and was not re-densed; ``remedy`` says how to finish, in the door's terms."""
-        if self.phase is not Phase.SPARSE:
+        model holds its pruned zeros and was not re-densed; ``remedy`` says how to finish, in the door's terms.
+        Nothing is said in the final sparse phase (``final_sparse_epochs``): there the run ends sparse by design."""
+        if self.phase is not Phase.SPARSE or self.schedule.in_final_sparse_phase:
             return
         length, unit = self.schedule.stage.length, self.options.interval
         planned = "" if length is None else f", planned to end at {unit} {self.schedule.started_at + length}"
@@ -324,10 +328,12 @@ class DSDEngine:
         self._log_scalars(learning_rates)
         pruned = pruned_per_tensor(masks, pruning)
         total, pruned_sum = sum(p.numel() for p in pruning.values()), sum(pruned.values())
+        final = self.schedule.in_final_sparse_phase
+        until = "to the end of training, which ends sparse" if final else "for this phase"
         text = (
-            f"DSD cycle {stage.cycle}: sparse phase. Pruned {pruned_sum}/{total} weights"
+            f"DSD cycle {stage.cycle}: {'final ' if final else ''}sparse phase. Pruned {pruned_sum}/{total} weights"
             f" ({pruned_sum / max(total, 1):.1%}) in {len(masks)} tensors, scope={self.options.scope!r}; the masks stay"
-            f" fixed for this phase. Learning rate unchanged: {_format_lrs(learning_rates)}."
+            f" fixed {until}. Learning rate unchanged: {_format_lrs(learning_rates)}."
         )
         whole = [name for name, count in pruned.items() if count and count == self.targets[name].numel()]
         if whole:
@@ -407,9 +413,12 @@ class DSDEngine:
             self.enforce(self._restored_masks if self._restored_masks is not None else self.masks)
 
     def _redense(self, finished: Stage) -> None:
+        restarted = 0
         if self._constraint is not None:
             keep = self._constraint.keep_masks()
             self._constraint.zero_optimizer_state(self.training.optimizers)
+            if self.options.redense_state == "all":
+                restarted = restart_optimizer_state(self.training.optimizers, self._constraint.params)
             self._constraint.detach()
             self._constraint = None
             self._left_dense = {}
@@ -427,9 +436,13 @@ class DSDEngine:
                 f" learning rate x{self.options.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(after)}."
             )
         else:
+            state = ("the whole optimizer state of the pruned tensors restarts (moments and step counts;"
+                     f" {restarted} tensors)" if self.options.redense_state == "all"
+                     else "their optimizer state restarts at zero")
             self._note(
-                f"DSD cycle {finished.cycle}: re-dense phase. The constraint is lifted and pruned weights restart from"
-                f" {restart}; learning rate x{self.options.lr_scale:g}: {_format_lrs(before)} -> {_format_lrs(after)}."
+                f"DSD cycle {finished.cycle}: re-dense phase. The constraint is lifted and pruned weights restart"
+                f" from {restart}; {state}; learning rate x{self.options.lr_scale:g}: {_format_lrs(before)} ->"
+                f" {_format_lrs(after)}."
             )
         self._record(Moment.START_OF_REDENSE, finished.cycle)
         self._log_scalars(after)
@@ -505,10 +518,17 @@ class DSDEngine:
             self._report(lambda sink: self.reporter.log_timeline(sink, self.histogram_targets))
 
     def training_ended(self) -> None:
-        """The last look: the histograms of the moment training stopped at, and the cycle's figure."""
+        """The last look: the histograms of the moment training stopped at, and the cycle's figure. In the final
+        sparse phase (the run ends sparse) also the closing note and the door's sparse export."""
         self.release()
         final_moment = {Phase.DENSE: Moment.END_OF_DENSE, Phase.SPARSE: Moment.END_OF_SPARSE}
         self._record(final_moment.get(self.phase, Moment.END_OF_REDENSE), self.cycle)
+        if self.schedule.in_final_sparse_phase:
+            masks = self.masks
+            pruned = sum(pruned_per_tensor(masks, {name: self.targets[name] for name in masks}).values())
+            self._note(f"DSD cycle {self.cycle}: training ended in the final sparse phase, as planned: the model holds"
+                       f" {pruned} pruned zeros in {len(masks)} tensors; it is the run's sparse model.")
+            self.training.sparse_phase_ending(self.cycle, self.targets)
         if self.phase is not Phase.DENSE:
             self._draw_figure(self.cycle)
 

@@ -66,7 +66,7 @@ import os
 import sys
 import uuid
 from functools import partial
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence, Union
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -101,13 +101,14 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         dense_epochs: as for :class:`~lightning_dsd.DSDCallback`: ``interval="epoch"`` counts the Trainer's
             epochs, ``"step"`` its optimizer steps (``state.global_step``, one per ``gradient_accumulation_steps``
             batches).
-        sparse_epochs: likewise.
-        redense_epochs: likewise.
+        sparse_epochs: likewise (one length, or one per cycle).
+        redense_epochs: likewise (one length, or one per cycle).
         stop_at_end: set ``control.should_training_stop`` when the last phase ends.
         **options: every other keyword of :class:`~lightning_dsd.DSDCallback` that the other doors share
-            (:data:`SHARED_OPTIONS`: ``interval``, ``monitor``, ``lr_scale``, ``include``, ``exclude``, ``scope``,
-            ``layer_sparsity``, the logging options, ...), with the name, default, check and meaning it has
-            there. ``monitor`` names a metric of ``on_evaluate`` (``"eval_loss"``, ``"eval_accuracy"``).
+            (:data:`SHARED_OPTIONS`: ``final_sparse_epochs``, ``interval``, ``monitor``, ``lr_scale``, ``include``,
+            ``exclude``, ``scope``, ``layer_sparsity``, ``redense_state``, the logging options, ...), with the
+            name, default, check and meaning it has there. ``monitor`` names a metric of ``on_evaluate``
+            (``"eval_loss"``, ``"eval_accuracy"``).
 
     Reports: histograms, transition notes and the figure go to the directory of the Trainer's TensorBoard
     run (``report_to="tensorboard"``: ``TENSORBOARD_LOGGING_DIR`` or ``output_dir/runs/<date_host>``), through
@@ -120,8 +121,8 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self,
         sparsity: Any,
         dense_epochs: Optional[int],
-        sparse_epochs: Optional[int],
-        redense_epochs: Optional[int],
+        sparse_epochs: Union[Optional[int], Sequence[Optional[int]]],
+        redense_epochs: Union[Optional[int], Sequence[Optional[int]]],
         *,
         stop_at_end: bool = True,
         **options: Any,

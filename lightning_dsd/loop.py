@@ -115,8 +115,8 @@ class DSD(ReadsEngine):
         dense_epochs: as for :class:`~lightning_dsd.DSDCallback`; this and the next two lengths count
             :meth:`step` calls, and ``None`` runs the phase until the metric given to :meth:`step` converges
             (``mode``, ``patience``, ``min_delta``).
-        sparse_epochs: likewise.
-        redense_epochs: likewise.
+        sparse_epochs: likewise (one length, or one per cycle).
+        redense_epochs: likewise (one length, or one per cycle).
         schedulers: the learning-rate scheduler, or a list of them, to keep the re-dense learning-rate change
             through.
         writer: where histograms, scalars and transition notes go: a ``SummaryWriter`` (on rank zero; other
@@ -132,11 +132,12 @@ class DSD(ReadsEngine):
         optimizers: Union[Optimizer, Sequence[Optimizer]],
         sparsity: Union[SparsityValue, float, str, Sequence[Union[SparsityValue, float, str]]],
         dense_epochs: Optional[int],
-        sparse_epochs: Optional[int],
-        redense_epochs: Optional[int],
+        sparse_epochs: Union[Optional[int], Sequence[Optional[int]]],
+        redense_epochs: Union[Optional[int], Sequence[Optional[int]]],
         *,
         schedulers: Any = None,
         writer: Optional[Any] = None,
+        final_sparse_epochs: Optional[int] = 0,
         interval: str = "epoch",
         mode: str = "min",
         patience: int = 3,
@@ -153,6 +154,7 @@ class DSD(ReadsEngine):
         figure_layers: Union[int, Sequence[str]] = 2,
         layer_sparsity: Optional[Mapping[str, Union[SparsityValue, float, str]]] = None,
         redense_init: str = "zero",
+        redense_state: str = "pruned",
         seed: int = 0,
         mask_storage: str = "weight_dtype",
         prune: bool = True,

@@ -25,6 +25,7 @@ from typing import Any, Callable, Mapping, Optional, Union
 from lightning_dsd.arguments import (
     check_bool,
     check_choice,
+    check_cycle_lengths,
     check_every_n,
     check_figure_layers,
     check_layer_sparsity,
@@ -38,10 +39,14 @@ from lightning_dsd.arguments import (
 from lightning_dsd.constraint import MASK_STORAGES
 from lightning_dsd.masks import NMPattern, Sparsity
 from lightning_dsd.plan import SCOPES, MaskPlan
-from lightning_dsd.redense import REDENSE_INITS
+from lightning_dsd.redense import REDENSE_INITS, REDENSE_STATES
 from lightning_dsd.selection import LayerSpec, LayerType
 
 INTERVALS = ("epoch", "step")
+LENGTH_NAMES = ("dense_epochs", "sparse_epochs", "redense_epochs")
+
+#: A cycle's phase length, or one per cycle.
+CycleLengths = Union[Optional[int], tuple[Optional[int], ...]]
 
 
 def _choice(*allowed: str) -> Callable[[str, Any], Any]:
@@ -66,7 +71,8 @@ class DSDOptions:
     with its default and its check; :func:`check_options` builds one from a door's arguments."""
 
     sparsities: tuple[Sparsity, ...]
-    lengths: tuple[Optional[int], Optional[int], Optional[int]]
+    lengths: tuple[Optional[int], CycleLengths, CycleLengths]
+    final_sparse_epochs: Optional[int] = _option(0, check_length)
     interval: str = _option("epoch", _choice(*INTERVALS))
     monitor: Optional[str] = _option(None, _monitor)
     mode: str = _option("min", _choice("min", "max"))
@@ -84,14 +90,30 @@ class DSDOptions:
     figure_layers: Union[int, tuple[str, ...]] = _option(2, lambda _, value: check_figure_layers(value))
     layer_sparsity: Optional[dict[str, Sparsity]] = _option(None, lambda _, value: check_layer_sparsity(value))
     redense_init: str = _option("zero", _choice(*REDENSE_INITS))
+    redense_state: str = _option("pruned", _choice(*REDENSE_STATES))
     seed: int = _option(0, check_non_negative_int)
     mask_storage: str = _option("weight_dtype", _choice(*MASK_STORAGES))
     prune: bool = _option(True, check_bool)
 
     @property
+    def ends_sparse(self) -> bool:
+        """Whether a final sparse phase follows the last re-dense (``final_sparse_epochs`` is not 0)."""
+        return self.final_sparse_epochs != 0
+
+    @property
+    def cycle_sparsities(self) -> tuple[Sparsity, ...]:
+        """The sparsity of every sparse phase, in order: one per cycle, then the last cycle's again for the final
+        sparse phase (which the schedule numbers as cycle ``len(sparsities)``)."""
+        return self.sparsities + (self.sparsities[-1:] if self.ends_sparse else ())
+
+    def phase_lengths(self) -> dict[str, CycleLengths]:
+        """Every length option by name, the final sparse phase's included."""
+        return {**dict(zip(LENGTH_NAMES, self.lengths, strict=True)), "final_sparse_epochs": self.final_sparse_epochs}
+
+    @property
     def waits_for_metric(self) -> bool:
         """Whether some phase runs until the monitored metric converges (a length of ``None``)."""
-        return None in self.lengths
+        return bool(_waiting(self.phase_lengths()))
 
     @property
     def arm(self) -> str:
@@ -138,25 +160,25 @@ def check_options(
     unknown = sorted(set(keywords) - set(KEYWORD_OPTIONS))
     if unknown:
         raise TypeError(f"Unknown DSD option(s) {unknown}. The options are: {list(KEYWORD_OPTIONS)}.")
+    sparsities = check_sparsities(sparsity)
     lengths = (
         check_length("dense_epochs", dense_epochs),
-        check_length("sparse_epochs", sparse_epochs),
-        check_length("redense_epochs", redense_epochs),
+        check_cycle_lengths("sparse_epochs", sparse_epochs, len(sparsities)),
+        check_cycle_lengths("redense_epochs", redense_epochs, len(sparsities)),
     )
     checked = {
         f.name: f.metadata["check"](f.name, keywords.get(f.name, f.default))
         for f in fields(DSDOptions)
         if "check" in f.metadata
     }
-    options = DSDOptions(sparsities=check_sparsities(sparsity), lengths=lengths, **checked)
-    waiting = [name for name, length in zip(("dense_epochs", "sparse_epochs", "redense_epochs"), lengths,
-                                             strict=True) if length is None]
+    options = DSDOptions(sparsities=sparsities, lengths=lengths, **checked)
+    waiting = _waiting(options.phase_lengths())
     if waiting and options.monitor is None and monitor_required:
         raise ValueError(
             f"{', '.join(f'`{n}`' for n in waiting)} = None runs a phase until a metric converges, so"
             " `monitor` must name a logged metric (e.g. monitor='val_loss'). Found: monitor=None."
         )
-    MaskPlan(options.sparsities, options.scope, options.layer_sparsity)  # what the plan refuses (a global scope's)
+    MaskPlan(options.cycle_sparsities, options.scope, options.layer_sparsity)  # what the plan refuses (global scope)
     return options
 
 
@@ -173,6 +195,12 @@ def _plain(value: Any) -> Any:
     if is_dataclass(value):
         return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     return value
+
+
+def _waiting(lengths: Mapping[str, CycleLengths]) -> list[str]:
+    """The length options (by name) of which some phase runs until the metric converges."""
+    return [name for name, length in lengths.items()
+            if length is None or (isinstance(length, tuple) and None in length)]
 
 
 def door_options(arguments: Mapping[str, Any]) -> dict[str, Any]:

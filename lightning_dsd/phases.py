@@ -20,7 +20,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 
 class Phase(str, Enum):
@@ -61,8 +61,16 @@ class Stage:
     length: Optional[int]
 
 
-def build_stages(cycles: int, dense: Optional[int], sparse: Optional[int], redense: Optional[int]) -> tuple[Stage, ...]:
-    """Lay out D S D (S D ...): one dense phase, then a sparse and a re-dense phase per cycle (one per sparsity).
+def build_stages(
+    cycles: int,
+    dense: Optional[int],
+    sparse: Union[Optional[int], Sequence[Optional[int]]],
+    redense: Union[Optional[int], Sequence[Optional[int]]],
+    final: Optional[int] = 0,
+) -> tuple[Stage, ...]:
+    """Lay out D S D (S D ...): one dense phase, then a sparse and a re-dense phase per cycle (one per sparsity),
+    and, unless ``final`` is 0, a final sparse phase of that length (AC/DC's: the run ends sparse), numbered
+    as cycle ``cycles``. ``sparse`` and ``redense`` are one length for every cycle or one per cycle.
 
     The re-dense phase of one cycle is the dense phase the next cycle prunes from, as in the paper's
     DeepSpeech 2 run (50% then 25%).
@@ -70,12 +78,26 @@ def build_stages(cycles: int, dense: Optional[int], sparse: Optional[int], reden
     Examples:
         >>> [s.phase.value for s in build_stages(1, dense=3, sparse=None, redense=3)]
         ['dense', 'sparse', 'redense']
+        >>> [(s.phase.value, s.cycle, s.length) for s in build_stages(2, 2, (5, 5), 5, final=20)][-3:]
+        [('sparse', 1, 5), ('redense', 1, 5), ('sparse', 2, 20)]
     """
+    sparse_lengths = _per_cycle(sparse, cycles, "sparse")
+    redense_lengths = _per_cycle(redense, cycles, "redense")
     stages = [Stage(Phase.DENSE, 0, dense)]
     for cycle in range(cycles):
-        stages.append(Stage(Phase.SPARSE, cycle, sparse))
-        stages.append(Stage(Phase.REDENSE, cycle, redense))
+        stages.append(Stage(Phase.SPARSE, cycle, sparse_lengths[cycle]))
+        stages.append(Stage(Phase.REDENSE, cycle, redense_lengths[cycle]))
+    if final != 0:
+        stages.append(Stage(Phase.SPARSE, cycles, final))
     return tuple(stages)
+
+
+def _per_cycle(length: Union[Optional[int], Sequence[Optional[int]]], cycles: int, what: str) -> list[Optional[int]]:
+    if length is None or isinstance(length, int):
+        return [length] * cycles
+    if len(length) != cycles:
+        raise ValueError(f"{len(length)} {what} lengths for {cycles} cycles: give one per cycle")
+    return list(length)
 
 
 class ConvergenceTracker:
@@ -138,6 +160,16 @@ class Schedule:
     @property
     def is_last(self) -> bool:
         return self.index == len(self.stages) - 1
+
+    @property
+    def ends_sparse(self) -> bool:
+        """Whether the schedule ends on a sparse phase (a final sparse phase after the last re-dense)."""
+        return len(self.stages) > 1 and self.stages[-1].phase is Phase.SPARSE
+
+    @property
+    def in_final_sparse_phase(self) -> bool:
+        """Whether the current stage is the final sparse phase, where the run ends sparse by design."""
+        return self.is_last and self.ends_sparse
 
     def is_due(self, now: int) -> bool:
         """Whether the current stage has run its course (the last stage is never left)."""

@@ -7,6 +7,13 @@ on the CPU from a generator seeded with ``seed`` (so every DDP rank draws the sa
 parameter (``DTensor``) is gathered whole, one at a time, so its restart is the same full tensor on any mesh;
 each rank then keeps its shard's part.
 
+The optimizer state restarts as ``redense_state`` says: ``"pruned"`` (the paper's) zeroes the pruned entries'
+state and keeps the rest, kept entries' moments and each tensor's step count included (done by the sparse
+constraint as it is lifted); ``"all"`` (AC/DC's, :func:`restart_optimizer_state`) drops the whole state of
+every targeted weight, so its optimizer takes it up as a new optimizer would: Adam's moments *and* its step
+count restart, and bias correction damps the fresh moments as at a first step (zeroed moments under the old
+step count would move every entry by several times ``lr``; see the guide).
+
 Examples:
     >>> import torch
     >>> w = torch.nn.Parameter(torch.tensor([2.0, 0.0, -2.0, 0.0]))
@@ -18,14 +25,16 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Iterable, Mapping
 
 import torch
 from torch import Tensor
+from torch.optim import Optimizer
 
 from lightning_dsd.sharding import full_mask, full_tensor, local_part, local_slice
 
 REDENSE_INITS = ("zero", "small_normal")
+REDENSE_STATES = ("pruned", "all")
 SMALL_NORMAL_SCALE = 0.1
 
 
@@ -44,3 +53,23 @@ def reinitialize_pruned(params: Mapping[str, Tensor], keep: Mapping[str, Tensor]
         noise = torch.randn(param.shape, generator=generator) * (SMALL_NORMAL_SCALE * std)
         restarted = torch.where(kept, weight, noise.to(device=weight.device, dtype=weight.dtype))
         local_part(param).copy_(local_slice(restarted, param))
+
+
+def restart_optimizer_state(optimizers: Iterable[Optimizer], params: Iterable[Tensor]) -> int:
+    """Drop the optimizer state of ``params`` (``redense_state="all"``): each optimizer builds it afresh at its
+    next step, as for a parameter it has never updated. Return how many parameters' state was dropped.
+
+    Examples:
+        >>> w = torch.nn.Parameter(torch.ones(3))
+        >>> adam = torch.optim.Adam([w], lr=0.1)
+        >>> w.grad = torch.ones(3); adam.step()
+        >>> restart_optimizer_state([adam], [w]), dict(adam.state[w])
+        (1, {})
+    """
+    wanted = {id(p) for p in params}
+    dropped = 0
+    for optimizer in optimizers:
+        for param in [p for p in optimizer.state if id(p) in wanted]:
+            del optimizer.state[param]
+            dropped += 1
+    return dropped

@@ -11,8 +11,9 @@ which the state lists) with the target's shape whose pruned count is what the co
 a configuration that agrees with the resuming callback's on everything that already happened:
 
 * may change: lengths of phases not yet finished (the current one included), ``lr_scale``, ``monitor``,
-  ``mode``, ``patience``, ``min_delta``, ``redense_init``, ``seed``, ``mask_storage`` and everything about
-  logging: they only shape what is still to come;
+  ``mode``, ``patience``, ``min_delta``, ``redense_init``, ``redense_state``, ``seed``, ``mask_storage`` and
+  everything about logging, and the phases after the current one (a final sparse phase added or dropped
+  included): they only shape what is still to come;
 * refused: ``prune`` (a DSD run and its LLR control are different runs; a checkpoint without it pruned),
   ``interval``, the targets (``include``, ``exclude``, ``layer_types``, the model), ``scope``, ``layer_sparsity``
   and the sparsity of a cycle that has started, the lengths of finished phases and the number of cycles up to

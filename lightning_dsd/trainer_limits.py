@@ -71,8 +71,8 @@ class TrainingLimit:
     ) -> Optional[TrainingLimit]:
         """The first limit of ``max_epochs`` and ``max_steps`` (``None``/``-1``: none) in ``interval`` units;
         ``steps_per_epoch`` is ``None`` where it is unknown (an iterable dataset, manual optimization)."""
-        steps = _counted(steps_per_epoch, "optimizer step")
-        per_epoch = f"{steps} per epoch ({batches}, accumulate_grad_batches={accumulate})"
+        step_count = _counted(steps_per_epoch, "optimizer step")
+        per_epoch = f"{step_count} per epoch ({batches}, accumulate_grad_batches={accumulate})"
         candidates = []
         if max_epochs is not None and max_epochs >= 0:
             if interval == "epoch":

@@ -154,10 +154,14 @@ class ShardRecorder(pl.Callback):
             self.record["local_masks"] = {n: m.clone() for n, m in self.dsd.masks.items()}
         if self.dsd.phase is Phase.REDENSE and "redense_start" not in self.record:
             self.record["redense_start"] = {n: full_tensor(p).clone() for n, p in self._targets().items()}
+        if self.dsd.phase_label == "final sparse" and "final_masks" not in self.record:
+            self.record["final_masks"] = {n: m.clone() for n, m in FullMasks(self.dsd.masks, self._targets()).items()}
 
     def on_train_epoch_end(self, trainer, pl_module):
         if self.dsd.phase is Phase.DENSE:
             self.record["dense_end"] = {n: full_tensor(p).clone() for n, p in self._targets().items()}
+        if self.dsd.phase is Phase.REDENSE:
+            self.record["redense_end"] = {n: full_tensor(p).clone() for n, p in self._targets().items()}
         if self.dsd.phase is Phase.SPARSE:
             self.record["sparse_end"] = {n: full_tensor(p).clone() for n, p in self._targets().items()}
             state = trainer.optimizers[0].state
@@ -242,6 +246,7 @@ def main() -> None:
     parser.add_argument("--output-scale", type=float, default=1.0, help="net.4 starts at this times its init")
     parser.add_argument("--dense-epochs", type=int, default=1)
     parser.add_argument("--no-checkpoints", action="store_true", help="no ModelCheckpoint (its save reshards)")
+    parser.add_argument("--final-sparse", type=int, default=0, help="final_sparse_epochs: the run ends sparse")
     args = parser.parse_args()
     sparsity = args.sparsity if ":" in args.sparsity else float(args.sparsity)
     dp, tp = MESHES[args.layout]
@@ -255,7 +260,7 @@ def main() -> None:
     dsd = DSDCallback(
         sparsity, args.dense_epochs, 2, 1, scope=args.scope, redense_init=args.redense_init,
         layer_sparsity=layer_sparsity, figure_layers=1, export_sparse="sparse" if args.export_sparse else None,
-        histogram_every_n_epochs=1,
+        histogram_every_n_epochs=1, final_sparse_epochs=args.final_sparse,
     )
     recorder = ShardRecorder(dsd, args.out)
     callbacks = [dsd, ForwardProbe(dsd), recorder] if args.probe else [dsd, recorder]
@@ -269,7 +274,7 @@ def main() -> None:
         accelerator="cpu",
         devices=dp * tp,
         strategy=strategy,
-        max_epochs=args.dense_epochs + 3,
+        max_epochs=args.dense_epochs + 3 + args.final_sparse,
         callbacks=callbacks,
         accumulate_grad_batches=2,
         # torch's clip_grad_norm_ cannot mix plain and DTensor gradients ("tp": net.4 is plain) nor DTensors on

@@ -267,6 +267,30 @@ def test_gpt2_every_forward_evaluation_included_is_exact_and_clipping_sees_the_s
     assert exactness.forwards["train"] == 3 * 2 * 9 and exactness.forwards["eval"] >= 3 * 9
 
 
+def test_a_run_with_per_cycle_lengths_ends_sparse_with_zeros_in_every_forward_and_no_left_sparse_warning(
+    tmp_path, recwarn
+):
+    model = gpt2()
+    dsd = DSDTrainerCallback(0.5, 1, [1], [1], interval="step", final_sparse_epochs=2, lr_scale=1.0,
+                             redense_state="all")
+    exactness = Exactness(dsd)
+    args = arguments(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=1, optim="adamw_torch")
+    seen = {}
+
+    class Phases(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            seen[state.global_step] = dsd.phase_label
+
+    trainer = Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens(n=8, seed=2),
+                      callbacks=[dsd, exactness, Phases()])
+    trainer.train()
+    assert list(seen.values()) == ["dense", "sparse", "redense", "final sparse", "final sparse"], "stop_at_end"
+    assert dsd.in_last_phase and exactness.steps == 3 and exactness.forwards["eval"] > 0
+    params = dict(model.named_parameters())
+    assert all(not params[name][~keep].any() for name, keep in dsd.masks.items()), "the run ends sparse"
+    assert not [w for w in recwarn if "not re-densed" in str(w.message)]
+
+
 def test_the_optimizer_that_steps_is_the_one_dsd_hooks_behind_accelerates_wrapper(tmp_path):
     from accelerate.optimizer import AcceleratedOptimizer
 

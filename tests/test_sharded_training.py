@@ -31,21 +31,29 @@ def _run(out: Path, *args: str, ranks: int = 2) -> list[dict]:
     return run_worker(WORKER, out, *args, ranks=ranks)
 
 
-def _assert_dsd_held(ranks: list[dict], plan: MaskPlan, steps_per_phase: int) -> None:
-    """Same masks as one device on the gathered weights, zeros after every step, zeroed optimizer state."""
+def _assert_dsd_held(ranks: list[dict], plan: MaskPlan, steps_per_phase: int, final: bool = False) -> None:
+    """Same masks as one device on the gathered weights, zeros after every step, zeroed optimizer state; with
+    ``final``, one more epoch in a final sparse phase whose masks are the one-device masks too."""
     expected = plan.decide(ranks[0]["dense_end"], cycle=0)
     for rank in ranks:
         assert [phase for phase, _ in rank["steps"]] == (
             ["dense"] * steps_per_phase + ["sparse"] * 2 * steps_per_phase + ["redense"] * steps_per_phase
+            + ["sparse"] * steps_per_phase * final
         )
         assert all(zeros for _, zeros in rank["steps"]), "pruned entries are zero after every step on every rank"
-        assert rank["state_zero"] == [True, True], "optimizer state of pruned entries is zero"
+        assert rank["state_zero"] == [True, True] + [True] * final, "optimizer state of pruned entries is zero"
+        if final:
+            final_expected = plan.decide(rank["redense_end"], cycle=0)  # the one-device mask, after re-dense
+            assert sorted(rank["final_masks"]) == sorted(final_expected)
+            for name, mask in final_expected.items():
+                assert torch.equal(rank["final_masks"][name], mask), f"{name}: not the one-device final mask"
+                assert bool((rank["final"][name][~mask] == 0).all()), f"{name}: the run ends sparse"
         assert sorted(rank["masks"]) == sorted(expected)
         for name in expected:
             assert torch.equal(rank["masks"][name], expected[name]), f"{name}: not the single-device mask"
             assert rank["local_masks"][name].shape == rank["local_shapes"][name], "each rank keeps its shard's mask"
         # StepLR(gamma=0.9) per epoch, and x0.1 at re-dense: the scheduler keeps the drop.
-        assert [lr for (lr,) in rank["lrs"]] == pytest.approx([1e-2, 9e-3, 8.1e-3, 7.29e-4])
+        assert [lr for (lr,) in rank["lrs"]] == pytest.approx([1e-2, 9e-3, 8.1e-3, 7.29e-4, 6.561e-4][:4 + final])
 
 
 def _assert_forwards_compute_with_what_dsd_stored(ranks: list[dict], phases: set[str]) -> None:
@@ -190,10 +198,13 @@ def test_tensor_parallel_with_a_plain_layer_and_an_nm_pattern_resumes_bit_identi
 
 
 def test_a_2d_mesh_of_fsdp2_over_tensor_parallel_prunes_one_global_threshold_exactly(tmp_path):
+    # With a final sparse phase (the run ends sparse): its fresh masks are the one-device masks too.
     ranks = _run(tmp_path / "run", "--layout", "2d", "--scope", "global", "--probe", "--validate", "epoch",
-                 "--keep-gathered", "--no-checkpoints", ranks=4)
-    _assert_dsd_held(ranks, MaskPlan((0.5,), scope="global"), steps_per_phase=2)
+                 "--keep-gathered", "--no-checkpoints", "--final-sparse", "1", ranks=4)
+    _assert_dsd_held(ranks, MaskPlan((0.5,), scope="global"), steps_per_phase=2, final=True)
     _assert_forwards_compute_with_what_dsd_stored(ranks, {"dense", "sparse", "redense"})
+    final_forwards = [f for rank in ranks for f in rank["forwards"] if f["step"] >= 8 and f["phase"] == "sparse"]
+    assert final_forwards and all(f["pruned_zero"] for f in final_forwards), "zeros in the final phase's forwards"
     # Tensor parallel halves net.0's 10 rows, FSDP2 splits each half 3/2; net.4 sits on the data-parallel
     # mesh only, so each tensor-parallel rank holds a copy of its shards (counted once in the threshold).
     assert [rank["local_shapes"]["net.0.weight"] for rank in ranks] == [(3, 12), (3, 12), (2, 12), (2, 12)]
