@@ -6,8 +6,8 @@ hooks to the engine's clock (epochs or optimizer steps), the progress bar, the l
 directory, sparse exports and the ``Trainer``'s checkpoint state.
 """
 
-from __future__ import annotations
-
+# Annotations are evaluated here (no `from __future__ import annotations`): jsonargparse, and so LightningCLI,
+# reads `LengthsArgument` as one optional type only from an evaluated signature, so that `null` means None.
 from typing import Any, Mapping, Optional, Sequence, Union
 
 import lightning.pytorch as pl
@@ -30,7 +30,7 @@ from lightning_dsd.arguments import SparsityValue, check_bool, check_choice
 from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
-from lightning_dsd.options import check_options, door_options
+from lightning_dsd.options import LengthsArgument, check_options, door_options
 from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
 from lightning_dsd.state import CheckpointStateError
 from lightning_dsd.trainer_limits import warn_if_schedule_does_not_fit
@@ -129,8 +129,8 @@ class DSDCallback(ReadsEngine, Callback):
         self,
         sparsity: Union[SparsityValue, float, str, Sequence[Union[SparsityValue, float, str]]],
         dense_epochs: Optional[int],
-        sparse_epochs: Union[Optional[int], Sequence[Optional[int]]],
-        redense_epochs: Union[Optional[int], Sequence[Optional[int]]],
+        sparse_epochs: LengthsArgument,
+        redense_epochs: LengthsArgument,
         *,
         final_sparse_epochs: Optional[int] = 0,
         interval: str = "epoch",

@@ -66,7 +66,7 @@ import os
 import sys
 import uuid
 from functools import partial
-from typing import Any, Mapping, Optional, Sequence, Union
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -79,7 +79,7 @@ from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState,
 from lightning_dsd.arguments import check_bool
 from lightning_dsd.door import ReadsEngine
 from lightning_dsd.engine import DSDEngine
-from lightning_dsd.options import KEYWORD_OPTIONS, check_options
+from lightning_dsd.options import KEYWORD_OPTIONS, LengthsArgument, check_options
 from lightning_dsd.phases import Phase
 from lightning_dsd.sharding import from_rank_zero
 from lightning_dsd.state import CheckpointStateError
@@ -121,8 +121,8 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self,
         sparsity: Any,
         dense_epochs: Optional[int],
-        sparse_epochs: Union[Optional[int], Sequence[Optional[int]]],
-        redense_epochs: Union[Optional[int], Sequence[Optional[int]]],
+        sparse_epochs: LengthsArgument,
+        redense_epochs: LengthsArgument,
         *,
         stop_at_end: bool = True,
         **options: Any,

@@ -45,7 +45,7 @@ from lightning_dsd.arguments import SparsityValue
 from lightning_dsd.constraint import unwrapped_optimizer
 from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
-from lightning_dsd.options import check_options, door_options
+from lightning_dsd.options import LengthsArgument, check_options, door_options
 from lightning_dsd.selection import LayerSpec, LayerType
 from lightning_dsd.sharding import from_rank_zero
 from lightning_dsd.state import CheckpointStateError
@@ -132,8 +132,8 @@ class DSD(ReadsEngine):
         optimizers: Union[Optimizer, Sequence[Optimizer]],
         sparsity: Union[SparsityValue, float, str, Sequence[Union[SparsityValue, float, str]]],
         dense_epochs: Optional[int],
-        sparse_epochs: Union[Optional[int], Sequence[Optional[int]]],
-        redense_epochs: Union[Optional[int], Sequence[Optional[int]]],
+        sparse_epochs: LengthsArgument,
+        redense_epochs: LengthsArgument,
         *,
         schedulers: Any = None,
         writer: Optional[Any] = None,

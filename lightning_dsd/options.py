@@ -20,7 +20,9 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, is_dataclass
-from typing import Any, Callable, Mapping, Optional, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
+
+from typing_extensions import Annotated
 
 from lightning_dsd.arguments import (
     check_bool,
@@ -47,6 +49,11 @@ LENGTH_NAMES = ("dense_epochs", "sparse_epochs", "redense_epochs")
 
 #: A cycle's phase length, or one per cycle.
 CycleLengths = Union[Optional[int], tuple[Optional[int], ...]]
+#: How a door's signature types ``sparse_epochs`` and ``redense_epochs``: one length, one per cycle, or ``None``.
+#: ``Annotated`` keeps the union one type inside ``Optional``, which jsonargparse (and so ``LightningCLI``)
+#: needs to read ``null`` as ``None`` for a required argument (from an evaluated signature: ``callback.py``
+#: does not postpone its annotations); to type checkers it is the plain union.
+LengthsArgument = Optional[Annotated[Union[int, Sequence[Optional[int]]], "one length, or one per cycle"]]
 
 
 def _choice(*allowed: str) -> Callable[[str, Any], Any]:

@@ -222,7 +222,7 @@ def test_bert_embeddings_are_left_dense_and_can_be_opted_in_with_include():
     assert list(included.selected) == embeddings[:1] and included.input_dims == {embeddings[0]: 1}
 
 
-def test_transformers_layers_are_recognised_by_name_so_the_package_never_imports_transformers():
+def test_transformers_layers_are_recognised_by_name_so_only_the_transformers_door_imports_transformers():
     class Conv1D(nn.Module):  # what transformers.pytorch_utils.Conv1D looks like from outside
         def __init__(self) -> None:
             super().__init__()
@@ -233,6 +233,8 @@ def test_transformers_layers_are_recognised_by_name_so_the_package_never_imports
     assert selection.input_dims == {"0.weight": 0} and selection.layer_types == {"0.weight": "Conv1D"}
     package = Path(lightning_dsd.__file__).parent
     for source in package.glob("*.py"):
+        if source.name == "huggingface.py":  # the transformers door, behind the `transformers` extra
+            continue
         for node in ast.walk(ast.parse(source.read_text())):
             imported = [a.name for a in node.names] if isinstance(node, ast.Import) else (
                 [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
