@@ -40,6 +40,9 @@ from lightning_dsd.state import CheckpointStateError  # noqa: E402
 
 ROOT = Path(__file__).parents[1]
 
+#: Where rank-zero messages go; helpers.py (imported by other test modules) raises its level to WARNING.
+RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+
 
 class Tokens(Dataset):
     """Random token sequences, as language-model examples or (``classes``) labelled for classification."""
@@ -432,7 +435,7 @@ def test_a_checkpoint_saved_without_dsd_is_joined_and_the_phases_count_from_its_
         def on_step_end(self, args, state, control, **kwargs):
             seen[state.global_step] = dsd.phase.value
 
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger=RANK_ZERO_LOGGER):
         Trainer(model=gpt2(), args=args, train_dataset=Tokens(), callbacks=[dsd, Phases()]).train(
             resume_from_checkpoint=True)
     assert seen == {3: "dense", 4: "sparse", 5: "sparse", 6: "redense"}
@@ -516,7 +519,7 @@ def test_reports_reach_the_trainers_tensorboard_run_and_every_integration_throug
 
 
 def test_with_report_to_none_dsd_says_once_what_it_skips(tmp_path, caplog):
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger=RANK_ZERO_LOGGER):
         dsd = DSDTrainerCallback(0.5, 1, 1, 1, interval="step")
         Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=3), train_dataset=Tokens(), callbacks=[dsd]).train()
     said = [r.getMessage() for r in caplog.records if "logs nothing (report_to='none')" in r.getMessage()]
@@ -539,7 +542,7 @@ def test_bert_with_a_frozen_base_prunes_only_what_trains_and_says_the_base_stays
         def on_step_end(self, args, state, control, **kwargs):
             pruned.update(dsd.masks)
 
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger=RANK_ZERO_LOGGER):
         Trainer(model=model, args=arguments(tmp_path, max_steps=4), train_dataset=Tokens(classes=3),
                 callbacks=[dsd, Pruned()]).train()
     assert sorted(pruned) == ["bert.pooler.dense.weight", "classifier.weight"]
