@@ -27,12 +27,11 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dsd.arguments import SparsityValue, check_bool, check_choice
-from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
+from lightning_dsd.door import ReadsEngine, shape_lazy_modules
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
 from lightning_dsd.options import LengthsArgument, check_options, door_options
 from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
-from lightning_dsd.state import CheckpointStateError
 from lightning_dsd.trainer_limits import warn_if_schedule_does_not_fit
 from lightning_dsd.trainer_output import ProgressBarPhase, TrainerSink, output_directory
 
@@ -231,7 +230,11 @@ class DSDCallback(ReadsEngine, Callback):
         # built there, meta-device weights materialized there, FSDP2/TP sharding) and the strategy's own set-up.
         # A checkpoint's DSD state read before this point (every strategy but ModelParallelStrategy restores
         # callbacks earlier) is checked and taken now, against these targets.
-        _materialize_lazy_modules(pl_module)
+        if uninitialized_parameters(pl_module):  # shaped as Lightning's model summary shapes them
+            example = pl_module.example_input_array
+            transferred = None if example is None else pl_module._apply_batch_transfer_handler(example)
+            shape_lazy_modules(pl_module, transferred, "DSDCallback", "before `trainer.fit`, or set"
+                               " `self.example_input_array` in the LightningModule so DSD can run it")
         self._engine.bind(pl_module)
         self._bound_this_fit = True
         if self._pending_state is not None:
@@ -259,7 +262,7 @@ class DSDCallback(ReadsEngine, Callback):
         share); let DSD join, from now, a run resumed from a checkpoint without DSD state."""
         engine = self._engine
         if self._state_loaded_this_fit:
-            self._check_restored_state(trainer)
+            engine.check_restored(self._now(trainer))
             return
         if self._schedule_completed:
             raise RuntimeError(
@@ -278,25 +281,6 @@ class DSDCallback(ReadsEngine, Callback):
             )
         if self._trained_with is None and self._now(trainer) > 0:
             self._engine.join(self._now(trainer), "the checkpoint holds no DSD state")
-
-    def _check_restored_state(self, trainer: "pl.Trainer") -> None:
-        """Refuse a restored DSD state that contradicts the checkpoint's own Trainer state and weights: a phase
-        begun after the epoch or step the Trainer resumes at, or masks that prune weights the restored model
-        holds as non-zero (the state of another run, or damaged)."""
-        now, started_at = self._now(trainer), self._engine.schedule.started_at
-        if started_at > now:
-            raise CheckpointStateError(
-                f"its `schedule.started_at` is {self.interval} {started_at}, after {self.interval} {now}, where the"
-                " Trainer resumes from the same checkpoint"
-            )
-        live = self._engine.pruned_but_nonzero()
-        if live:
-            listed = ", ".join(f"`{name}`: {count}" for name, count in live.items())
-            raise CheckpointStateError(
-                f"its masks prune weights that the checkpoint's model holds as non-zero ({listed}), while a sparse"
-                " phase keeps every pruned weight at exactly zero: the DSD state and the weights come from different"
-                " runs, or one of them is damaged"
-            )
 
     def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init
@@ -437,28 +421,3 @@ class DSDCallback(ReadsEngine, Callback):
 _WEIGHT_AVERAGING: tuple[type, ...] = tuple(
     cls for cls in (StochasticWeightAveraging, getattr(pl.callbacks, "WeightAveraging", None)) if cls is not None
 )
-
-
-def _materialize_lazy_modules(pl_module: "pl.LightningModule") -> None:
-    """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example_input_array``, moved to
-    the module's device and run in evaluation mode without gradients, as Lightning's model summary runs it (so
-    no BatchNorm statistic or dropout draw is spent on it); without it, refuse with what to do."""
-    if not uninitialized_parameters(pl_module):
-        return
-    if pl_module.example_input_array is None:
-        refuse_lazy_modules(pl_module, "DSDCallback", "before `trainer.fit`, or set `self.example_input_array` in"
-                            " the LightningModule so DSD can run it")
-    example = pl_module._apply_batch_transfer_handler(pl_module.example_input_array)
-    modes = {module: module.training for module in pl_module.modules()}
-    pl_module.eval()
-    try:
-        with torch.no_grad():
-            if isinstance(example, (list, tuple)):
-                pl_module(*example)
-            elif isinstance(example, dict):
-                pl_module(**example)
-            else:
-                pl_module(example)
-    finally:
-        for module, training in modes.items():
-            module.training = training

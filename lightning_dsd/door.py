@@ -10,8 +10,9 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Union
+from typing import Any, Union
 
+import torch
 from torch import Tensor, nn
 
 from lightning_dsd.engine import DSDEngine
@@ -72,6 +73,29 @@ class ReadsEngine(ReadsOptions):
         """Whether the schedule has reached its last phase: the final re-dense, or the final sparse phase when
         ``final_sparse_epochs`` is set (the run ends sparse)."""
         return self._engine.schedule.is_last
+
+
+def shape_lazy_modules(model: nn.Module, example: Any, owner: str, remedy: str) -> None:
+    """Shape lazy modules (``nn.LazyLinear``, ...) with one forward pass of ``example`` (on the model's device),
+    in evaluation mode without gradients, so no BatchNorm statistic or dropout draw is spent on it; with no
+    example, refuse as :func:`refuse_lazy_modules` does."""
+    if not uninitialized_parameters(model):
+        return
+    if example is None:
+        refuse_lazy_modules(model, owner, remedy)
+    modes = {module: module.training for module in model.modules()}
+    model.eval()
+    try:
+        with torch.no_grad():
+            if isinstance(example, (list, tuple)):
+                model(*example)
+            elif isinstance(example, dict):
+                model(**example)
+            else:
+                model(example)
+    finally:
+        for module, training in modes.items():
+            module.training = training
 
 
 def refuse_lazy_modules(model: nn.Module, owner: str, remedy: str) -> None:

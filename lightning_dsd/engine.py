@@ -63,7 +63,7 @@ from lightning_dsd.sharding import (
     refuse_flat_shards,
     reshard_gathered,
 )
-from lightning_dsd.state import RunConfig, decode_state, encode_state
+from lightning_dsd.state import CheckpointStateError, RunConfig, decode_state, encode_state
 from lightning_dsd.version import __version__
 
 #: A transition warns when a tensor has at least this share of its output units cut off from every input.
@@ -391,6 +391,24 @@ class DSDEngine:
         self._constraint.attach(self.training.optimizers)
         self._restored_masks = None
         self._weights_changed()
+
+    def check_restored(self, now: int) -> None:
+        """Refuse a restored state that contradicts the checkpoint's own clock and weights (``now``: where the
+        training resumes from the same checkpoint): a phase begun after ``now``, or masks that prune weights the
+        restored model holds as non-zero (the state of another run, or damaged). A collective for sharded
+        weights."""
+        unit, started_at = self.options.interval, self.schedule.started_at
+        if started_at > now:
+            raise CheckpointStateError(f"its `schedule.started_at` is {unit} {started_at}, after {unit} {now}, where"
+                                       " the training resumes from the same checkpoint")
+        live = self.pruned_but_nonzero()
+        if live:
+            listed = ", ".join(f"`{name}`: {count}" for name, count in live.items())
+            raise CheckpointStateError(
+                f"its masks prune weights that the checkpoint's model holds as non-zero ({listed}), while a sparse"
+                " phase keeps every pruned weight at exactly zero: the DSD state and the weights come from different"
+                " runs, or one of them is damaged"
+            )
 
     @torch.no_grad()
     def pruned_but_nonzero(self) -> dict[str, int]:

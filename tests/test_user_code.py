@@ -629,7 +629,7 @@ def _mid_sparse_checkpoint(tmp_path: Path) -> Path:
     ("damage", "message"),
     [
         (lambda c: c["callbacks"]["DSDCallback"]["schedule"].update(started_at=100),
-         r"`schedule.started_at` is epoch 100, after epoch 2, where the Trainer resumes"),
+         r"`schedule.started_at` is epoch 100, after epoch 2, where the training resumes"),
         (lambda c: c["state_dict"]["net.1.weight"].fill_(1.0),
          r"its masks prune weights that the checkpoint's model holds as non-zero \(`net.1.weight`: 768\)"),
     ],
