@@ -233,3 +233,21 @@ def run_worker(script: Path, out: Path, *args: str, ranks: int) -> list[dict]:
                          capture_output=True, text=True)
     assert run.returncode == 0, f"{script.name} failed ({run.returncode}):\n{run.stdout[-3000:]}\n{run.stderr[-5000:]}"
     return [torch.load(out / f"rank{rank}.pt", weights_only=False) for rank in range(ranks)]
+
+
+def timm_schedulers() -> Any:
+    """timm's own ``timm.scheduler`` package, imported without running ``timm/__init__.py``, which imports
+    timm's models and so torchvision (whose registry build does not load with a CPU torch). The scheduler
+    modules import only torch, numpy and each other: this is timm's real code, unchanged."""
+    import importlib
+    import importlib.util
+    import types
+
+    if "timm" not in sys.modules:
+        spec = importlib.util.find_spec("timm")
+        if spec is None or not spec.submodule_search_locations:
+            raise ModuleNotFoundError("timm is not installed: `pip install --no-deps 'timm>=1.0'`")
+        package = types.ModuleType("timm")
+        package.__path__ = list(spec.submodule_search_locations)
+        sys.modules["timm"] = package
+    return importlib.import_module("timm.scheduler")
