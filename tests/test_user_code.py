@@ -480,14 +480,14 @@ class TunableClassifier(BuiltInConfigureModel):
         return make_loader(n=32, seed=1, batch_size=self.batch_size)
 
 
-def test_the_tuner_then_fit_runs_the_schedule_from_the_start():
+def test_the_tuner_then_fit_runs_the_schedule_from_the_start(tmp_path):
     from lightning.pytorch.tuner import Tuner
 
     dsd = DSDCallback(0.5, 1, 1, 1)
     recorder = StepRecorder(dsd)
     with seeded():
         model = TunableClassifier()
-    trainer = make_trainer([dsd, recorder], max_epochs=3, default_root_dir=None)
+    trainer = make_trainer([dsd, recorder], max_epochs=3, default_root_dir=tmp_path)  # the Tuner saves there
     tuner = Tuner(trainer)
     tuner.scale_batch_size(model, mode="power", max_trials=2, steps_per_trial=1)
     tuner.lr_find(model, num_training=4, min_lr=1e-3, max_lr=1e-1)
