@@ -33,7 +33,6 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_dsd.callback import DSDCallback
 from lightning_dsd.compare import compare
-from lightning_dsd.lr import scale_learning_rates
 from lightning_dsd.phases import Phase
 from lightning_dsd.sensitivity import accuracy as sensitivity_accuracy
 
@@ -196,16 +195,17 @@ def _trainer(epochs: int, callbacks: list, logger, progress: bool) -> pl.Trainer
 def train_dsd(
     data: Data, model: str, sparsity: float, epochs: Sequence[int], seed: int, batch_size: int = 128,
     lr: float = 3e-3, log_dir: Optional[str] = None, progress: bool = False, arm: Optional[str] = None,
+    run: Optional[tuple[str, Optional[str]]] = None,
 ) -> RunResult:
     """Train ``model`` with DSD for ``epochs`` = (dense, sparse, re-dense); return the test accuracies. With
-    ``arm`` (a key of :data:`ARM_OPTIONS`) it runs that arm, logged as the run ``arms/<arm>_seed<seed>``, without
-    the five-panel figures."""
+    ``arm`` (a key of :data:`ARM_OPTIONS`) it runs that arm, without the five-panel figures, logged as the run
+    ``run`` (TensorBoard's name and version; by default ``arms/<arm>_seed<seed>``)."""
     pl.seed_everything(seed, verbose=False)
     module = Classifier(build_network(model, data.length, data.classes), data.classes, lr=lr)
     arm_options = {} if arm is None else {**ARM_OPTIONS[arm], "figure_layers": 0}  # the figures cost most of a run
     dsd = DSDCallback(sparsity, *epochs, **arm_options)
     phases = PhaseAccuracy(dsd, data.test)
-    name, version = ("dsd", None) if arm is None else ("arms", f"{arm}_seed{seed}")
+    name, version = run or (("dsd", None) if arm is None else ("arms", f"{arm}_seed{seed}"))
     logger: Union[TensorBoardLogger, bool] = TensorBoardLogger(log_dir, name=name, version=version) if log_dir else (
         False)
     trainer = _trainer(sum(epochs), [dsd, phases], logger, progress)
@@ -213,34 +213,6 @@ def train_dsd(
     trainer.fit(module, loader, _validation_loader(data, log_dir))
     return RunResult(accuracy(module, data.test), phases.at_phase_end, phases.mean_abs_at_phase_end,
                      logger.log_dir if isinstance(logger, TensorBoardLogger) else None)
-
-
-class LearningRateDrop(pl.Callback):
-    """The paper's "LLR" control: the same learning-rate drop as DSD's re-dense, with no pruning at all."""
-
-    def __init__(self, at_epochs: Union[int, Sequence[int]], factor: float) -> None:
-        self.at_epochs = {at_epochs} if isinstance(at_epochs, int) else set(at_epochs)
-        self.factor = factor
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if trainer.current_epoch in self.at_epochs:
-            scale_learning_rates(trainer.optimizers, [c.scheduler for c in trainer.lr_scheduler_configs], self.factor)
-
-
-def train_dense(
-    data: Data, model: str, epochs: int, seed: int, batch_size: int = 128, lr: float = 3e-3,
-    lr_drop_at: Optional[int] = None, progress: bool = False, log_dir: Optional[str] = None,
-) -> RunResult:
-    """The baseline: the same model, data order and budget, no DSD (optionally the LLR drop). With
-    ``log_dir`` it is logged as the run ``dense_baseline`` beside DSD's, with the same tags."""
-    pl.seed_everything(seed, verbose=False)
-    module = Classifier(build_network(model, data.length, data.classes), data.classes, lr=lr)
-    callbacks = [LearningRateDrop(lr_drop_at, 0.1)] if lr_drop_at is not None else []
-    logger: Union[TensorBoardLogger, bool] = TensorBoardLogger(log_dir, name="dense_baseline") if log_dir else False
-    loader = DataLoader(data.train, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(seed))
-    _trainer(epochs, callbacks, logger, progress).fit(module, loader, _validation_loader(data, log_dir))
-    return RunResult(accuracy(module, data.test), log_dir=logger.log_dir if isinstance(logger, TensorBoardLogger)
-                     else None)
 
 
 def _validation_loader(data: Data, log_dir: Optional[str]) -> Optional[DataLoader]:
@@ -280,7 +252,8 @@ def run_demo(argv: Optional[Sequence[str]] = None) -> dict[str, float]:
           f"sparsity {args.sparsity}, epochs dense/sparse/re-dense = {'/'.join(map(str, args.epochs))}")
     dsd = train_dsd(data, args.model, args.sparsity, args.epochs, args.seed, log_dir=args.output, progress=True)
     print(f"Baseline: dense for the same {total} epochs")
-    baseline = train_dense(data, args.model, total, args.seed, progress=True, log_dir=args.output)
+    baseline = train_dsd(data, args.model, args.sparsity, args.epochs, args.seed, log_dir=args.output, progress=True,
+                         arm="dense", run=("dense_baseline", None))  # the same budget, nothing pruned, no LR drop
     rows = {
         "after dense": dsd.phase_accuracy[Phase.DENSE.value],
         "after sparse": dsd.phase_accuracy[Phase.SPARSE.value],

@@ -75,8 +75,8 @@ def test_tensorboard_serves_both_runs_their_accuracy_and_the_transition_notes(tm
             assert len(accuracies) == 6 and all(0.5 < value <= 1 for _, _, value in accuracies), run
         assert {"dsd/phase", "dsd/sparsity", "dsd_lr/optimizer0_group0"} <= set(scalars[runs[0]])
         text_tags = get_json("/data/plugin/text/tags")
-        assert {run: sorted(tags) for run, tags in text_tags.items()} == {
-            runs[0]: ["dsd/run/text_summary", "dsd/transitions/text_summary"]}  # the run's record, the notes
+        assert {run: sorted(tags) for run, tags in text_tags.items()} == {  # each run's record, the notes
+            run: ["dsd/run/text_summary", "dsd/transitions/text_summary"] for run in runs}
         query = urllib.parse.urlencode({"run": runs[0], "tag": "dsd/transitions/text_summary"})
         notes = get_json(f"/data/plugin/text/text?{query}")
         assert [note["step"] for note in notes] == [24, 48]  # 12 steps an epoch, transitions after epochs 2 and 4
