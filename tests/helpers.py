@@ -141,6 +141,8 @@ class StepRecorder(pl.Callback):
         masks = self.dsd.masks
         params = dict(self.module.named_parameters())
         zeros_hold = all(bool((params[name][~mask] == 0).all()) for name, mask in masks.items())
+        if self.dsd.phase is Phase.SPARSE and self.dsd.options.prune and not masks:
+            zeros_hold = False  # a sparse phase without masks holds no zeros: never count it as holding them
         self.steps.append((self.dsd.phase.value, self.dsd.cycle, zeros_hold))
         if self.dsd.phase is Phase.SPARSE:
             first = self.masks_seen.setdefault(self.dsd.cycle, {n: m.clone() for n, m in masks.items()})
