@@ -35,9 +35,7 @@ class ForwardProbe:
             module.register_forward_pre_hook(self._check)
 
     def _check(self, module, args) -> None:
-        params = dict(self.model.named_parameters())
-        zeros = all(bool((params[name][~keep] == 0).all()) for name, keep in self.door.masks.items())
-        self.forwards.append((self.door.phase_label, module.training, zeros))
+        self.forwards.append((self.door.phase_label, module.training, _zeros_hold(self.model, self.door)))
 
     def final(self, training: bool) -> list[bool]:
         return [zeros for label, mode, zeros in self.forwards if label == "final sparse" and mode == training]
@@ -74,8 +72,11 @@ def _loop_train(model, optimizer, dsd, epochs, probe=None, on_epoch_end=None, be
 
 
 def _zeros_hold(model: nn.Module, door) -> bool:
-    params = dict(model.named_parameters())
-    return all(bool((params[name][~keep] == 0).all()) for name, keep in door.masks.items())
+    """Every pruned entry is zero; a sparse phase without masks holds no zeros (never counted as holding them)."""
+    params, masks = dict(model.named_parameters()), door.masks
+    if door.phase is Phase.SPARSE and not masks:
+        return False
+    return all(bool((params[name][~keep] == 0).all()) for name, keep in masks.items())
 
 
 def test_a_plain_loop_with_per_cycle_lengths_ends_sparse_with_a_fresh_mask_and_restarted_adam_state():
