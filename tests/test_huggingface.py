@@ -192,7 +192,7 @@ def test_the_extra_installs_transformers_with_accelerate():
     setup.read(ROOT / "setup.cfg")
     extras = setup["options.extras_require"]
     assert "transformers>=5.0" in extras["transformers"] and "accelerate>=" in extras["transformers"]
-    assert "accelerate>=" in extras["test"]
+    assert "lightning-dsd[transformers]" in extras["integrations"] and "integrations" in extras["test"]
 
 
 # ---------------------------------------------------------------------------------------------- options
