@@ -11,7 +11,8 @@ How each event is used (the order is ``Trainer._inner_training_loop``'s):
 * ``on_init_end`` / ``on_train_begin``: refuse FSDP1 and DeepSpeed; choose the targets in the model the
   ``Trainer`` trains; take the optimizer and scheduler it built (accelerate's ``AcceleratedOptimizer`` and
   ``AcceleratedScheduler`` unwrapped, so the engine's hooks sit on the optimizer that steps); on a resume,
-  read and check DSD's state from the checkpoint folder before anything trains.
+  read and check DSD's state from the checkpoint folder before anything trains (and refuse a weights-only
+  checkpoint, ``save_only_model=True``, from a re-dense phase on: see ``_refuse_a_fresh_schedule_after_redense``).
 * ``on_epoch_begin`` / ``on_step_begin``: the transitions now due (``interval="epoch"`` counts the Trainer's
   finished epochs, ``"step"`` its optimizer steps, ``state.global_step``). A transition therefore happens
   before the first forward pass of the next step, so the evaluation and the checkpoint of the step that
@@ -24,15 +25,18 @@ How each event is used (the order is ``Trainer._inner_training_loop``'s):
 * ``on_evaluate``: ``monitor`` (e.g. ``"eval_loss"``) is read from the evaluation's metrics when a phase runs
   until it converges (a length of ``None``).
 * ``on_save``: DSD's state (schedule, masks at 1 bit per weight, configuration) is written as
-  ``dsd_state.pt`` inside the ``checkpoint-<step>`` folder the Trainer just wrote, so it rotates with
-  ``save_total_limit``.
-* ``on_train_end``: the final histograms and the figure.
+  ``dsd_state.pt`` inside the ``checkpoint-<step>`` folder the Trainer just wrote (the trial's folder under
+  hyperparameter search), so it rotates with ``save_total_limit``.
+* ``on_save`` / ``on_step_begin`` / ``on_epoch_begin``, before DSD's last phase (``best_model_phase="final"``):
+  the Trainer's best-model record is emptied once each evaluation has been judged (see the class).
+* ``on_train_end``: the final histograms and the figure, and a report of the model ``train()`` returns (the
+  best checkpoint loaded and its phase, or the last step's; its exact zeros).
 
 **Finding the Trainer.** ``transformers`` hands callbacks ``args``, ``state``, ``control``, the model, its
 optimizer, scheduler and dataloaders, never the ``Trainer``. Two things need it: the ``dsd/*`` scalars go
 through ``Trainer.log`` (so W&B, MLflow, TensorBoard and every other reporting callback receive them, in
 the Trainer's own records ``state.log_history``), and the TensorBoard directory is read from the Trainer's
-``TensorBoardCallback``. At ``on_init_end`` (or the first ``on_train_begin``, for a callback added later)
+``TensorBoardCallback``. At every ``on_train_begin`` (a resume may run the callback in a second Trainer)
 the callback looks up the call stack for the ``Trainer`` whose callback list holds it; it is only read
 and its public ``log`` called. If none is found (a loop driving the callbacks itself), scalars go to
 TensorBoard directly and DSD says so once.
