@@ -11,7 +11,8 @@ How each event is used (the order is ``Trainer._inner_training_loop``'s):
 * ``on_init_end`` / ``on_train_begin``: refuse FSDP1 and DeepSpeed; choose the targets in the model the
   ``Trainer`` trains; take the optimizer and scheduler it built (accelerate's ``AcceleratedOptimizer`` and
   ``AcceleratedScheduler`` unwrapped, so the engine's hooks sit on the optimizer that steps); on a resume,
-  read and check DSD's state from the checkpoint folder before anything trains.
+  read and check DSD's state from the checkpoint folder before anything trains (and refuse a weights-only
+  checkpoint, ``save_only_model=True``, from a re-dense phase on: see ``_refuse_a_fresh_schedule_after_redense``).
 * ``on_epoch_begin`` / ``on_step_begin``: the transitions now due (``interval="epoch"`` counts the Trainer's
   finished epochs, ``"step"`` its optimizer steps, ``state.global_step``). A transition therefore happens
   before the first forward pass of the next step, so the evaluation and the checkpoint of the step that
@@ -24,15 +25,18 @@ How each event is used (the order is ``Trainer._inner_training_loop``'s):
 * ``on_evaluate``: ``monitor`` (e.g. ``"eval_loss"``) is read from the evaluation's metrics when a phase runs
   until it converges (a length of ``None``).
 * ``on_save``: DSD's state (schedule, masks at 1 bit per weight, configuration) is written as
-  ``dsd_state.pt`` inside the ``checkpoint-<step>`` folder the Trainer just wrote, so it rotates with
-  ``save_total_limit``.
-* ``on_train_end``: the final histograms and the figure.
+  ``dsd_state.pt`` inside the ``checkpoint-<step>`` folder the Trainer just wrote (the trial's folder under
+  hyperparameter search), so it rotates with ``save_total_limit``.
+* ``on_save`` / ``on_step_begin`` / ``on_epoch_begin``, before DSD's last phase (``best_model_phase="final"``):
+  the Trainer's best-model record is emptied once each evaluation has been judged (see the class).
+* ``on_train_end``: the final histograms and the figure, and a report of the model ``train()`` returns (the
+  best checkpoint loaded and its phase, or the last step's; its exact zeros).
 
 **Finding the Trainer.** ``transformers`` hands callbacks ``args``, ``state``, ``control``, the model, its
 optimizer, scheduler and dataloaders, never the ``Trainer``. Two things need it: the ``dsd/*`` scalars go
 through ``Trainer.log`` (so W&B, MLflow, TensorBoard and every other reporting callback receive them, in
 the Trainer's own records ``state.log_history``), and the TensorBoard directory is read from the Trainer's
-``TensorBoardCallback``. At ``on_init_end`` (or the first ``on_train_begin``, for a callback added later)
+``TensorBoardCallback``. At every ``on_train_begin`` (a resume may run the callback in a second Trainer)
 the callback looks up the call stack for the ``Trainer`` whose callback list holds it; it is only read
 and its public ``log`` called. If none is found (a loop driving the callbacks itself), scalars go to
 TensorBoard directly and DSD says so once.
@@ -74,20 +78,32 @@ from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
-from transformers import Trainer, TrainerCallback, TrainerControl, TrainerState, TrainingArguments
+from transformers import (
+    EarlyStoppingCallback,
+    Trainer,
+    TrainerCallback,
+    TrainerControl,
+    TrainerState,
+    TrainingArguments,
+)
+from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
-from lightning_dsd.arguments import check_bool
+from lightning_dsd.arguments import check_bool, check_choice
 from lightning_dsd.door import ReadsEngine
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.options import KEYWORD_OPTIONS, LengthsArgument, check_options
 from lightning_dsd.phases import Phase
-from lightning_dsd.sharding import from_rank_zero
+from lightning_dsd.sharding import count_zeros, from_rank_zero
 from lightning_dsd.state import CheckpointStateError
 
 #: The file DSD writes inside each ``checkpoint-<step>`` folder.
 STATE_FILE = "dsd_state.pt"
 #: The key of DSD's record in ``TrainerState.stateful_callbacks`` (saved in ``trainer_state.json``).
 RECORD_KEY = "lightning_dsd"
+
+#: ``best_model_phase``: the checkpoints among which the Trainer's best model is chosen.
+BEST_MODEL_PHASES = ("final", "any")
 
 #: The shared keyword options (:data:`~lightning_dsd.options.KEYWORD_OPTIONS`, declared once for every door).
 SHARED_OPTIONS = tuple(KEYWORD_OPTIONS)
@@ -104,6 +120,14 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         sparse_epochs: likewise (one length, or one per cycle).
         redense_epochs: likewise (one length, or one per cycle).
         stop_at_end: set ``control.should_training_stop`` when the last phase ends.
+        best_model_phase: where the Trainer's best model (``metric_for_best_model``: ``load_best_model_at_end``,
+            ``save_strategy="best"``, ``EarlyStoppingCallback``) is chosen. ``"final"`` (the default): among the
+            checkpoints of DSD's last phase only, DSD's result, as ``FinalPhaseCheckpoint`` does under Lightning.
+            Before that phase the Trainer's best-model record (``state.best_metric``, ``best_global_step``,
+            ``best_model_checkpoint``) is held empty after each evaluation, so no dense or sparse checkpoint is
+            loaded at the end or protected from rotation, and ``EarlyStoppingCallback`` (which counts from
+            ``state.best_metric``) cannot stop training before the last phase. ``"any"``: the Trainer's own choice
+            among every checkpoint of the run, whatever its phase.
         **options: every other keyword of :class:`~lightning_dsd.DSDCallback` that the other doors share
             (:data:`SHARED_OPTIONS`: ``final_sparse_epochs``, ``interval``, ``monitor``, ``lr_scale``, ``include``,
             ``exclude``, ``scope``, ``layer_sparsity``, ``redense_state``, the logging options, ...), with the
@@ -125,17 +149,19 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         redense_epochs: LengthsArgument,
         *,
         stop_at_end: bool = True,
+        best_model_phase: str = "final",
         **options: Any,
     ) -> None:
         unknown = sorted(set(options) - set(SHARED_OPTIONS))
         if unknown:
             raise TypeError(
                 f"DSDTrainerCallback got unknown keyword(s) {unknown}. It takes the options DSDCallback shares with"
-                f" the other doors: {list(SHARED_OPTIONS)}, and `stop_at_end`. (`export_sparse` is Lightning's:"
-                " here every `checkpoint-N` folder of the sparse phase holds the sparse model.)"
+                f" the other doors: {list(SHARED_OPTIONS)}, and `stop_at_end`, `best_model_phase`. (`export_sparse`"
+                " is Lightning's: here every `checkpoint-N` folder of the sparse phase holds the sparse model.)"
             )
         self.options = check_options(sparsity, dense_epochs, sparse_epochs, redense_epochs, **options)
         self.stop_at_end = check_bool("stop_at_end", stop_at_end)
+        self.best_model_phase = check_choice("best_model_phase", best_model_phase, BEST_MODEL_PHASES)
         self._engine = DSDEngine(self.options, self, owner="DSDTrainerCallback")
         self._trainer: Optional[Trainer] = None
         self._optimizers: list[Optimizer] = []
@@ -146,6 +172,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self._hooked_cycle: Optional[int] = None
         self._started = False
         self._training = False
+        self._said_no_folder = False
 
     # ------------------------------------------------------------------ what the engine asks of a door
 
@@ -169,12 +196,11 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         check_training_arguments(args)
-        self._trainer = self._trainer or _calling_trainer(self)
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         check_training_arguments(args)
-        self._trainer = self._trainer or _calling_trainer(self)
+        self._trainer = _calling_trainer(self)  # the Trainer that runs now (a resume may be a second one)
         resuming = state.global_step > 0
         if self._started:
             if not resuming:
@@ -199,6 +225,8 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self._sink.say_what_is_skipped()
         _records(state)[RECORD_KEY] = {"token": self._token, "file": STATE_FILE}
         self._warn_if_schedule_does_not_fit(state)
+        self._say_how_the_best_model_is_chosen(args)
+        self._hold_best_model_record(args, state)
         self._started = self._training = True
         self._engine.start_reporting()
         self._engine.resume_sparse_phase()
@@ -217,6 +245,44 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                 " run every phase."
             )
 
+    # ------------------------------------------------------------------ the best model
+
+    def _say_how_the_best_model_is_chosen(self, args: TrainingArguments) -> None:
+        """Once, before training: where the Trainer's best model comes from, and what ``EarlyStoppingCallback``
+        may do to the schedule."""
+        callbacks = self._trainer.callback_handler.callbacks if self._trainer is not None else []
+        early_stopping = any(isinstance(callback, EarlyStoppingCallback) for callback in callbacks)
+        if args.metric_for_best_model is None or self.in_last_phase:
+            return
+        uses = [use for use, on in (("load_best_model_at_end", args.load_best_model_at_end),
+                                    ("save_strategy='best'", args.save_strategy == "best"),
+                                    ("EarlyStoppingCallback", early_stopping)) if on]
+        if self.best_model_phase == "final":
+            rank_zero_info(
+                f"DSDTrainerCallback: the Trainer's best model (`metric_for_best_model={args.metric_for_best_model!r}`"
+                f"{': ' + ', '.join(uses) if uses else ''}) is chosen among the checkpoints of DSD's last phase only"
+                " (best_model_phase='final'): before it, the Trainer's best-model record stays empty after each"
+                " evaluation, so no dense or sparse checkpoint is loaded at the end, and EarlyStoppingCallback cannot"
+                " stop training before the last phase. Pass best_model_phase='any' to choose among every checkpoint."
+            )
+        elif early_stopping:
+            rank_zero_warn(
+                "EarlyStoppingCallback may end training before DSD's last phase (e.g. while the pruned model"
+                " recovers), and with load_best_model_at_end the Trainer then returns its best checkpoint, of whatever"
+                " phase (best_model_phase='any'). To stop each phase when a metric stops improving, give"
+                " DSDTrainerCallback `monitor=` and pass `None` as that phase's length; or keep the default"
+                " best_model_phase='final', under which early stopping counts only in the last phase."
+            )
+
+    def _hold_best_model_record(self, args: TrainingArguments, state: TrainerState) -> None:
+        """Before DSD's last phase (``best_model_phase="final"``), empty the best-model record the Trainer keeps
+        (``_determine_best_metric`` after an evaluation; ``best_model_checkpoint`` set in ``_save_checkpoint``),
+        so that its rotation, its ``save_strategy="best"`` comparisons, ``EarlyStoppingCallback`` and the final
+        ``load_best_model_at_end`` only ever see checkpoints of the last phase. Called before any transition
+        of the step, so an evaluation is judged by the phase it evaluated."""
+        if self.best_model_phase == "final" and args.metric_for_best_model is not None and not self.in_last_phase:
+            state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+
     # ------------------------------------------------------------------ the clock
 
     def _now(self, state: TrainerState) -> int:
@@ -226,12 +292,14 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
 
     def on_epoch_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
+        self._hold_best_model_record(args, state)
         self._engine.advance_if_due(self._now(state))
         self._hook_gradients()
 
     def on_step_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                       **kwargs: Any) -> None:
         self._engine.forget_masked_gradients()
+        self._hold_best_model_record(args, state)
         self._engine.advance_if_due(self._now(state))
         self._hook_gradients()
 
@@ -291,10 +359,51 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                      **kwargs: Any) -> None:
         self._training = False
         self._hook_gradients()
-        self._engine.warn_if_left_sparse(self._now(state), "resume with `trainer.train(resume_from_checkpoint=...)`")
+        loaded = state.best_model_checkpoint if args.load_best_model_at_end else None
+        if loaded is None:
+            self._engine.warn_if_left_sparse(self._now(state),
+                                             "resume with `trainer.train(resume_from_checkpoint=...)`")
         self._engine.training_ended()
+        self._report_the_returned_model(state, loaded)
+        self._hold_best_model_record(args, state)
         if self._sink is not None:
             self._sink.close()
+
+    def _report_the_returned_model(self, state: TrainerState, loaded: Optional[str]) -> None:
+        """Say which model ``train()`` returns: the best checkpoint the Trainer loaded (``load_best_model_at_end``,
+        before ``on_train_end``), with the phase it was saved in (read from its ``dsd_state.pt``), or the last
+        step's; and the exact zeros its targets hold, counted on the model itself."""
+        targets = {name: param.detach() for name, param in self._engine.targets.items()}
+        zeros = sum(count_zeros(targets).values())
+        total = sum(param.numel() for param in targets.values())
+        held = f"its {len(targets)} targeted tensors hold {zeros} exact zeros of {total} weights"
+        if loaded is None:
+            rank_zero_info(f"DSDTrainerCallback: the Trainer returns the model of the last step ({state.global_step}),"
+                           f" in the {self.phase_label} phase of cycle {self.cycle}; {held}.")
+            return
+        saved_in, in_last_phase = self._phase_of_checkpoint(loaded)
+        message = (f"DSDTrainerCallback: the Trainer returns its best checkpoint (load_best_model_at_end), {loaded},"
+                   f" saved {saved_in}; {held}. DSD's schedule itself stopped at step {state.global_step} in the"
+                   f" {self.phase_label} phase of cycle {self.cycle}.")
+        if in_last_phase:
+            rank_zero_info(message)
+        else:
+            rank_zero_warn(f"{message} This model is not DSD's result, a model of its last phase: keep"
+                           " best_model_phase='final' (the default) to choose the best model among those only.")
+
+    def _phase_of_checkpoint(self, folder: str) -> tuple[str, bool]:
+        """Where ``folder``'s ``dsd_state.pt`` places it (``"at step N in the sparse phase of cycle 0"``), and
+        whether that is the schedule's last phase."""
+        path = os.path.join(folder, STATE_FILE)
+        stages = self._engine.schedule.stages
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            index = int(saved["dsd"]["schedule"]["index"])
+            stage, step = stages[index], saved["global_step"]
+        except Exception as error:  # no DSD state there (saved before DSD joined the run), or a foreign file
+            return f"without a readable DSD state ({path}: {type(error).__name__}), in no phase DSD knows", False
+        last = index == len(stages) - 1
+        return f"at step {step} in the {stage.phase.value} phase of cycle {stage.cycle}{' (the last)' * last}", last
 
     # ------------------------------------------------------------------ checkpoints
 
@@ -302,12 +411,33 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                 **kwargs: Any) -> None:
         """Write DSD's state into the folder the Trainer has just saved (every rank builds it: a collective
         for sharded weights; the rank that saves writes it, through a temporary file)."""
+        self._hold_best_model_record(args, state)
         saved = {"dsd": self._engine.state_dict(), "global_step": state.global_step, "token": self._token}
-        folder = checkpoint_folder(args, state.global_step)
-        if args.should_save and os.path.isdir(folder):
-            path = os.path.join(folder, STATE_FILE)
-            torch.save(saved, path + ".tmp")
-            os.replace(path + ".tmp", path)
+        folder = checkpoint_folder(self._run_directory(args), state.global_step)
+        if not args.should_save:
+            return
+        if not os.path.isdir(folder):
+            if not self._said_no_folder:
+                self._said_no_folder = True
+                rank_zero_warn(
+                    f"DSDTrainerCallback did not find the checkpoint the Trainer has just saved at step"
+                    f" {state.global_step}: there is no folder {folder}, so DSD's state ({STATE_FILE}) is not saved"
+                    " with it and a resume from it will be refused. Save checkpoints where the Trainer's"
+                    " `_save_checkpoint` does (`output_dir`, or the trial's folder under hyperparameter search)."
+                )
+            return
+        path = os.path.join(folder, STATE_FILE)
+        torch.save(saved, path + ".tmp")
+        os.replace(path + ".tmp", path)
+
+    def _run_directory(self, args: TrainingArguments) -> str:
+        """The folder the Trainer saves its ``checkpoint-<step>`` folders in, as its ``_save_checkpoint``
+        computes it (``Trainer._get_output_dir``): ``output_dir``, or the trial's folder under it during a
+        ``hyperparameter_search``; ``output_dir`` when no Trainer was found."""
+        output_dir = getattr(self._trainer, "_get_output_dir", None)
+        if output_dir is None:
+            return str(args.output_dir)
+        return str(output_dir(getattr(self._trainer, "_trial", None)))
 
     def _restore(self, args: TrainingArguments, state: TrainerState) -> Optional[str]:
         """Find, read and check the DSD state of the checkpoint the Trainer restored (see the module
@@ -323,7 +453,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                 f"its trainer_state.json holds {record!r} under `stateful_callbacks[{RECORD_KEY!r}]`, expected"
                 " DSD's record, a mapping with a `token` string"
             )
-        folders = [checkpoint_folder(args, step)]
+        folders = [checkpoint_folder(self._run_directory(args), step)]
         if isinstance(args.resume_from_checkpoint, str):
             folders.insert(0, args.resume_from_checkpoint)
         found = []
@@ -343,6 +473,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                 found.append(f"{path}: saved at step {saved.get('global_step')!r} by run {saved.get('token')!r}")
                 continue
             self._engine.load_state_dict(saved["dsd"])
+            self._refuse_a_fresh_schedule_after_redense(folder)
             rank_zero_info(f"DSDTrainerCallback resumed the {self.phase_label} phase at step {step} from {path}.")
             return token
         raise CheckpointStateError(
@@ -350,6 +481,27 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
             f" found ({'; '.join(found)})",
             "Resume from a checkpoint folder under `output_dir`, or name the folder with"
             " `TrainingArguments(resume_from_checkpoint=...)` as well as in `train(...)`.",
+        )
+
+
+    def _refuse_a_fresh_schedule_after_redense(self, folder: str) -> None:
+        """Refuse, before any step, to resume at or after a re-dense phase from a checkpoint without optimizer
+        and scheduler state (``save_only_model=True``): the Trainer would build a fresh learning-rate schedule,
+        without the ``lr_scale`` drop DSD made at re-dense, and the re-dense phase would train at the unscaled
+        rate. A dense or sparse phase before any re-dense is resumed: DSD has scaled no learning rate yet, and
+        the masks do not depend on the optimizer."""
+        schedule = self._engine.schedule
+        scaled = [stage for stage in schedule.stages[:schedule.index + 1] if stage.phase is Phase.REDENSE]
+        if not scaled or self.lr_scale == 1 or holds_optimizer_and_scheduler(folder):
+            return
+        raise CheckpointStateError(
+            f"{folder} holds no optimizer and scheduler state (no {OPTIMIZER_NAME} and {SCHEDULER_NAME}: it was saved"
+            f" with `save_only_model=True`), so the Trainer would start a fresh learning-rate schedule; but the"
+            f" checkpoint is in the {self.phase_label} phase of cycle {self.cycle}, after DSD multiplied the learning"
+            f" rate by lr_scale={self.lr_scale:g} at the re-dense phase of cycle {scaled[0].cycle}, and the"
+            " re-dense phase would train at the unscaled rate",
+            "Resume from a checkpoint saved with `save_only_model=False` (the default), or from a checkpoint of a"
+            " dense or sparse phase before the first re-dense, where no learning rate has been scaled yet.",
         )
 
 
@@ -491,9 +643,25 @@ def check_training_arguments(args: TrainingArguments) -> None:
             )
 
 
-def checkpoint_folder(args: TrainingArguments, step: int) -> str:
-    """The folder the Trainer saves step ``step`` in (``_save_checkpoint``'s ``output_dir/checkpoint-<step>``)."""
-    return os.path.join(str(args.output_dir), f"checkpoint-{step}")
+def checkpoint_folder(run_directory: str, step: int) -> str:
+    """The folder the Trainer saves step ``step`` in (``_save_checkpoint``'s ``<run directory>/checkpoint-<step>``).
+
+    Examples:
+        >>> checkpoint_folder("out", 12)
+        'out/checkpoint-12'
+    """
+    return os.path.join(run_directory, f"{PREFIX_CHECKPOINT_DIR}-{step}")
+
+
+def holds_optimizer_and_scheduler(folder: str) -> bool:
+    """Whether the Trainer restores its optimizer and scheduler from ``folder``: the test of its
+    ``_load_optimizer_and_scheduler`` (an optimizer file or folder, and ``scheduler.pt``). A checkpoint saved with
+    ``save_only_model=True`` holds neither: the Trainer then builds a fresh optimizer and learning-rate schedule."""
+    optimizer = (os.path.isfile(os.path.join(folder, OPTIMIZER_NAME))
+                 or os.path.isfile(os.path.join(folder, OPTIMIZER_NAME_BIN))
+                 or any(OPTIMIZER_NAME_BIN.split(".")[0] in name and os.path.isdir(os.path.join(folder, name))
+                        for name in os.listdir(folder)))
+    return optimizer and os.path.isfile(os.path.join(folder, SCHEDULER_NAME))
 
 
 def _records(state: TrainerState) -> dict[str, Any]:
