@@ -172,6 +172,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self._hooked_cycle: Optional[int] = None
         self._started = False
         self._training = False
+        self._trial: Any = None  # the hyperparameter-search trial of the last `train()`
         self._said_no_folder = False
 
     # ------------------------------------------------------------------ what the engine asks of a door
@@ -202,13 +203,19 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         check_training_arguments(args)
         self._trainer = _calling_trainer(self)  # the Trainer that runs now (a resume may be a second one)
         resuming = state.global_step > 0
+        trial = getattr(self._trainer, "_trial", None)  # set for each run of `hyperparameter_search`
+        new_trial, self._trial = trial is not None and trial is not self._trial, trial
         if self._started:
-            if not resuming:
+            if not resuming and not new_trial:
                 raise RuntimeError(
                     "This DSDTrainerCallback already ran in an earlier `train()`, so a new one from step 0 would"
                     " start in the middle of its schedule. Give the Trainer a new DSDTrainerCallback(...), or"
                     " resume with `trainer.train(resume_from_checkpoint=...)`."
                 )
+            if new_trial:
+                name = state.trial_name or getattr(trial, "number", None)  # an Optuna trial's number
+                rank_zero_info("DSDTrainerCallback starts its schedule afresh for a new trial of the hyperparameter"
+                               f" search{'' if name is None else f' ({name})'}.")
             self._engine = DSDEngine(self.options, self, owner="DSDTrainerCallback")
         model = kwargs.get("model")
         if not isinstance(model, nn.Module):

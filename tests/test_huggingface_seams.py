@@ -29,7 +29,6 @@ from test_huggingface import (  # noqa: E402
     weights,
 )
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback  # noqa: E402
-from transformers.trainer_utils import HPSearchBackend  # noqa: E402
 
 from lightning_dsd.huggingface import STATE_FILE, DSDTrainerCallback  # noqa: E402
 from lightning_dsd.state import CheckpointStateError  # noqa: E402
@@ -242,26 +241,35 @@ def test_a_callback_reused_by_a_second_trainer_logs_into_that_trainer_at_its_ste
 # ---------------------------------------------------------------------------------------------- trial folders
 
 
-class Trial(dict):
-    """What the Trainer reads of an Optuna trial (optuna is not installed here): its number and parameters. A dict,
-    so ``hp_params`` (which accepts dicts when wandb is installed) takes it."""
+class PhasesPerTrial(TrainerCallback):
+    """The DSD phase of each optimizer step, one list per `train()` (each trial of a search)."""
 
-    number = 3
-    params: dict = {}
+    def __init__(self, dsd: DSDTrainerCallback) -> None:
+        self.dsd, self.seen = dsd, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.seen.append([])
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.seen[-1].append(self.dsd.phase.value)
 
 
 @pytest.mark.slow
-def test_under_hyperparameter_search_dsd_state_is_written_into_the_trials_checkpoint_folder(tmp_path):
-    pytest.importorskip("wandb")  # transformers' hp_params accepts a dict trial only with a backend installed
+def test_a_hyperparameter_search_runs_the_whole_schedule_in_every_trial_and_saves_into_each_trials_folder(tmp_path):
+    pytest.importorskip("optuna")
     dsd = DSDTrainerCallback(0.5, 1, 2, 1, interval="step")
-    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, max_steps=4, save_strategy="steps", save_steps=2),
-                      train_dataset=Tokens(), callbacks=[dsd])
-    trainer.hp_search_backend, trainer.hp_space = HPSearchBackend.OPTUNA, lambda trial: {}
-    trainer.train(trial=Trial())
-    trial_folder = tmp_path / "run-3"  # Trainer._get_output_dir: output_dir/run-<trial.number>
-    assert sorted(p.name for p in trial_folder.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
-    saved = torch.load(trial_folder / "checkpoint-2" / STATE_FILE, weights_only=True)
-    assert saved["global_step"] == 2 and saved["dsd"]["masks"]
+    phases = PhasesPerTrial(dsd)
+    trainer = Trainer(model_init=gpt2, args=arguments(tmp_path, max_steps=4, save_strategy="steps", save_steps=2),
+                      train_dataset=Tokens(), eval_dataset=Tokens(n=8), callbacks=[dsd, phases])
+    trainer.hyperparameter_search(
+        hp_space=lambda trial: {"learning_rate": trial.suggest_float("learning_rate", 1e-3, 1e-2, log=True)},
+        backend="optuna", n_trials=2, direction="minimize")
+    assert phases.seen == [["dense", "sparse", "sparse", "redense"]] * 2  # each trial, from its start
+    for trial in ("run-0", "run-1"):  # Trainer._get_output_dir: output_dir/run-<trial.number>
+        folder = tmp_path / trial
+        assert sorted(p.name for p in folder.glob("checkpoint-*")) == ["checkpoint-2", "checkpoint-4"]
+        saved = torch.load(folder / "checkpoint-2" / STATE_FILE, weights_only=True)
+        assert saved["global_step"] == 2 and saved["dsd"]["masks"]
     assert not list(tmp_path.glob("checkpoint-*"))
 
 
