@@ -27,12 +27,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dsd.arguments import SparsityValue, check_bool, check_choice
-from lightning_dsd.door import ReadsEngine, shape_lazy_modules
+from lightning_dsd.door import ReadsEngine, shape_lazy_modules, warn_if_schedule_does_not_fit
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
 from lightning_dsd.options import LengthsArgument, check_options, door_options
 from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
-from lightning_dsd.trainer_limits import warn_if_schedule_does_not_fit
+from lightning_dsd.trainer_limits import training_limit
 from lightning_dsd.trainer_output import ProgressBarPhase, TrainerSink, output_directory
 
 
@@ -282,6 +282,26 @@ class DSDCallback(ReadsEngine, Callback):
         if self._trained_with is None and self._now(trainer) > 0:
             self._engine.join(self._now(trainer), "the checkpoint holds no DSD state")
 
+    def _check_monitor_is_read(self, trainer: "pl.Trainer") -> None:
+        """Without a validation loop, a metric that a phase waits for can only be logged in training: refuse when
+        DSD would never read it (it reads after each validation, with ``check_val_every_n_epoch`` or
+        ``val_check_interval`` set), warn otherwise (``training_step`` may log it)."""
+        if trainer.enable_validation:
+            return
+        no_validation = ("this Trainer runs no validation loop (no `val_dataloader` with a `validation_step`, or"
+                         " `limit_val_batches=0`)")
+        if self._check_on_train_epoch_end:
+            self._engine.check_metric_source(
+                False, f"{no_validation}, so the metric can only come from what the LightningModule logs in training",
+                f"Log it there (`self.log({self.monitor!r}, ...)` in `training_step`) or add a validation loop: DSD"
+                " raises at the first epoch end without it.", refuse=False)
+        else:
+            self._engine.check_metric_source(
+                False, f"{no_validation} and, with `check_val_every_n_epoch={trainer.check_val_every_n_epoch}`,"
+                f" `val_check_interval={trainer.val_check_interval}`, DSD reads the metric after validation: never",
+                "Add a validation loop that logs it, or set `check_val_every_n_epoch=1, val_check_interval=1.0` so"
+                " that DSD reads it at each training epoch end, or give that phase a length.", refuse=True)
+
     def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init
         averaging = next((cb for cb in callbacks if isinstance(cb, _WEIGHT_AVERAGING)), None)
@@ -303,9 +323,10 @@ class DSDCallback(ReadsEngine, Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        self._check_monitor_is_read(trainer)
         self._check_schedule_continues(trainer)
         self._trained_with = trainer
-        warn_if_schedule_does_not_fit(trainer, self._engine.schedule, self.interval)
+        warn_if_schedule_does_not_fit(self._engine.schedule, training_limit(trainer, self.interval))
         self._engine.check_optimizers(trainer.optimizers, every_one_must_own_a_target=False)
         self._engine.start_reporting()
         self._engine.resume_sparse_phase()
@@ -380,16 +401,8 @@ class DSDCallback(ReadsEngine, Callback):
         self._stop_if_finished(trainer, now)
 
     def _observe_monitor(self, trainer: "pl.Trainer") -> None:
-        monitor = self.monitor  # set whenever a phase waits for it (checked at init)
-        if monitor is None or not self.options.waits_for_metric:
-            return
-        value = trainer.callback_metrics.get(monitor)
-        if value is None:
-            raise RuntimeError(
-                f"DSDCallback's `monitor={monitor!r}` is not among the logged metrics. Log it with"
-                f" `self.log({monitor!r}, ...)` or pick one of: {sorted(trainer.callback_metrics)}."
-            )
-        self._engine.observe(float(value))
+        self._engine.observe_monitor(trainer.callback_metrics, "the logged metrics",
+                                     f"Log it with `self.log({self.monitor!r}, ...)` or name one of them.")
 
     def _stop_if_finished(self, trainer: "pl.Trainer", now: int) -> None:
         if self.stop_at_end and self._engine.is_finished(now) and not trainer.should_stop:

@@ -293,6 +293,32 @@ class DSDEngine:
             " from a checkpoint of this run; the sparse model as it is can be used as such."
         )
 
+    def check_metric_source(self, measured: bool, found: str, remedy: str, *, refuse: bool) -> None:
+        """Before training, when a phase runs until ``monitor`` converges: where the door can tell that the metric
+        is never computed (``measured`` false, ``found`` says why), refuse (``refuse``: it is certain, a phase would
+        never end) or warn (the metric may still come from elsewhere), with ``remedy``. The same words in every
+        door; a door whose metric comes with each check (``DSD.step(metric)``) has nothing to check here."""
+        if measured or not self.options.waits_for_metric:
+            return
+        waiting = ", ".join(f"`{name}`" for name in self.options.waiting_lengths)
+        message = (f"{self.owner}: {waiting} = None runs a phase until `monitor={self.options.monitor!r}` converges,"
+                   f" but {found}. {remedy}")
+        if refuse:
+            raise ValueError(message)
+        rank_zero_warn(message)
+
+    def observe_monitor(self, metrics: Mapping[str, Any], source: str, remedy: str) -> None:
+        """One check of ``monitor`` among a door's ``metrics`` (``source`` names them), when some phase runs until
+        it converges; nothing is read otherwise. A missing metric raises, listing ``metrics`` and ``remedy``."""
+        monitor = self.options.monitor
+        if monitor is None or not self.options.waits_for_metric:
+            return
+        value = metrics.get(monitor)
+        if value is None:
+            raise RuntimeError(f"{self.owner}'s `monitor={monitor!r}` is not among {source} {sorted(metrics)}."
+                               f" {remedy}")
+        self.observe(float(value))
+
     def observe(self, value: Optional[float]) -> bool:
         """One check of the monitored metric: every rank takes rank zero's value (see
         :func:`~lightning_dsd.sharding.from_rank_zero`), so that every rank moves alike. Return whether rank

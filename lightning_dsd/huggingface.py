@@ -90,7 +90,7 @@ from transformers.trainer import OPTIMIZER_NAME, OPTIMIZER_NAME_BIN, SCHEDULER_N
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lightning_dsd.arguments import check_bool, check_choice
-from lightning_dsd.door import ReadsEngine
+from lightning_dsd.door import ReadsEngine, TrainingLimit, refuse_lazy_modules, warn_if_schedule_does_not_fit
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.options import KEYWORD_OPTIONS, LengthsArgument, check_options
 from lightning_dsd.phases import Phase
@@ -197,6 +197,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         check_training_arguments(args)
+        _refuse_lazy_modules(kwargs.get("model"))
 
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
@@ -217,6 +218,10 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                 rank_zero_info("DSDTrainerCallback starts its schedule afresh for a new trial of the hyperparameter"
                                f" search{'' if name is None else f' ({name})'}.")
             self._engine = DSDEngine(self.options, self, owner="DSDTrainerCallback")
+        self._engine.check_metric_source(
+            args.eval_strategy != "no", "`eval_strategy='no'`: the Trainer never evaluates, so that phase would never"
+            " end", "Evaluate with `eval_strategy='epoch'` (or `'steps'` and `eval_steps`) and an `eval_dataset`, or"
+            " give that phase a length.", refuse=True)
         model = kwargs.get("model")
         if not isinstance(model, nn.Module):
             raise RuntimeError(f"DSDTrainerCallback needs the model at `on_train_begin`; the Trainer passed {model!r}.")
@@ -227,30 +232,20 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         token = self._restore(args, state) if resuming else None  # checked and taken before anything is written
         if resuming and token is None:
             self._engine.join(self._now(state), "the checkpoint holds no DSD state")
+        if token is not None:  # the restored state must agree with the checkpoint's own clock and weights
+            self._engine.check_restored(self._now(state))
         self._token = token or from_rank_zero(uuid.uuid4().hex)
         self._sink = TrainerSink(self._trainer, args, state, self.options)
         self._sink.say_what_is_skipped()
         _records(state)[RECORD_KEY] = {"token": self._token, "file": STATE_FILE}
-        self._warn_if_schedule_does_not_fit(state)
+        warn_if_schedule_does_not_fit(self._engine.schedule,
+                                      training_limit(args, state, kwargs.get("train_dataloader"), self.interval))
         self._say_how_the_best_model_is_chosen(args)
         self._hold_best_model_record(args, state)
         self._started = self._training = True
         self._engine.start_reporting()
         self._engine.resume_sparse_phase()
         self._hook_gradients()
-
-    def _warn_if_schedule_does_not_fit(self, state: TrainerState) -> None:
-        schedule = self._engine.schedule
-        end = schedule.end()
-        limit = int(state.num_train_epochs) if self.interval == "epoch" else state.max_steps
-        if end is not None and limit and limit < end:
-            unit = "num_train_epochs" if self.interval == "epoch" else "max_steps"
-            rank_zero_warn(
-                f"The DSD schedule needs {end} {self.interval}s"
-                f" ({' + '.join(str(s.length) for s in schedule.stages)}), but the Trainer runs {unit}={limit}:"
-                f" training will stop in the {schedule.stage_at(limit - 1).phase.value} phase. Set {unit}={end} to"
-                " run every phase."
-            )
 
     # ------------------------------------------------------------------ the best model
 
@@ -346,15 +341,10 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
 
     def on_evaluate(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     metrics: Optional[Mapping[str, float]] = None, **kwargs: Any) -> None:
-        if self.monitor is None or not self._training:
+        if not self._training:
             return
-        value = (metrics or {}).get(self.monitor)
-        if value is None:
-            raise RuntimeError(
-                f"DSDTrainerCallback's `monitor={self.monitor!r}` is not among the evaluation's metrics"
-                f" {sorted(metrics or {})}. Name one of them (the Trainer prefixes them with `eval_`)."
-            )
-        self._engine.observe(float(value))
+        self._engine.observe_monitor(metrics or {}, "the evaluation's metrics",
+                                     "Name one of them (the Trainer prefixes them with `eval_`).")
         self._stop_if_finished(state, control)
 
     def _stop_if_finished(self, state: TrainerState, control: TrainerControl) -> None:
@@ -650,6 +640,29 @@ def check_training_arguments(args: TrainingArguments) -> None:
             )
 
 
+def training_limit(args: TrainingArguments, state: TrainerState, train_dataloader: Any,
+                   interval: str) -> Optional[TrainingLimit]:
+    """The argument that ends the Trainer's training, as the user gave it (``max_steps`` when set, else
+    ``num_train_epochs``, which may be fractional), and where it stops in ``interval`` units: after
+    ``state.max_steps`` optimizer steps (``ceil(num_train_epochs * steps_per_epoch)``), an epoch making
+    ``ceil(batches / gradient_accumulation_steps)`` of them, as ``Trainer.set_initial_training_values`` counts.
+    ``None`` where that is unknown (an epoch clock over a dataloader without a length)."""
+    try:
+        batches: Optional[int] = len(train_dataloader)
+    except TypeError:
+        batches = None
+    accumulate = args.gradient_accumulation_steps
+    steps_per_epoch = max(math.ceil(batches / accumulate), 1) if batches else None
+    if state.max_steps <= 0 or (interval == "epoch" and steps_per_epoch is None):
+        return None
+    stops_at = float(state.max_steps) if interval == "step" else state.max_steps / (steps_per_epoch or 1)
+    argument, value, unit = (("max_steps", args.max_steps, "step") if args.max_steps > 0
+                             else ("num_train_epochs", args.num_train_epochs, "epoch"))
+    per_epoch = (f"{steps_per_epoch} optimizer steps per epoch ({batches} batches,"
+                 f" gradient_accumulation_steps={accumulate})")
+    return TrainingLimit(argument, value, stops_at, interval, unit, steps_per_epoch, per_epoch)
+
+
 def checkpoint_folder(run_directory: str, step: int) -> str:
     """The folder the Trainer saves step ``step`` in (``_save_checkpoint``'s ``<run directory>/checkpoint-<step>``).
 
@@ -678,6 +691,13 @@ def _records(state: TrainerState) -> dict[str, Any]:
         state.stateful_callbacks = {}  # type: ignore[assignment]
     records: Any = state.stateful_callbacks
     return records
+
+
+def _refuse_lazy_modules(model: Any) -> None:
+    """Refuse lazy modules when the Trainer is built: it offers no example input to shape them, and counts every
+    parameter's size before training."""
+    if isinstance(model, nn.Module):
+        refuse_lazy_modules(model, "DSDTrainerCallback", "before `Trainer(model=...)`, which takes no example input")
 
 
 def _calling_trainer(callback: TrainerCallback) -> Optional[Trainer]:

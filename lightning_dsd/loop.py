@@ -46,6 +46,7 @@ from lightning_dsd.constraint import unwrapped_optimizer
 from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.options import LengthsArgument, check_options, door_options
+from lightning_dsd.phases import Stage
 from lightning_dsd.selection import LayerSpec, LayerType
 from lightning_dsd.sharding import from_rank_zero
 from lightning_dsd.state import CheckpointStateError
@@ -222,14 +223,18 @@ class DSD(ReadsEngine):
                     f" {self.cycle}); `step()` does nothing from now on. Check `dsd.finished` to end the loop."
                 )
             return
-        self._start_if_pending()
+        value = None
         if self.options.waits_for_metric:  # every rank takes rank zero's metric (None included)
-            observed = self._engine.observe(None if metric is None else float(metric))
-            if not observed and self._engine.schedule.waits_for_metric:
+            value = from_rank_zero(None if metric is None else float(metric))
+            counted = self._counted_stage()
+            if value is None and counted.length is None:  # refused before any transition, the pending one included
                 raise ValueError(
-                    f"The {self.phase.value} phase runs until a metric converges (its length is None), so `step()`"
+                    f"The {counted.phase.value} phase runs until a metric converges (its length is None), so `step()`"
                     " needs that metric each time on rank zero, e.g. `dsd.step(val_loss)`."
                 )
+        self._start_if_pending()
+        if value is not None:
+            self._engine.schedule.observe(value)  # rank zero's, shared above
         if self.interval == "epoch":
             self._engine.epoch_ended(self._elapsed)
         self._elapsed += 1  # reports of the transitions are filed under the new count
@@ -240,6 +245,14 @@ class DSD(ReadsEngine):
             raise
         if self.finished:
             self._engine.training_ended()
+
+    def _counted_stage(self) -> Stage:
+        """The stage this :meth:`step` counts: the current one, or, while the transitions due before any training
+        (``dense_epochs=0``) are pending, the first one they lead to (of a length other than 0)."""
+        schedule = self._engine.schedule
+        if self._pending_start is None:
+            return schedule.stage
+        return next((stage for stage in schedule.stages[schedule.index:] if stage.length != 0), schedule.stages[-1])
 
     def mask_gradients(self) -> None:
         """Zero the pruned entries' gradients now (before gradient clipping, so it measures the sparse

@@ -118,9 +118,14 @@ class DSDOptions:
         return {**dict(zip(LENGTH_NAMES, self.lengths, strict=True)), "final_sparse_epochs": self.final_sparse_epochs}
 
     @property
+    def waiting_lengths(self) -> list[str]:
+        """The length options (by name) of which some phase runs until the monitored metric converges."""
+        return _waiting(self.phase_lengths())
+
+    @property
     def waits_for_metric(self) -> bool:
         """Whether some phase runs until the monitored metric converges (a length of ``None``)."""
-        return bool(_waiting(self.phase_lengths()))
+        return bool(self.waiting_lengths)
 
     @property
     def arm(self) -> str:

@@ -324,8 +324,8 @@ def test_a_callback_left_mid_schedule_is_refused_by_a_new_trainer_naming_ckpt_pa
     [
         ("epoch", dict(max_steps=10),
          r"needs 6 epochs \(2 \+ 2 \+ 2\), but the Trainer has max_steps=10, which is 2.5 epochs at 4 optimizer"
-         r" steps per epoch \(4 batches, accumulate_grad_batches=1\): training will stop in the sparse phase."
-         r" Set max_steps=24"),
+         r" steps per epoch \(4 batches, accumulate_grad_batches=1\): training will stop in the sparse phase \(epoch 3"
+         r" of 6 runs only 0.5 of its optimizer steps\)\. Set max_steps=24"),
         ("epoch", dict(max_epochs=3, limit_train_batches=2),
          r"needs 6 epochs .*max_epochs=3: training will stop in the sparse phase. Set max_epochs=6"),
         ("epoch", dict(max_steps=5, accumulate_grad_batches=2),
