@@ -350,11 +350,11 @@ class DSDEngine:
         if left_dense:
             listed = ", ".join(f"{name} ({reason})" for name, reason in left_dense.items())
             text += f" Left dense in this cycle: {listed}."
-            if not masks and any(not reason.startswith(SAME_MAGNITUDE) for reason in left_dense.values()):
+            untrained = [name for name, reason in left_dense.items() if not reason.startswith(SAME_MAGNITUDE)]
+            if not masks and untrained:  # (targets left dense for their magnitudes have their own warning)
                 rank_zero_warn(
-                    f"DSD cycle {stage.cycle}: nothing was pruned: every target is frozen, updated by no optimizer"
-                    f" or not rankable by magnitude ({_shortened(list(left_dense))}). Check that the optimizers DSD"
-                    " was given train this model."
+                    f"DSD cycle {stage.cycle}: nothing was pruned: every target is frozen or updated by no optimizer"
+                    f" ({_shortened(untrained)}). Check that the optimizers DSD was given train this model."
                 )
         text += self._disconnected_note(masks)
         self._note(text)
@@ -363,11 +363,11 @@ class DSDEngine:
         unranked = [name for name, reason in left_dense.items() if reason.startswith(SAME_MAGNITUDE)]
         if unranked:
             rank_zero_warn(
-                f"DSD cycle {cycle}: left {_shortened(unranked)} dense in this sparse phase: in each, every weight has"
-                " the same magnitude, so magnitude cannot rank them and pruning would cut by position (index order). This is a"
-                " layer that has not trained yet from a zero (or constant) init, such as LoRA's `lora_B` with"
-                " `dense_epochs=0`. Train a dense phase first (`dense_epochs` >= 1) to prune it from this cycle"
-                " on, or `exclude` it to keep it dense on purpose."
+                f"DSD cycle {cycle}: left {_shortened(unranked)} dense in this sparse phase: in each, every weight"
+                " has the same magnitude, so magnitude cannot rank them and pruning would cut by position (index"
+                " order). This is a layer that has not trained yet from a zero (or constant) init, such as LoRA's"
+                " `lora_B` with `dense_epochs=0`. Train a dense phase first (`dense_epochs` >= 1) to prune it from"
+                " this cycle on, or `exclude` it to keep it dense on purpose."
             )
 
     def _enter_sparse_phase_unpruned(self, stage: Stage, now: int) -> None:

@@ -197,7 +197,8 @@ def test_a_sparse_phase_computes_with_a_dense_input_convolution_and_include_prun
         zeros: dict[str, int] = {}
         for name in ("conv1", "block.0", "block.3"):
             module = model.get_submodule(name)
-            module.register_forward_pre_hook(lambda m, args, name=name: zeros.update({name: int((m.weight == 0).sum())}))
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: zeros.update({name: int((m.weight == 0).sum())}))
         model(torch.randn(2, 3, 8, 8))
         return zeros
 
