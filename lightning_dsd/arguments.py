@@ -42,10 +42,9 @@ class SparsityValue(str):
 
     - a string holding ``":"`` (a quoted ``'2:4'`` in YAML, ``--...sparsity 2:4`` on the command line)
       becomes a ``SparsityValue`` unchanged, valid or not, so :func:`check_sparsity` shows the error;
-    - an integer of 60 or more, which is how YAML 1.1 reads an unquoted ``N:M`` (``124`` from ``2:4`` in a
-      YAML file or in a ``[2:4, 0.5]`` list), becomes the ``N:M`` it reads back to (``"2:4"``), with a
-      warning to quote it, since the integer may also have been written as such (no integer is a valid
-      sparsity, so this never changes a valid value);
+    - an integer ``60 * N + M`` of a valid ``N:M``, which is how YAML 1.1 reads an unquoted ``N:M`` (``124``
+      from ``2:4`` in a YAML file or in a ``[2:4, 0.5]`` list), becomes that ``N:M`` (``"2:4"``), with a
+      warning to quote it (see :func:`read_base_60`, which :func:`check_sparsity` applies in every door);
     - anything else is refused, so jsonargparse goes on to ``float`` (``0.5``) and then ``str``;
     - it is dumped (``--print_config``, the ``config.yaml`` ``LightningCLI`` saves) as a quoted ``'2:4'``.
 
@@ -71,18 +70,13 @@ class SparsityValue(str):
 
     @classmethod
     def from_parsed(cls, value: Any) -> "SparsityValue":
-        """``value`` as jsonargparse parsed it (a string, or YAML's base-60 integer) as ``"N:M"`` text."""
+        """``value`` as jsonargparse parsed it (a string, or YAML's base-60 integer) as ``"N:M"`` text; YAML's
+        integer is read back by :func:`read_base_60`, which warns."""
         if isinstance(value, str) and ":" in value:
             return cls(value)
-        if isinstance(value, int) and not isinstance(value, bool) and value >= 60:
-            n, m = divmod(value, 60)
-            rank_zero_warn(
-                f"Read the sparsity {value} as the N:M pattern '{n}:{m}': YAML 1.1 reads an unquoted {n}:{m} as"
-                f" the base-60 integer {n} * 60 + {m} = {value}. Quote the pattern ('{n}:{m}') to silence this"
-                " warning; if you meant a fraction of the weights, write a float in (0, 1) such as 0.5.",
-                category=UserWarning,
-            )
-            return cls(f"{n}:{m}")
+        pattern = read_base_60(value)
+        if pattern is not None:
+            return cls(str(pattern))
         raise ValueError(f"not an 'N:M' pattern: {value!r}.")
 
 
@@ -125,13 +119,71 @@ def check_fraction(value: Any, rule: str) -> float:
     return float(value)
 
 
+def _base_60_digits(value: Any) -> Optional[tuple[int, int]]:
+    """``(N, M)`` with ``value == 60 * N + M`` and ``0 <= M < 60``, for a whole number ``value >= 60`` (what YAML 1.1
+    makes of an unquoted ``N:M``, or jsonargparse's float of it); else ``None``."""
+    if not _is_real(value) or not math.isfinite(value) or value != int(value) or value < 60:
+        return None
+    n, m = divmod(int(value), 60)
+    return n, m
+
+
+def read_base_60(value: Any) -> Optional[NMPattern]:
+    """The ``N:M`` pattern an integer sparsity was written as, with a warning to quote it; ``None`` for anything
+    else. YAML 1.1 (PyYAML, OmegaConf and so Hydra, jsonargparse and so ``LightningCLI``) reads an unquoted
+    ``2:4`` as the base-60 integer ``2 * 60 + 4 = 124``; an integer ``60 * N + M`` (``M < 60``) of a valid
+    pattern (``0 < N < M``) is read back as that pattern. No integer is a valid sparsity, so this never changes
+    a valid value.
+
+    Examples:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     read_base_60(124), read_base_60(0.5), read_base_60(242)  # 242 is 4:2, no valid pattern
+        (NMPattern(n=2, m=4), None, None)
+        >>> print(caught[0].message)  # doctest: +ELLIPSIS
+        Read the sparsity 124 as the N:M pattern '2:4': YAML 1.1 reads an unquoted 2:4 as the base-60 integer ...
+    """
+    digits = _base_60_digits(value) if _as_int(value) is not None else None
+    if digits is None or not 0 < digits[0] < digits[1]:
+        return None
+    n, m = digits
+    rank_zero_warn(
+        f"Read the sparsity {value} as the N:M pattern '{n}:{m}': YAML 1.1 reads an unquoted {n}:{m} as the"
+        f" base-60 integer {n} * 60 + {m} = {value}. Quote the pattern ('{n}:{m}') to silence this warning; if you"
+        " meant a fraction of the weights, write a float in (0, 1) such as 0.5.",
+        category=UserWarning,
+    )
+    return NMPattern(n, m)
+
+
 def check_sparsity(value: Any, rule: str = _SPARSITY_RULE) -> Sparsity:
-    """One sparsity: a float in (0, 1) or an ``"N:M"`` pattern."""
+    """One sparsity: a float in (0, 1) or an ``"N:M"`` pattern, or YAML's base-60 integer of one (read back by
+    :func:`read_base_60`, with a warning). A whole number that YAML would have made of an invalid ``N:M`` is
+    refused with that reading spelled out.
+
+    Examples:
+        >>> check_sparsity(242)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `sparsity` must be ... Found: 242, which is how YAML 1.1 reads an unquoted 4:2 ...
+    """
     if isinstance(value, str):
         try:
             return NMPattern.parse(value)
         except ValueError as error:
             raise ValueError(f"{rule} Found: {value!r} ({error})") from None
+    pattern = read_base_60(value)
+    if pattern is not None:
+        return pattern
+    digits = _base_60_digits(value)
+    if digits is not None:
+        n, m = digits
+        raise ValueError(
+            f"{rule} Found: {value!r}, which is how YAML 1.1 reads an unquoted {n}:{m} (the base-60 integer"
+            f" {n} * 60 + {m}), and {n}:{m} is no N:M pattern (integers 0 < N < M). Quote the pattern you meant,"
+            " as in '2:4', or write a float in (0, 1)."
+        )
     return check_fraction(value, rule)
 
 

@@ -74,9 +74,9 @@ class DSDCallback(ReadsEngine, Callback):
         lr_scale: factor applied to every learning rate at each re-dense (paper: 0.1).
         include: glob patterns over parameter names that replace the default targets (the connection
             weights of linear-like layers, see :mod:`lightning_dsd.selection`; embeddings are left dense
-            unless tied to an output layer).
-        exclude: glob patterns over parameter names never to prune (e.g. ``"conv1.*"``: the paper keeps
-            the first convolution dense).
+            unless tied to an output layer, and so is the ``Conv2d``/``Conv3d`` that reads the input, as in
+            the paper: ``include=["*.weight"]`` brings it back in a CNN).
+        exclude: glob patterns over parameter names never to prune (e.g. ``"stem.*"``).
         layer_types: your own linear-like modules: a mapping from the module class (or its
             ``"module.QualName"``) to a :class:`~lightning_dsd.selection.LayerSpec` naming its connection
             weights and their input dimension, e.g. ``{MyLinear: LayerSpec(input_dim=0)}``.

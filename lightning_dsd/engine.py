@@ -42,7 +42,7 @@ from lightning_dsd.lr import current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import disconnected_units
 from lightning_dsd.options import DSDOptions
 from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
-from lightning_dsd.plan import MaskPlan, check_finite, shown
+from lightning_dsd.plan import SAME_MAGNITUDE, MaskPlan, check_finite, same_magnitude, shown
 from lightning_dsd.redense import reinitialize_pruned, restart_optimizer_state
 from lightning_dsd.reporting import PhaseReporter, ReportSink, current_seed
 from lightning_dsd.selection import (
@@ -198,14 +198,23 @@ class DSDEngine:
             )
 
     def pruned_now(self) -> tuple[list[str], dict[str, str]]:
-        """The targets a sparse phase starting now prunes (trainable and updated by one of the optimizers), and
-        why each other target stays dense; rank zero's answer on every rank, so all ranks prune alike."""
+        """The targets a sparse phase starting now prunes, and why each other target stays dense; rank zero's
+        answer on every rank, so all ranks prune alike. A target is pruned when it trains (``requires_grad``),
+        one of the optimizers updates it, and magnitude can rank its entries: one whose entries all have the
+        same magnitude (see :func:`~lightning_dsd.plan.same_magnitude`; a zero-initialised ``lora_B`` before
+        any step) would be pruned by index order, so it stays dense for this cycle, with a warning.
+        Refuses non-finite weights first (:func:`~lightning_dsd.plan.check_finite`). A collective for sharded
+        weights (counts and one all-reduce of magnitude ranges, nothing gathered)."""
         owned = _owned_by(self.training.optimizers)
         left_dense = {
             name: "frozen" if not param.requires_grad else "no optimizer updates it"
             for name, param in self.targets.items()
             if not param.requires_grad or id(param) not in owned
         }
+        candidates = {name: param for name, param in self.targets.items() if name not in left_dense}
+        check_finite(candidates, self.owner)
+        for name, magnitude in same_magnitude(candidates).items():
+            left_dense[name] = f"{SAME_MAGNITUDE} {magnitude:g}"
         pruned = [name for name in self.targets if name not in left_dense]
         return from_rank_zero((pruned, left_dense))
 
@@ -338,14 +347,14 @@ class DSDEngine:
         if not self.options.prune:
             self._enter_sparse_phase_unpruned(stage, now)
             return
+        names, left_dense = self.pruned_now()
         if stage.cycle == 0:
-            rank_zero_info(self.selection.summary())
+            rank_zero_info(self.selection.summary(left_dense))
             if self.options.layer_sparsity:
                 rank_zero_info(f"DSD sparsity per parameter, one value per cycle: {self.layer_sparsities}")
-        names, left_dense = self.pruned_now()
+        self._warn_about_same_magnitude(stage.cycle, left_dense)
         pruning = {name: self.targets[name] for name in names}
         self._left_dense = left_dense
-        check_finite(pruning, self.owner)
         masks = self.plan.decide(pruning, stage.cycle) if pruning else {}
         self.schedule.advance(now)
         self.enforce(masks)
@@ -367,13 +376,25 @@ class DSDEngine:
         if left_dense:
             listed = ", ".join(f"{name} ({reason})" for name, reason in left_dense.items())
             text += f" Left dense in this cycle: {listed}."
-            if not masks:
+            untrained = [name for name, reason in left_dense.items() if not reason.startswith(SAME_MAGNITUDE)]
+            if not masks and untrained:  # (targets left dense for their magnitudes have their own warning)
                 rank_zero_warn(
                     f"DSD cycle {stage.cycle}: nothing was pruned: every target is frozen or updated by no optimizer"
-                    f" ({_shortened(list(left_dense))}). Check that the optimizers DSD was given train this model."
+                    f" ({_shortened(untrained)}). Check that the optimizers DSD was given train this model."
                 )
         text += self._disconnected_note(masks)
         self._note(text)
+
+    def _warn_about_same_magnitude(self, cycle: int, left_dense: Mapping[str, str]) -> None:
+        unranked = [name for name, reason in left_dense.items() if reason.startswith(SAME_MAGNITUDE)]
+        if unranked:
+            rank_zero_warn(
+                f"DSD cycle {cycle}: left {_shortened(unranked)} dense in this sparse phase: in each, every weight"
+                " has the same magnitude, so magnitude cannot rank them and pruning would cut by position (index"
+                " order). This is a layer that has not trained yet from a zero (or constant) init, such as LoRA's"
+                " `lora_B` with `dense_epochs=0`. Train a dense phase first (`dense_epochs` >= 1) to prune it from"
+                " this cycle on, or `exclude` it to keep it dense on purpose."
+            )
 
     def _enter_sparse_phase_unpruned(self, stage: Stage, now: int) -> None:
         """The LLR control (``prune=False``): the sparse phase starts on DSD's clock and nothing is pruned, so no

@@ -50,7 +50,14 @@ from lightning_dsd.masks import (
     unpack_mask,
 )
 from lightning_dsd.selection import matches_any
-from lightning_dsd.sharding import any_sharded, counts_over_ranks, full_tensor, local_part, local_slice
+from lightning_dsd.sharding import (
+    any_sharded,
+    counts_over_ranks,
+    full_tensor,
+    local_part,
+    local_slice,
+    magnitude_ranges,
+)
 
 SCOPES = ("layer", "global")
 _LARGEST_BITS = 0x7FFFFFFF  # above every non-negative float32 bit pattern, NaN included
@@ -228,6 +235,31 @@ def check_finite(weights: Mapping[str, Tensor], owner: str = "DSD") -> None:
             " magnitudes cannot be ranked. Training has diverged: lower the learning rate or clip gradients,"
             " and resume from an earlier checkpoint. Nothing was pruned."
         )
+
+
+#: Why a target that magnitude cannot rank stays dense for a cycle (see :func:`same_magnitude`).
+SAME_MAGNITUDE = "every weight has magnitude"
+
+
+@torch.no_grad()
+def same_magnitude(weights: Mapping[str, Tensor]) -> dict[str, float]:
+    """The tensors whose entries all have the same magnitude (``|w|`` equal in ``float32`` for every entry, all
+    zeros included), with that magnitude. Magnitude cannot rank their entries, so a mask would prune by
+    position alone: by index order, whatever the sparsity, the scope or the N:M pattern. This is what a
+    zero-initialised layer looks like before it trains (LoRA's ``lora_B``, adaLN-Zero, zero-init residual
+    branches). A collective when any weight is a ``DTensor``: one all-reduce of each tensor's smallest and
+    largest magnitude, nothing gathered (see :func:`~lightning_dsd.sharding.magnitude_ranges`).
+
+    Examples:
+        >>> same_magnitude({"lora_B": torch.zeros(4, 2), "ones": -torch.ones(3), "w": torch.tensor([0.5, 1.0])})
+        {'lora_B': 0.0, 'ones': 1.0}
+    """
+    ranges = magnitude_ranges(weights)
+    return {
+        name: float(torch.tensor(int(smallest), dtype=torch.int32).view(torch.float32))
+        for name, (smallest, largest) in zip(weights, ranges.tolist(), strict=True)
+        if smallest == largest
+    }
 
 
 @torch.no_grad()

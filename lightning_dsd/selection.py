@@ -15,6 +15,17 @@ of rare tokens. A word embedding *tied* to an output layer (GPT-2's ``wte`` and 
 because it is that layer's weight; it is pruned once and stays tied. Name embeddings in ``include`` to
 prune them anyway.
 
+**The convolution that reads the network's input is left dense by default**, as in the paper ("the very
+first layer in convolutional networks is not pruned", it is very sensitive): a ResNet's ``conv1``, a ViT's
+patch projection. Which one that is comes from the model's structure, without running it: the first module in
+registration order (``model.modules()``, the order ``__init__`` assigns them) that holds a default target, when
+it is a ``Conv2d`` or ``Conv3d`` (a subclass included), the convolutions of image and video networks. A model
+whose first such module is a ``Linear``, an RNN, transformers' ``Conv1D`` or a ``Conv1d`` has none: a ``Conv1d``
+most often reads an embedding's output, not the data (an embedding holds no default target, so registration
+order cannot tell), so ``exclude`` a ``Conv1d`` that reads a raw signal if you want it dense. The summary names
+the convolution left dense; ``include`` patterns that match it bring it back (``include`` replaces the default
+set, e.g. ``include=["*.weight"]`` for a CNN, whose norms' weights are 1-D).
+
 ``include`` and ``exclude`` are glob patterns over the names ``model.named_parameters()`` gives;
 ``include`` replaces the default set with every parameter of two or more dimensions that a pattern
 matches. Tied weights appear once, under their first name, as ``named_parameters()`` gives them.
@@ -27,12 +38,14 @@ it with :class:`LayerSpec` (see ``DSDCallback(layer_types=...)``).
 Examples:
     >>> import torch
     >>> from torch import nn
-    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Flatten(), nn.Linear(4, 2))
-    >>> selection = select_parameters(model)
-    >>> sorted(selection.selected), selection.input_dims["3.weight"]
-    (['0.weight', '3.weight'], 1)
-    >>> sorted(select_parameters(model, exclude=["0.*"]).selected)
-    ['3.weight']
+    >>> model = nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.Conv2d(4, 4, 1), nn.Flatten(), nn.Linear(4, 2))
+    >>> selection = select_parameters(model)  # the first convolution reads the input: left dense
+    >>> sorted(selection.selected), selection.input_convolution, selection.input_dims["4.weight"]
+    (['2.weight', '4.weight'], ['0.weight'], 1)
+    >>> sorted(select_parameters(model, include=["*.weight"]).selected)  # BatchNorm's weight is 1-D
+    ['0.weight', '2.weight', '4.weight']
+    >>> sorted(select_parameters(model, exclude=["2.*"]).selected)
+    ['4.weight']
     >>> class MyLinear(nn.Module):  # stores its weight (in, out), like transformers' Conv1D
     ...     def __init__(self):
     ...         super().__init__()
@@ -119,8 +132,10 @@ class Selection:
 
     ``input_dims``: each target's input dimension. ``layer_types``: each target's layer class name.
     ``tied``: for a target reachable under several names, all of them. ``left_out``: parameters of two or
-    more dimensions that the default left dense, by layer class name. Frozen targets are chosen like any
-    other: whether a cycle prunes one is decided at its transition (a frozen one stays dense then).
+    more dimensions that the default left dense, by layer class name. ``input_convolution``: the weights of
+    the convolution that reads the network's input, which the default leaves dense (see
+    :func:`select_parameters`). Frozen targets are chosen like any other: whether a cycle prunes one is
+    decided at its transition (a frozen one stays dense then).
     """
 
     selected: dict[str, nn.Parameter]
@@ -128,24 +143,45 @@ class Selection:
     layer_types: dict[str, str] = field(default_factory=dict)
     tied: dict[str, list[str]] = field(default_factory=dict)
     left_out: dict[str, list[str]] = field(default_factory=dict)
+    input_convolution: list[str] = field(default_factory=list)
 
-    def summary(self) -> str:
-        """A short account of what is targeted and what was left dense.
+    def summary(self, left_dense: Optional[Mapping[str, str]] = None) -> str:
+        """A short account of what the first sparse phase prunes and what it leaves dense: by default, and, with
+        ``left_dense`` (the targets that phase leaves dense, with why, see ``DSDEngine.pruned_now``), because
+        they are frozen, updated by no optimizer, or not rankable by magnitude.
 
         Examples:
             >>> model = nn.Sequential(nn.Embedding(10, 4), nn.Linear(4, 4), nn.Linear(4, 10))
             >>> print(select_parameters(model).summary())
-            DSD targets 2 tensors (56 weights): Linear x2. Left dense by default: Embedding x1 (0.weight).
+            DSD prunes 2 tensors (56 weights): Linear x2. Left dense by default: Embedding x1 (0.weight).
+            >>> print(select_parameters(model).summary({"1.weight": "frozen"}))
+            DSD prunes 1 tensors (40 weights): Linear x1. Left dense because frozen: Linear x1 (1.weight). ...
         """
-        total = sum(p.numel() for p in self.selected.values())
-        counts = ", ".join(f"{kind} x{n}" for kind, n in Counter(self.layer_types.values()).items())
-        lines = [f"DSD targets {len(self.selected)} tensors ({total} weights): {counts}."]
+        left_dense = left_dense or {}
+        pruned = [name for name in self.selected if name not in left_dense]
+        total = sum(self.selected[name].numel() for name in pruned)
+        lines = [f"DSD prunes {len(pruned)} tensors ({total} weights){_by_kind(pruned, self.layer_types, ': ')}."]
+        reasons: dict[str, list[str]] = {}
+        for name, reason in left_dense.items():
+            reasons.setdefault(reason, []).append(name)
+        for reason, names in reasons.items():
+            lines.append(f"Left dense because {reason}:{_by_kind(names, self.layer_types, ' ')} ({_shorten(names)}).")
         for names in self.tied.values():
             lines.append(f"Tied, pruned once and kept tied: {' = '.join(names)}.")
+        if self.input_convolution:
+            lines.append(
+                f"Left dense by default: the convolution that reads the input ({_shorten(self.input_convolution)}),"
+                " as in the paper; name it in `include` to prune it."
+            )
         if self.left_out:
             left = "; ".join(f"{kind} x{len(names)} ({_shorten(names)})" for kind, names in self.left_out.items())
             lines.append(f"Left dense by default: {left}.")
         return " ".join(lines)
+
+
+def _by_kind(names: Sequence[str], layer_types: Mapping[str, str], prefix: str) -> str:
+    counts = Counter(layer_types[name] for name in names)
+    return prefix + ", ".join(f"{kind} x{n}" for kind, n in counts.items()) if counts else ""
 
 
 def _shorten(names: Sequence[str], limit: int = 4) -> str:
@@ -197,9 +233,14 @@ def select_parameters(
     names_of: dict[int, list[str]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         names_of.setdefault(id(param), []).append(name)
+    reads_input = _input_convolution(model, owners) if include is None else set()
     selection = Selection(selected={})
     for name, param in model.named_parameters():
         owner = owners[id(param)]
+        if include is None and id(param) in reads_input:
+            if not (exclude and matches_any(name, exclude)):
+                selection.input_convolution.append(name)
+            continue
         if include is None:
             wanted = owner.is_default
             if not wanted and param.dim() >= 2 and not (exclude and matches_any(name, exclude)):
@@ -214,6 +255,22 @@ def select_parameters(
         if len(names_of[id(param)]) > 1:
             selection.tied[name] = names_of[id(param)]
     return selection
+
+
+#: Convolutions that, reading the network's input, the default leaves dense: those of image and video networks
+#: (a ``Conv1d`` most often reads an embedding; a transposed convolution reads a code, not data).
+INPUT_CONVOLUTIONS = (nn.Conv2d, nn.Conv3d)
+
+
+def _input_convolution(model: nn.Module, owners: Mapping[int, _Owner]) -> set[int]:
+    """The weights (by identity) of the convolution that reads the network's input: the first module, in
+    registration order (``model.modules()``), that owns a default target, when it is a ``Conv2d`` or ``Conv3d``
+    (a subclass included); else none."""
+    for module in model.modules():
+        owned = [param for _, param in module.named_parameters(recurse=False) if owners[id(param)].is_default]
+        if owned:
+            return {id(param) for param in owned} if isinstance(module, INPUT_CONVOLUTIONS) else set()
+    return set()
 
 
 def uninitialized_parameters(model: nn.Module) -> list[str]:

@@ -9,7 +9,8 @@ This module holds the operations every DSD rule is built from, and no rule itsel
 * views and gathers: a rank's part of a tensor (:func:`local_part`, :func:`local_slice`), the whole tensor or
   mask from the shards (:func:`full_tensor`, :func:`full_mask`, :class:`FullMasks`, one at a time);
 * counts over ranks that take every entry once (:func:`counts_once`, :func:`counts_over_ranks`): one host
-  sync and at most one all-reduce per count, whatever the number of tensors;
+  sync and at most one all-reduce per count, whatever the number of tensors; each tensor's smallest and
+  largest magnitude the same way (:func:`magnitude_ranges`);
 * rank zero's value on every rank (:func:`from_rank_zero`), FSDP2's gathered copies dropped
   (:func:`reshard_gathered`), and the checks of what can be sharded (:func:`check_placements`,
   :func:`refuse_flat_shards`).
@@ -130,6 +131,36 @@ def counts_over_ranks(tensors: Mapping[str, Tensor], count: Callable[[str, Tenso
     ]
     stacked = torch.stack(counts)
     return (_sum_over_ranks(stacked) if sharded else stacked).cpu()
+
+
+@torch.no_grad()
+def magnitude_ranges(tensors: Mapping[str, Tensor]) -> Tensor:
+    """The smallest and largest magnitude of each full tensor, as the int32 bit patterns of ``float32`` ``|w|``
+    (which order like the magnitudes), stacked ``(len(tensors), 2)`` on the CPU: on plain tensors, found here;
+    when any is a ``DTensor``, found on each rank's local part (an empty one takes no part) and combined by
+    one all-reduce of the stack (a collective). Nothing is gathered.
+
+    Examples:
+        >>> magnitude_ranges({"a": torch.tensor([0.5, -0.5]), "b": torch.tensor([0.0, 2.0])}).tolist()
+        [[1056964608, 1056964608], [0, 1073741824]]
+    """
+    if not tensors:
+        return torch.zeros(0, 2, dtype=torch.int64)
+    sharded = any_sharded(tensors)
+    device = collective_device(next(iter(tensors.values())).device) if sharded else torch.device("cpu")
+    empty = torch.tensor([-(2**40), -(2**40)], dtype=torch.int64, device=device)  # loses every maximum
+    ranges = []
+    for tensor in tensors.values():
+        bits = local_part(tensor).detach().abs().float().flatten().view(torch.int32)
+        if bits.numel() == 0:
+            ranges.append(empty)
+            continue
+        ranges.append(torch.stack([-bits.min(), bits.max()]).to(device=device, dtype=torch.int64))
+    stacked = torch.stack(ranges)  # (-smallest, largest): one maximum finds both
+    if sharded and dist.is_initialized():
+        dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+    stacked = stacked.cpu()
+    return torch.stack([-stacked[:, 0], stacked[:, 1]], dim=1)
 
 
 @torch.no_grad()

@@ -212,7 +212,9 @@ class ForwardProbe(pl.Callback):
         stored = full_tensor(param)
         phase = self.dsd.phase
         pruned_zero = None
-        if phase is Phase.SPARSE:
+        if phase is Phase.SPARSE and name not in self.dsd.masks:  # left dense for this phase: nothing pruned
+            pruned_zero = True
+        elif phase is Phase.SPARSE:
             if name not in self._full_masks or self._full_masks[name][0] != self.dsd.cycle:
                 self._full_masks[name] = (self.dsd.cycle, FullMasks(self.dsd.masks, self.dsd.selection.selected)[name])
             keep = self._full_masks[name][1]
@@ -220,6 +222,7 @@ class ForwardProbe(pl.Callback):
         self.forwards.append({
             "phase": phase.value, "training": module.training, "sanity": trainer.sanity_checking, "name": alias,
             "step": trainer.global_step, "same_as_stored": torch.equal(used, stored), "pruned_zero": pruned_zero,
+            "masked": name in self.dsd.masks,
         })
 
     def on_train_end(self, trainer, pl_module):

@@ -117,7 +117,8 @@ def vit():
     config = transformers.ViTConfig(image_size=8, patch_size=4, num_channels=4, hidden_size=HIDDEN,
                                     num_hidden_layers=LAYERS, num_attention_heads=2, intermediate_size=32,
                                     num_labels=3)
-    targets = ["vit.embeddings.patch_embeddings.projection.weight"] + _per_layer(
+    # The patch projection (a Conv2d) reads the image: left dense by default, as the paper keeps a CNN's first layer.
+    targets = _per_layer(
         ["vit.layers.{}.attention.q_proj.weight", "vit.layers.{}.attention.k_proj.weight",
          "vit.layers.{}.attention.v_proj.weight", "vit.layers.{}.attention.o_proj.weight",
          "vit.layers.{}.mlp.fc1.weight", "vit.layers.{}.mlp.fc2.weight"]
@@ -167,7 +168,10 @@ def test_every_phase_on_a_real_architecture(architecture, caplog):
 
     # The default targets are the ones the README's table promises.
     assert dsd.target_names == ["model." + name for name in expected_targets]
-    assert "DSD targets" in caplog.text and "Left dense by default" in caplog.text
+    assert "DSD prunes" in caplog.text and "Left dense by default" in caplog.text
+    if architecture == "vit":
+        assert ("Left dense by default: the convolution that reads the input"
+                " (model.vit.embeddings.patch_embeddings.projection.weight)") in caplog.text
 
     # Exact pruning: zeros after every optimizer step; round(s*N) per tensor, then 2 of every 4 inputs.
     assert [phase for phase, _, _ in recorder.steps] == ["dense"] * 2 + (["sparse"] * 3 + ["redense"] * 2) * 2

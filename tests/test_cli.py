@@ -194,7 +194,8 @@ def test_a_command_line_flag_gives_the_sparsity_as_written(tmp_path, flags, spar
     "init_args, message",
     [
         ("sparsity: '4:2'", r"`sparsity` must be .* Found: '4:2' \(an N:M pattern needs integers 0 < N < M"),
-        ("sparsity: 4:2", r"`sparsity` must be .* Found: '4:2' \(an N:M pattern needs integers 0 < N < M"),
+        ("sparsity: 4:2", r"`sparsity` must be .* Found: 242.0, which is how YAML 1.1 reads an unquoted 4:2 .*"
+                          r" Quote the pattern you meant"),
         ("sparsity: 1.5", r"`sparsity` must be a float in \(0, 1\) .* Found: 1.5\."),
         ("sparsity: [0.5, 'half']", r"`sparsity` must be .* Found: 'half'"),
         ("sparsity: 0.5\nlayer_sparsity: {fc1.*: '2:2'}", r"`layer_sparsity` must map .* Found: '2:2'"),

@@ -280,7 +280,8 @@ def test_the_real_tensorboard_server_serves_the_histograms(tmp_path):
 
 
 class ZeroInitHead(ConvLSTMNet):
-    """A zero-initialised output layer (LoRA's B, adaLN-Zero, zero-init residual branches), pruned at once."""
+    """A zero-initialised output layer (LoRA's B, adaLN-Zero, zero-init residual branches) at a transition before any
+    step: magnitude cannot rank it, so it stays dense for that cycle, and trains away from zero."""
 
     def __init__(self) -> None:
         super().__init__()

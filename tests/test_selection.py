@@ -119,3 +119,88 @@ def test_a_declared_custom_layer_is_targeted_and_pruned_two_of_four_along_its_in
     # Groups of 4 consecutive inputs (rows); dim 1 (6 outputs) does not even divide by 4.
     assert bool((mask.movedim(0, -1).reshape(-1, 4).sum(dim=1) == 2).all())
     assert all(zeros for _, _, zeros in recorder.steps)
+
+
+class TinyResNet(nn.Module):
+    """A ResNet's layout, as timm and torchvision write it: ``conv1`` reads the image, a residual block, ``fc``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(8)
+        self.block = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+                                   nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.bn1(self.conv1(x)))
+        return self.fc(torch.relu(h + self.block(h)).mean(dim=(2, 3)))
+
+
+class TinyViT(nn.Module):
+    """A ViT's layout: a patch-embedding convolution (``patch_embed.proj``, as timm names it), a class token and
+    position embeddings (bare parameters), one encoder layer, a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch_embed = nn.Module()
+        self.patch_embed.proj = nn.Conv2d(3, 8, kernel_size=4, stride=4)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, 8))
+        self.pos_embed = nn.Parameter(torch.randn(1, 5, 8) * 0.02)
+        self.block = nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True)
+        self.head = nn.Linear(8, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        tokens = self.patch_embed.proj(x).flatten(2).transpose(1, 2)
+        tokens = torch.cat([self.cls_token.expand(len(x), -1, -1), tokens], dim=1) + self.pos_embed
+        return self.head(self.block(tokens)[:, 0])
+
+
+@pytest.mark.parametrize("model_type, first", [(TinyResNet, "conv1.weight"), (TinyViT, "patch_embed.proj.weight")])
+def test_the_convolution_that_reads_the_input_is_left_dense_by_default_said_so_and_include_brings_it_back(
+    model_type, first
+):
+    model = model_type()
+    selection = select_parameters(model)
+    assert first not in selection.selected and selection.input_convolution == [first]
+    assert (f"Left dense by default: the convolution that reads the input ({first}), as in the paper; name it in"
+            " `include` to prune it.") in selection.summary()
+    assert len(selection.selected) == (3 if model_type is TinyResNet else 5)  # every other connection weight
+    included = select_parameters(model, include=["*.weight", "*_weight"])
+    assert first in included.selected and included.input_convolution == []
+    assert "reads the input" not in included.summary()
+    assert select_parameters(model, exclude=[first]).input_convolution == [], "excluded: nothing to say"
+
+
+def test_only_an_image_or_video_convolution_registered_first_counts_as_reading_the_input():
+    assert select_parameters(nn.Sequential(nn.Conv3d(1, 2, 3), nn.Flatten(), nn.Linear(2, 2))).input_convolution \
+        == ["0.weight"]
+    for model in (
+        nn.Sequential(nn.Linear(4, 4), nn.Unflatten(1, (1, 2, 2)), nn.Conv2d(1, 2, 1)),  # a Linear first
+        nn.Sequential(nn.Conv1d(4, 8, 3), nn.Conv1d(8, 8, 3)),  # sequence models: Conv1d often reads an embedding
+        nn.Sequential(nn.ConvTranspose2d(4, 2, 3), nn.Conv2d(2, 2, 1)),  # a decoder reads a code
+    ):
+        selection = select_parameters(model)
+        assert selection.input_convolution == [] and len(selection.selected) == 2
+
+
+def test_a_sparse_phase_computes_with_a_dense_input_convolution_and_include_prunes_it_exactly():
+    """What the model computes: forward pre-hooks read each convolution's weight in the sparse phase."""
+    from lightning_dsd import DSD
+
+    def sparse_forward(**options) -> dict[str, int]:
+        torch.manual_seed(0)
+        model = TinyResNet()
+        dsd = DSD(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.5, 1, 1, 1, log_histograms=False,
+                  log_scalars=False, **options)
+        dsd.step()  # the dense epoch ends: prune
+        zeros: dict[str, int] = {}
+        for name in ("conv1", "block.0", "block.3"):
+            module = model.get_submodule(name)
+            module.register_forward_pre_hook(
+                lambda m, args, name=name: zeros.update({name: int((m.weight == 0).sum())}))
+        model(torch.randn(2, 3, 8, 8))
+        return zeros
+
+    assert sparse_forward() == {"conv1": 0, "block.0": 288, "block.3": 288}
+    assert sparse_forward(include=["*.weight"]) == {"conv1": round(0.5 * 216), "block.0": 288, "block.3": 288}

@@ -127,13 +127,18 @@ def test_fsdp2_forwards_use_the_pruned_and_restarted_weights_with_gathered_copie
 
 def test_fsdp2_root_managed_layers_pruned_before_the_first_step_a_zero_initialised_layer_and_a_resume(tmp_path):
     # dense_epochs=0 (a pre-trained model): the sanity check gathers the root's weights (net.2, net.4), then
-    # DSD prunes before the first step. net.4 starts at zero: it has no non-zero entry to show.
+    # DSD prunes before the first step. net.4 starts at zero: it has no non-zero entry to show, and magnitude
+    # cannot rank its entries, so it stays dense for the cycle (decided from shard-local ranges, nothing gathered;
+    # its one row lives on rank 0, rank 1's shard is empty).
     options = ["--layout", "fsdp_root", "--probe", "--validate", "sanity", "--dense-epochs", "0",
                "--output-scale", "0"]
     ranks = _run(tmp_path / "full", *options)
     _assert_forwards_compute_with_what_dsd_stored(ranks, {"sparse", "redense"})
     first_sparse = [f for f in ranks[0]["forwards"] if f["training"] and f["step"] == 0]
     assert {f["name"] for f in first_sparse} == set(TARGETS), "the very first step, every layer probed"
+    for rank in ranks:
+        assert "net.4.weight" not in rank["masks"] and "net.2.weight" in rank["masks"]
+        assert not any(f["masked"] for f in rank["forwards"] if f["name"] == "net.4.weight")
 
     (event_file,) = glob.glob(str(tmp_path / "full" / "tb" / "version_0" / "events.out.tfevents.*"))
     accumulator = EventAccumulator(event_file, size_guidance={"histograms": 0})
