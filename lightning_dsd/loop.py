@@ -230,9 +230,9 @@ class DSD(ReadsEngine):
                     f"The {self.phase.value} phase runs until a metric converges (its length is None), so `step()`"
                     " needs that metric each time on rank zero, e.g. `dsd.step(val_loss)`."
                 )
+        self._elapsed += 1  # reports of this epoch's end and of the transitions are filed under the new count
         if self.interval == "epoch":
-            self._engine.epoch_ended(self._elapsed)
-        self._elapsed += 1  # reports of the transitions are filed under the new count
+            self._engine.epoch_ended(self._elapsed - 1)
         try:
             self._engine.advance_if_due(self._elapsed)  # refused: the engine leaves its schedule as it was
         except Exception:

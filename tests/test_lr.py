@@ -246,3 +246,78 @@ def test_in_a_plain_loop_a_timm_scheduler_given_to_dsd_keeps_the_redense_lr_at_a
     assert with_dsd[:8] == plain[:8]
     assert with_dsd[8:] == pytest.approx([0.1 * lr for lr in plain[8:]], rel=1e-9)
     assert len(set(plain[8:])) > 1
+
+
+# ------------------------------------------------------------------------ a scheduler DSD does not know
+
+class FromItsOwnStart:
+    """A scheduler DSD does not know: every step sets each group's rate from the rates it stored at the start."""
+
+    def __init__(self, optimizer: torch.optim.Optimizer, gamma: float = 0.9) -> None:
+        self.optimizer, self.gamma, self.t = optimizer, gamma, 0
+        self.start = [group["lr"] for group in optimizer.param_groups]
+
+    def step(self) -> None:
+        self.t += 1
+        for group, start in zip(self.optimizer.param_groups, self.start, strict=True):
+            group["lr"] = start * self.gamma**self.t
+
+    def state_dict(self) -> dict:
+        return {"t": self.t, "start": self.start}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.t, self.start = state["t"], state["start"]
+
+
+def _loop_with(make_scheduler, handed_to_dsd: bool, epochs: int = 4):
+    """A plain loop, DSD 1 + 1 + 2 epochs, the scheduler stepped per epoch before ``dsd.step()``."""
+    with seeded(0):
+        model = ConvLSTMNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    schedule = make_scheduler(optimizer)
+    dsd = DSD(model, optimizer, 0.5, 1, 1, 2, schedulers=[schedule] if handed_to_dsd else [])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(epochs):
+            for x, y in make_loader():
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            schedule.step()
+            dsd.step()
+    undone = [str(w.message) for w in caught if "was undone" in str(w.message)]
+    return undone, optimizer
+
+
+def test_a_scheduler_dsd_does_not_know_that_puts_the_rate_back_is_named_in_a_warning():
+    undone, optimizer = _loop_with(FromItsOwnStart, handed_to_dsd=True)
+    assert len(undone) == 1
+    # re-dense began after 2 epochs at 0.1 * 0.9**2 = 0.081, set to 0.0081; the scheduler put 0.0729 back
+    assert "(x0.1) was undone at the first optimizer steps of re-dense: optimizer 0 group 0: 0.081 before, set to" \
+        " 0.0081, now 0.0729" in undone[0]
+    assert "the scheduler(s) FromItsOwnStart, which DSD does not know" in undone[0]
+    assert "multiply its learning-rate state by 0.1 at re-dense yourself" in undone[0]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9**4), "said, not changed"
+    assert not optimizer._optimizer_step_pre_hooks, "the watch removed its hook after judging"
+
+
+def test_a_torch_scheduler_not_handed_to_dsd_is_noticed_and_one_handed_over_is_not():
+    make = lambda o: S.LambdaLR(o, lambda epoch: 0.9**epoch)  # noqa: E731  # recomputes from its base_lrs
+    undone, _ = _loop_with(make, handed_to_dsd=False)
+    assert len(undone) == 1
+    assert "DSD scaled every scheduler it was given (none); something else set the rate" in undone[0]
+    undone, optimizer = _loop_with(make, handed_to_dsd=True)
+    assert undone == [] and optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * 0.9**4 * 0.1)
+    assert not optimizer._optimizer_step_pre_hooks, "the watch stopped at the scheduler's first step"
+
+
+def test_in_a_trainer_an_epoch_stepped_scheduler_dsd_does_not_know_is_caught_after_the_first_redense_epoch():
+    class Unknown(ConvLSTMNet):
+        def lr_scheduler_step(self, schedule, metric):
+            schedule.step()
+
+    dsd = DSDCallback(0.5, dense_epochs=1, sparse_epochs=1, redense_epochs=2)
+    model = Unknown(scheduler=FromItsOwnStart)
+    with pytest.warns(UserWarning, match=r"DSDCallback: DSD's re-dense drop .* undone .* FromItsOwnStart") as caught:
+        make_trainer([dsd], max_epochs=4).fit(model, make_loader())
+    assert sum("was undone" in str(w.message) for w in caught) == 1
