@@ -153,12 +153,30 @@ class SparseConstraint:
             targets.handles.append(optimizer.register_step_pre_hook(self._before_step))
             targets.handles.append(optimizer.register_step_post_hook(self._after_step))
 
-    def zero_optimizer_state(self, optimizers: Iterable[Optimizer]) -> None:
-        """Zero the pruned entries' state in ``optimizers`` (at re-dense), so no momentum revives them."""
+    def zero_optimizer_state(self, optimizers: Iterable[Optimizer]) -> tuple[list[str], list[str]]:
+        """Zero the pruned entries' state in ``optimizers`` (at re-dense), so no momentum revives them. Return the
+        names of the state entries zeroed at the pruned entries (those with one value per weight: momentum,
+        ``exp_avg``, ``exp_avg_sq``) and of those kept as they were (any other shape: a step count, Adafactor's
+        factored row and column moments, a scalar), each sorted.
+
+        Examples:
+            >>> w = torch.nn.Parameter(torch.ones(2))
+            >>> adam = torch.optim.Adam([w], lr=0.1)
+            >>> w.grad = torch.ones(2); adam.step()
+            >>> constraint = SparseConstraint({"w": w}, {"w": torch.tensor([True, False])})
+            >>> constraint.attach([adam])
+            >>> constraint.zero_optimizer_state([adam]), adam.state[w]["exp_avg"].tolist()
+            ((['exp_avg', 'exp_avg_sq'], ['step']), [0.10000000149011612, 0.0])
+        """
+        zeroed: set[str] = set()
+        kept: set[str] = set()
         for optimizer in optimizers:
             targets = self._targets.get(id(optimizer))
             if targets is not None:
-                _mask_optimizer_state(optimizer, targets)
+                entries = _mask_optimizer_state(optimizer, targets)
+                zeroed |= entries[0]
+                kept |= entries[1]
+        return sorted(zeroed), sorted(kept)
 
     def detach(self) -> None:
         """Remove the hooks from every optimizer (the masks are kept)."""
@@ -230,10 +248,17 @@ def _mask_gradients_of(targets: _OptimizerTargets) -> None:
 
 
 @torch.no_grad()
-def _mask_optimizer_state(optimizer: Optimizer, targets: _OptimizerTargets) -> None:
-    """Zero every per-entry state tensor (momentum, ``exp_avg``, ``exp_avg_sq``, ...) at pruned entries."""
+def _mask_optimizer_state(optimizer: Optimizer, targets: _OptimizerTargets) -> tuple[set[str], set[str]]:
+    """Zero every per-entry state tensor (momentum, ``exp_avg``, ``exp_avg_sq``, ...) at pruned entries; return
+    the names of the entries zeroed and of those left as they were (not shaped like their parameter)."""
+    zeroed: set[str] = set()
+    kept: set[str] = set()
     for param, mask in zip(targets.params, targets.masks, strict=False):
-        for value in optimizer.state.get(param, {}).values():
+        for key, value in optimizer.state.get(param, {}).items():
             if isinstance(value, Tensor) and value.shape == param.shape:
                 state = local_part(value)
                 zero_pruned([state], [mask if mask.dtype in (torch.bool, state.dtype) else mask.to(state.dtype)])
+                zeroed.add(str(key))
+            else:
+                kept.add(str(key))
+    return zeroed, kept

@@ -38,7 +38,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_dsd.constraint import SparseConstraint, unwrapped_optimizer
-from lightning_dsd.lr import current_learning_rates, scale_learning_rates
+from lightning_dsd.lr import RateWatch, current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import disconnected_units
 from lightning_dsd.options import DSDOptions
 from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
@@ -108,6 +108,10 @@ class DSDEngine:
         self._constraint: Optional[SparseConstraint] = None
         self._restored_masks: Optional[dict[str, Tensor]] = None
         self._left_dense: dict[str, str] = {}  # targets the current sparse phase does not prune, with why
+        self._rate_watch: Optional[RateWatch] = None  # from a re-dense to its first scheduler steps
+        # The scalars due at the sink's current step (weights, learning rates), logged once at the end of
+        # ``advance_if_due`` or ``training_ended``: an epoch end and the transitions after it share a step.
+        self._due_scalars: Optional[tuple[dict[str, nn.Parameter], list[list[float]]]] = None
 
     # ------------------------------------------------------------------ read-only state
 
@@ -254,12 +258,14 @@ class DSDEngine:
         before the weights change, a refusal puts the schedule back where the call found it (earlier
         transitions of the same call included), and a report that fails to be written is warned about, not
         raised, so it cannot leave a phase that says "sparse" without its masks."""
-        before = self.schedule.state_dict()
+        before, due_scalars = self.schedule.state_dict(), self._due_scalars
         try:
             self._advance_while_due(now)
         except Exception:
             self.schedule.load_state_dict(before)
+            self._due_scalars = due_scalars
             raise
+        self._log_due_scalars()
 
     def _advance_while_due(self, now: int) -> None:
         while self.schedule.is_due(now):
@@ -479,9 +485,11 @@ class DSDEngine:
 
     def _redense(self, finished: Stage) -> None:
         restarted = 0
+        zeroed: list[str] = []
+        kept: list[str] = []
         if self._constraint is not None:
             keep = self._constraint.keep_masks()
-            self._constraint.zero_optimizer_state(self.training.optimizers)
+            zeroed, kept = self._constraint.zero_optimizer_state(self.training.optimizers)
             if self.options.redense_state == "all":
                 restarted = restart_optimizer_state(self.training.optimizers, self._constraint.params)
             self._constraint.detach()
@@ -494,6 +502,7 @@ class DSDEngine:
         before = current_learning_rates(optimizers)
         scale_learning_rates(optimizers, self.training.schedulers, self.options.lr_scale)
         after = current_learning_rates(optimizers)
+        self._watch_rates(before, after)
         restart = "zero" if self.options.redense_init == "zero" else "small noise"
         if not self.options.prune:
             self._note(
@@ -503,7 +512,7 @@ class DSDEngine:
         else:
             state = ("the whole optimizer state of the pruned tensors restarts (moments and step counts;"
                      f" {restarted} tensors)" if self.options.redense_state == "all"
-                     else "their optimizer state restarts at zero")
+                     else _state_restart(zeroed, kept))
             self._note(
                 f"DSD cycle {finished.cycle}: re-dense phase. The constraint is lifted and pruned weights restart"
                 f" from {restart}; {state}; learning rate x{self.options.lr_scale:g}: {_format_lrs(before)} ->"
@@ -511,6 +520,19 @@ class DSDEngine:
             )
         self._record(Moment.START_OF_REDENSE, finished.cycle)
         self._log_scalars(after)
+
+    def _watch_rates(self, before: list[list[float]], after: list[list[float]]) -> None:
+        """Watch the first steps of re-dense for a scheduler DSD does not know putting the rate back (see
+        :class:`~lightning_dsd.lr.RateWatch`); a warning then, once."""
+        self._stop_watching_rates()
+        if self.options.lr_scale != 1 and before != after:
+            self._rate_watch = RateWatch(self.training.optimizers, before, after, self.options.lr_scale,
+                                         self.training.schedulers, lambda text: rank_zero_warn(f"{self.owner}: {text}"))
+
+    def _stop_watching_rates(self) -> None:
+        if self._rate_watch is not None:
+            self._rate_watch.stop()
+            self._rate_watch = None
 
     def _weights_changed(self) -> None:
         if self._model is not None:
@@ -530,6 +552,7 @@ class DSDEngine:
 
     def release(self) -> None:
         """Remove the optimizer hooks (the masks are kept for :attr:`masks` and checkpoints)."""
+        self._stop_watching_rates()
         if self._constraint is not None:
             self._constraint.detach()
 
@@ -559,8 +582,16 @@ class DSDEngine:
         self._report(lambda sink: self.reporter.note_transition(sink, text))
 
     def _log_scalars(self, learning_rates: Optional[list[list[float]]] = None) -> None:
+        """Make the scalars of now (after this transition or epoch end) the step's: logged once, by
+        :meth:`_log_due_scalars`, so a step with an epoch end and transitions gets one value, the last."""
         lrs = learning_rates if learning_rates is not None else current_learning_rates(self.training.optimizers)
-        self._report(lambda sink: self.reporter.log_scalars(sink, self.phase, self.cycle, self.trainable_targets, lrs))
+        self._due_scalars = (self.trainable_targets, lrs)
+
+    def _log_due_scalars(self) -> None:
+        if self._due_scalars is not None:
+            weights, lrs = self._due_scalars
+            self._due_scalars = None
+            self._report(lambda sink: self.reporter.log_scalars(sink, self.phase, self.cycle, weights, lrs))
 
     def start_reporting(self) -> None:
         """Before the first step: the run's record (see :meth:`run_record`) and the TensorBoard chart layout."""
@@ -576,8 +607,11 @@ class DSDEngine:
                 "schedule": {"interval": config.interval, "stages": config.stages}, "options": self.options.as_record()}
 
     def epoch_ended(self, epoch: int) -> None:
-        """At the end of epoch ``epoch`` (0-based): scalars, and the histogram timeline when it is due."""
+        """At the end of epoch ``epoch`` (0-based): scalars (logged at the door's next :meth:`advance_if_due`,
+        at the same step, unless a transition there replaces them), and the histogram timeline when it is due."""
         self._log_scalars()
+        if self._rate_watch is not None:
+            self._rate_watch.epoch_ended()
         every = self.options.histogram_every_n_epochs
         if every and (epoch + 1) % every == 0:
             self._report(lambda sink: self.reporter.log_timeline(sink, self.histogram_targets))
@@ -586,6 +620,7 @@ class DSDEngine:
         """The last look: the histograms of the moment training stopped at, and the cycle's figure. In the final
         sparse phase (the run ends sparse) also the closing note and the door's sparse export."""
         self.release()
+        self._log_due_scalars()
         final_moment = {Phase.DENSE: Moment.END_OF_DENSE, Phase.SPARSE: Moment.END_OF_SPARSE}
         self._record(final_moment.get(self.phase, Moment.END_OF_REDENSE), self.cycle)
         if self.schedule.in_final_sparse_phase:
@@ -637,6 +672,27 @@ class DSDEngine:
 def _owned_by(optimizers: Sequence[Optimizer]) -> set[int]:
     """The identities of every parameter the ``optimizers`` update, in any param group."""
     return {id(p) for optimizer in optimizers for group in optimizer.param_groups for p in group["params"]}
+
+
+def _state_restart(zeroed: Sequence[str], kept: Sequence[str]) -> str:
+    """What re-dense did to the pruned entries' optimizer state (``redense_state="pruned"``), as
+    :meth:`SparseConstraint.zero_optimizer_state` found it.
+
+    Examples:
+        >>> print(_state_restart(["exp_avg", "exp_avg_sq"], ["step"]))  # doctest: +ELLIPSIS
+        their optimizer state: `exp_avg`, `exp_avg_sq` zeroed at the pruned entries; `step` kept (not one value ...
+        >>> print(_state_restart([], ["exp_avg_sq_col", "exp_avg_sq_row", "step"]))  # doctest: +ELLIPSIS
+        their optimizer state: no entry holds one value per weight, so none is zeroed at the pruned entries; ...
+    """
+    if not zeroed and not kept:
+        return "their optimizer holds no state for them: nothing to restart"
+    text = "their optimizer state: " + (f"{_named(zeroed)} zeroed at the pruned entries" if zeroed else
+                                        "no entry holds one value per weight, so none is zeroed at the pruned entries")
+    return text + (f"; {_named(kept)} kept (not one value per weight)" if kept else "")
+
+
+def _named(names: Sequence[str]) -> str:
+    return ", ".join(f"`{name}`" for name in names)
 
 
 def _format_lrs(lrs: list[list[float]]) -> str:

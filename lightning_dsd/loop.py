@@ -235,9 +235,9 @@ class DSD(ReadsEngine):
         self._start_if_pending()
         if value is not None:
             self._engine.schedule.observe(value)  # rank zero's, shared above
+        self._elapsed += 1  # reports of this epoch's end and of the transitions are filed under the new count
         if self.interval == "epoch":
-            self._engine.epoch_ended(self._elapsed)
-        self._elapsed += 1  # reports of the transitions are filed under the new count
+            self._engine.epoch_ended(self._elapsed - 1)
         try:
             self._engine.advance_if_due(self._elapsed)  # refused: the engine leaves its schedule as it was
         except Exception:

@@ -9,6 +9,20 @@ ChainedScheduler) are followed into their children. Lightning's ``BackboneFinetu
 backbone's param group itself, from its ``previous_backbone_lr`` (and ``backbone_initial_lr``, when given):
 handed over as a scheduler, it is scaled the same way.
 
+timm's schedulers (subclasses of ``timm.scheduler.scheduler.Scheduler``, recognised by the class's name so that
+timm stays optional) recompute every group's rate at each ``step(epoch)``/``step_update(num_updates)`` from
+their own learning-rate-valued state: ``base_values`` (taken from the groups' ``initial_lr``), ``warmup_lr_init``,
+``warmup_steps`` (the warm-up's increment per step), ``lr_min`` and, for ``PlateauLRScheduler``, the rates kept
+to undo its noise (``restore_lr``) and the ``ReduceLROnPlateau`` it wraps (``lr_scheduler``). Every timm
+schedule (cosine, tanh, poly, step, multistep, WSD, plateau; warm-up, cycles, k-decay, noise) is linear in
+these, so they are scaled too; the times (``decay_t``, ``warmup_t``, ``t_initial``) and factors
+(``decay_rate``, ``cycle_decay``, a group's layer-decay ``lr_scale``) are not learning rates and stay. A timm
+scheduler of another group field (``param_group_field`` other than ``"lr"``) is left alone.
+
+A scheduler of another kind may recompute the rate from state DSD does not know, and so undo the drop.
+:class:`RateWatch` notices it: it watches the optimizers' first steps of re-dense and says so when a group's
+rate goes back up towards where it was before the drop.
+
 Examples:
     >>> import torch
     >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
@@ -20,15 +34,22 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+import math
+from functools import partial
+from typing import Any, Callable, Iterable, Sequence
 
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler, ReduceLROnPlateau
+from torch.utils.hooks import RemovableHandle
 
 GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 SCHEDULER_LR_ATTRIBUTES = (
     "base_lrs", "min_lrs", "max_lrs", "eta_min", "_last_lr", "previous_backbone_lr", "backbone_initial_lr"
 )
+#: The base class of timm's schedulers, by its full name (timm is not imported).
+TIMM_SCHEDULER = "timm.scheduler.scheduler.Scheduler"
+TIMM_LR_ATTRIBUTES = ("base_values", "warmup_lr_init", "warmup_steps", "lr_min", "restore_lr")
 
 
 def _scaled(value: Any, factor: float) -> Any:
@@ -57,13 +78,137 @@ def _scale_scheduler(scheduler: Any, factor: float, seen: set[int]) -> None:
     if id(scheduler) in seen:
         return
     seen.add(id(scheduler))
-    for attribute in SCHEDULER_LR_ATTRIBUTES:
+    timm = is_timm_scheduler(scheduler)
+    if timm and getattr(scheduler, "param_group_field", "lr") != "lr":
+        return
+    for attribute in TIMM_LR_ATTRIBUTES if timm else SCHEDULER_LR_ATTRIBUTES:
         if hasattr(scheduler, attribute):
             setattr(scheduler, attribute, _scaled(getattr(scheduler, attribute), factor))
-    for child in getattr(scheduler, "_schedulers", ()):
+    children = [scheduler.lr_scheduler] if timm and hasattr(scheduler, "lr_scheduler") else []
+    for child in [*children, *getattr(scheduler, "_schedulers", ())]:
         _scale_scheduler(child, factor, seen)
+
+
+def is_timm_scheduler(scheduler: Any) -> bool:
+    """Whether ``scheduler`` is one of timm's (its class derives from :data:`TIMM_SCHEDULER`).
+
+    Examples:
+        >>> is_timm_scheduler(object())
+        False
+    """
+    return any(f"{cls.__module__}.{cls.__qualname__}" == TIMM_SCHEDULER for cls in type(scheduler).__mro__)
+
+
+def is_known_scheduler(scheduler: Any) -> bool:
+    """Whether :func:`scale_learning_rates` knows every learning-rate-valued state of ``scheduler``: torch's
+    schedulers, timm's and Lightning's ``BackboneFinetuning``.
+
+    Examples:
+        >>> import torch
+        >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> is_known_scheduler(torch.optim.lr_scheduler.StepLR(optimizer, 1)), is_known_scheduler(object())
+        (True, False)
+    """
+    return (isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)) or is_timm_scheduler(scheduler)
+            or hasattr(scheduler, "previous_backbone_lr"))
 
 
 def current_learning_rates(optimizers: Iterable[Optimizer]) -> list[list[float]]:
     """The ``lr`` of every param group, as floats: one list per optimizer, one entry per group."""
     return [[float(group["lr"]) for group in optimizer.param_groups] for optimizer in optimizers]
+
+
+class RateWatch:
+    """After a re-dense drop: watch each optimizer's next steps for a rate put back by something DSD did not scale.
+
+    ``before`` and ``after`` are :func:`current_learning_rates` on either side of the drop, ``factor`` the drop
+    (``lr_scale``). A step pre-hook on each optimizer compares its groups' rates with ``after``; once a rate has
+    changed (a scheduler stepped) it judges that step and removes itself. A group whose rate went back up more
+    than half way to its old value, on a log scale (for ``factor=0.1``: by more than 3.2x), was put back:
+    ``warn`` gets one message naming the schedulers DSD does not know (:func:`is_known_scheduler`), the group and
+    its rates. A watch that has seen no change by the first step after :meth:`epoch_ended` stops too (an
+    epoch's scheduler steps have run by then): it costs a few comparisons per step, and only then.
+
+    Examples:
+        >>> import torch
+        >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> watch = RateWatch([optimizer], [[1.0]], [[0.1]], 0.1, [], print)
+        >>> optimizer.param_groups[0]["lr"] = 0.1; optimizer.step()  # the drop holds: nothing changed
+        >>> optimizer.param_groups[0]["lr"] = 1.0; optimizer.step()  # doctest: +ELLIPSIS
+        DSD's re-dense drop of the learning rate (x0.1) was undone at the first optimizer steps of re-dense: ...
+        >>> watch.watching
+        False
+    """
+
+    def __init__(
+        self,
+        optimizers: Sequence[Optimizer],
+        before: list[list[float]],
+        after: list[list[float]],
+        factor: float,
+        schedulers: Sequence[Any],
+        warn: Callable[[str], None],
+    ) -> None:
+        self.factor = factor
+        self._before, self._after = before, after
+        self._schedulers = list(schedulers)
+        self._warn = warn
+        self._epoch_ended = False
+        self._handles: dict[int, RemovableHandle] = {}
+        for index, optimizer in enumerate(optimizers):
+            self._handles[index] = optimizer.register_step_pre_hook(partial(self._check, index))
+
+    @property
+    def watching(self) -> bool:
+        return bool(self._handles)
+
+    def epoch_ended(self) -> None:
+        """An epoch ended: the next step of each optimizer is its last one watched."""
+        self._epoch_ended = True
+
+    def stop(self) -> None:
+        for handle in self._handles.values():
+            handle.remove()
+        self._handles.clear()
+
+    def _check(self, index: int, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        now = [float(group["lr"]) for group in optimizer.param_groups]
+        after, before = self._after[index], self._before[index]
+        if now == after[: len(now)] and not self._epoch_ended:
+            return
+        self._handles.pop(index).remove()
+        put_back = [(group, before[group], after[group], lr) for group, lr in enumerate(now)
+                    if group < len(after) and _went_back(lr, before[group], after[group])]
+        if put_back:
+            self._warn(self._message(index, put_back))
+
+    def _message(self, index: int, put_back: list[tuple[int, float, float, float]]) -> str:
+        groups = "; ".join(f"optimizer {index} group {group}: {was:.3g} before, set to"
+                           f" {set_to:.3g}, now {lr:.3g}" for group, was, set_to, lr in put_back)
+        unknown = [type(s).__name__ for s in self._schedulers if not is_known_scheduler(s)]
+        if unknown:
+            cause = (f"the scheduler(s) {', '.join(unknown)}, which DSD does not know, recomputed the rate from"
+                     " learning-rate-valued state of their own that DSD did not scale")
+        else:
+            named = ", ".join(type(s).__name__ for s in self._schedulers) or "none"
+            cause = (f"DSD scaled every scheduler it was given ({named}); something else set the rate: a scheduler"
+                     " not handed to DSD, or code that sets `param_group['lr']`")
+        return (
+            f"DSD's re-dense drop of the learning rate (x{self.factor:g}) was undone at the first optimizer steps"
+            f" of re-dense: {groups}. Probably {cause}. Training goes on at the restored rate, not DSD's. Hand"
+            " torch's and timm's schedulers to DSD (the Trainer's `configure_optimizers`, `DSD(...,"
+            " schedulers=...)`); for any other scheduler, multiply its learning-rate state by"
+            f" {self.factor:g} at re-dense yourself, or use a torch or timm scheduler."
+        )
+
+
+def _went_back(lr: float, before: float, after: float) -> bool:
+    """Whether ``lr`` went from ``after`` more than half way back to ``before`` on a log scale.
+
+    Examples:
+        >>> _went_back(0.0346, 0.0375, 0.00375), _went_back(0.0034, 0.0375, 0.00375), _went_back(0.0, 1.0, 0.1)
+        (True, False, False)
+    """
+    if min(lr, before, after) <= 0 or before == after:
+        return False
+    return math.log(lr / after) / math.log(before / after) > 0.5

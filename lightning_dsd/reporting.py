@@ -10,8 +10,9 @@ Tags (``<layer>`` is the parameter name, e.g. ``conv1.weight``):
   cycle in each tag.
 * ``dsd_weights_timeline/<layer>``: all weights every ``histogram_every_n_epochs`` epochs, if asked.
 * ``dsd/phase`` (0 dense, 1 sparse, 2 re-dense), ``dsd/cycle``, ``dsd/sparsity`` (exact zeros among all
-  targeted weights, measured) and ``dsd_sparsity/<layer>``: at every epoch end and transition;
-  ``dsd_lr/optimizer<i>_group<j>``: at every epoch end and transition.
+  targeted weights, measured) and ``dsd_sparsity/<layer>``, ``dsd_lr/optimizer<i>_group<j>``: one value per
+  step, at every epoch end and transition; where they share a step (the transitions due at the start of the next
+  epoch), the value after the transitions (the engine logs them once the step's transitions are made).
 * ``dsd/transitions`` (TEXT tab): what each transition did (what was pruned, the learning-rate change);
   the CUSTOM SCALARS tab groups phase, sparsity and learning rate in charts of their own.
 * ``dsd/run`` (TEXT tab): the run's record, JSON in a code block, written when training starts (again at a
@@ -214,8 +215,8 @@ class PhaseReporter:
 
     def write_chart_layout(self, sink: ReportSink) -> None:
         """Group DSD's scalars in TensorBoard's CUSTOM SCALARS tab: phase, sparsity and learning rate, each a
-        chart of its own (values are logged at every epoch end and at every transition, so each reads as
-        a step at the transition)."""
+        chart of its own (one value per step, at every epoch end and transition, so each reads as a step at
+        the transition)."""
         if self.scalars and sink.is_rank_zero and (tensorboard := sink.tensorboard()) is not None:
             tensorboard.add_custom_scalars({"DSD": {
                 "phase (0 dense, 1 sparse, 2 re-dense)": ["Multiline", [r"dsd/phase"]],

@@ -106,13 +106,15 @@ def test_phase_and_measured_sparsity_scalars(tmp_path):
     assert sparsity[4] == 0.0 and sparsity[24] < 0.01
     for layer, mask in masks.items():
         assert scalar(f"dsd_sparsity/{layer}")[12] == pytest.approx(round(0.5 * mask.numel()) / mask.numel())
-    # Every epoch end and both sides of each transition: the charts read as steps, not two lone points.
+    # One value per step: at an epoch end that a transition follows at the same step, the after-transition one.
     def events(tag):
         return [(e.step, round(e.value, 6)) for e in accumulator.Scalars(tag)]
 
-    assert events("dsd_lr/optimizer0_group0") == [(4, 0.1), (8, 0.1), (8, 0.1), (12, 0.1), (16, 0.1), (16, 0.01),
-                                                  (20, 0.01), (24, 0.01)]
-    assert events("dsd/phase") == [(4, 0), (8, 0), (8, 1), (12, 1), (16, 1), (16, 2), (20, 2), (24, 2)]
+    assert events("dsd_lr/optimizer0_group0") == [(4, 0.1), (8, 0.1), (12, 0.1), (16, 0.01), (20, 0.01), (24, 0.01)]
+    assert events("dsd/phase") == [(4, 0), (8, 1), (12, 1), (16, 2), (20, 2), (24, 2)]
+    for tag in accumulator.Tags()["scalars"]:
+        steps = [e.step for e in accumulator.Scalars(tag)]
+        assert len(steps) == len(set(steps)), tag
 
 
 def test_the_five_panel_figure_is_logged_and_saved_as_png(tmp_path):
@@ -163,6 +165,8 @@ def test_with_csv_and_tensorboard_loggers_scalars_go_to_both(tmp_path):
     with open(os.path.join(csv_logger.log_dir, "metrics.csv")) as handle:
         rows = list(csv.DictReader(handle))
     assert {"dsd/phase", "dsd/sparsity", "dsd_sparsity/head.weight"} <= set(rows[0])
+    phases = [(int(row["step"]), float(row["dsd/phase"])) for row in rows if row["dsd/phase"]]
+    assert phases == [(4, 0), (8, 1), (12, 1), (16, 2), (20, 2), (24, 2)], "one row per step, after the transition"
 
 
 def test_a_csv_logger_alone_gets_scalars_and_pngs_and_one_clear_warning(tmp_path):
