@@ -406,6 +406,9 @@ class TrainerSink:
     def figure_directory(self) -> Optional[str]:
         return os.path.join(self.directory, "dsd_figures") if self.directory is not None else None
 
+    def figure_saved(self, path: str) -> None:
+        """Nothing more: the TensorBoard run's directory is where the figure is kept."""
+
     def say_what_is_skipped(self) -> None:
         """Once, before training: what the Trainer's reporting set-up cannot show."""
         options = self._options
