@@ -165,3 +165,5 @@ def test_wandb_offline_run_holds_figures_and_sparse_exports_in_its_files_and_the
     _check_the_exported_model_is_the_sparse_one(*(os.path.join(run_files, "dsd_sparse", n) for n in SPARSE_FILES[::-1]))
     assert (summary["dsd/phase"], summary["dsd/cycle"], summary["dsd_lr/optimizer0_group0"]) == (2.0, 0.0, 0.1 * 0.1)
     assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "dsd_figures" / FIGURE))
+    local_run_dir = tmp_path / "dsd" / logger.version  # <save_dir>/<project>/<run id>, ModelCheckpoint's rule
+    assert filecmp.cmp(local_run_dir / "dsd_figures" / FIGURE, os.path.join(run_files, "dsd_figures", FIGURE))
