@@ -5,6 +5,7 @@ from __future__ import annotations
 import filecmp
 import glob
 import os
+import sys
 
 import matplotlib.image
 import pytest
@@ -18,6 +19,16 @@ from lightning_dsd.trainer_output import hand_to_loggers
 FIGURE = "cycle0_lstm.weight_hh_l0.png"  # the largest targeted layer's figure
 SPARSE_FILES = ["cycle0.ckpt", "cycle0_sparse_state_dict.pt"]
 SHARDS = [".metadata", "__0_0.distcp"]  # a sharded checkpoint folder (ModelParallelStrategy), as DCP writes it
+
+
+@pytest.fixture(autouse=True)
+def _mlflow_forgets_the_tracking_uri(monkeypatch):
+    """``MLFlowLogger`` sets mlflow's process-wide tracking URI, and ``MLFLOW_TRACKING_URI`` with it, which the
+    next test's MLflow (transformers' integration) would use: both are reset after each test."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    yield
+    if "mlflow" in sys.modules:
+        sys.modules["mlflow"].set_tracking_uri(None)
 
 
 def _sharded_checkpoint(run_dir, cycle: int) -> str:
@@ -167,3 +178,38 @@ def test_wandb_offline_run_holds_figures_and_sparse_exports_in_its_files_and_the
     assert glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "dsd_figures" / FIGURE))
     local_run_dir = tmp_path / "dsd" / logger.version  # <save_dir>/<project>/<run id>, ModelCheckpoint's rule
     assert filecmp.cmp(local_run_dir / "dsd_figures" / FIGURE, os.path.join(run_files, "dsd_figures", FIGURE))
+
+
+@pytest.mark.slow  # MLflow builds its database schema
+def test_transformers_with_report_to_mlflow_gets_the_dsd_scalars_as_metrics_of_the_trainers_one_run(
+    tmp_path, monkeypatch
+):
+    """The transformers door's scalars go through ``Trainer.log``, so MLflow's integration records them in the
+    run it started; the figure stays TensorBoard's (``report_to`` with ``"tensorboard"``), see
+    docs/tensorboard.md."""
+    transformers = pytest.importorskip("transformers")
+    from mlflow.tracking import MlflowClient
+
+    from lightning_dsd.huggingface import DSDTrainerCallback
+
+    monkeypatch.chdir(tmp_path)
+    tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "dsd")
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
+        n_layer=1, n_embd=16, n_head=2, vocab_size=48, n_positions=8, bos_token_id=0, eos_token_id=0))
+    tokens = torch.randint(0, 48, (8, 8), generator=torch.Generator().manual_seed(1))
+    data = [{"input_ids": row, "labels": row} for row in tokens]
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=3, use_cpu=True,
+        report_to=["mlflow"], save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
+    dsd = DSDTrainerCallback(0.5, 1, 1, 1)
+    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[dsd]).train()
+
+    client = MlflowClient(tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("dsd").experiment_id])
+    assert len(runs) == 1  # DSD's logs opened no run of their own
+    phases = client.get_metric_history(runs[0].info.run_id, "dsd/phase")
+    assert phases[0].value == 0.0 and phases[-1].value == 2.0 and {m.value for m in phases} == {0.0, 1.0, 2.0}
+    assert 0.5 in {m.value for m in client.get_metric_history(runs[0].info.run_id, "dsd/sparsity")}
