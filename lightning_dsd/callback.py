@@ -33,7 +33,7 @@ from lightning_dsd.export import export_sparse_model
 from lightning_dsd.options import LengthsArgument, check_options, door_options
 from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
 from lightning_dsd.trainer_limits import training_limit
-from lightning_dsd.trainer_output import ProgressBarPhase, TrainerSink, output_directory
+from lightning_dsd.trainer_output import ProgressBarPhase, TrainerSink
 
 
 class DSDCallback(ReadsEngine, Callback):
@@ -220,7 +220,7 @@ class DSDCallback(ReadsEngine, Callback):
             self.options.log_histograms, self.options.log_scalars, bool(self.options.figure_layers)
         )
         if trainer.is_global_zero and trainer.loggers and (self.options.figure_layers or self.export_sparse):
-            rank_zero_info(f"DSDCallback writes its figures and sparse exports under {output_directory(trainer)}.")
+            self._sink.say_where_files_go()
         self._progress_bar.show(trainer.progress_bar_callback, lambda: self.phase_label)
         self._check_on_train_epoch_end = trainer.val_check_interval == 1.0 and trainer.check_val_every_n_epoch == 1
 

@@ -587,6 +587,12 @@ class DSDEngine:
         lrs = learning_rates if learning_rates is not None else current_learning_rates(self.training.optimizers)
         self._due_scalars = (self.trainable_targets, lrs)
 
+    def flush_scalars(self) -> None:
+        """Log the scalars held for this step now: for a door that knows no transition follows at this step and
+        whose loggers may close before :meth:`training_ended` (the ``transformers`` integrations end their runs
+        at ``on_train_end``, before a user's callback)."""
+        self._log_due_scalars()
+
     def _log_due_scalars(self) -> None:
         if self._due_scalars is not None:
             weights, lrs = self._due_scalars

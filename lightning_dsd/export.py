@@ -1,6 +1,7 @@
 """Saving the model at the end of a sparse phase: a compressed model with the paper's "Sparse" accuracy.
 
-Files go to ``<output directory>/dsd_sparse/`` (:func:`lightning_dsd.trainer_output.output_directory`):
+Files go to ``<output directory>/dsd_sparse/`` (:func:`lightning_dsd.trainer_output.output_directory`), and are
+handed to MLflow and W&B loggers as the run's files (:func:`lightning_dsd.trainer_output.hand_to_loggers`):
 ``cycle<c>.ckpt`` is a normal Lightning checkpoint (load its ``state_dict`` into the plain module; under
 ``ModelParallelStrategy`` it is whatever the strategy saves, a folder of shards by default); with
 ``sparse_tensors=True``, ``cycle<c>_sparse_state_dict.pt`` also holds the model's ``state_dict`` with every
@@ -20,7 +21,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor
 
 from lightning_dsd.sharding import full_tensor
-from lightning_dsd.trainer_output import output_directory
+from lightning_dsd.trainer_output import hand_to_loggers, output_directory
 
 
 def to_sparse_tensor(tensor: Tensor) -> Tensor:
@@ -37,7 +38,8 @@ def export_sparse_model(
     trainer: "pl.Trainer", targets: Mapping[str, Tensor], cycle: int, sparse_tensors: bool
 ) -> dict[str, Any]:
     """Save the current (sparse) model; return the paths and their sizes in bytes."""
-    directory = os.path.join(trainer.strategy.broadcast(output_directory(trainer)), "dsd_sparse")
+    run_directory = trainer.strategy.broadcast(output_directory(trainer))
+    directory = os.path.join(run_directory, "dsd_sparse")
     checkpoint = os.path.join(directory, f"cycle{cycle}.ckpt")
     trainer.save_checkpoint(checkpoint)  # collective under DDP: every rank calls it, rank zero writes
     exported: dict[str, Any] = {"cycle": cycle, "checkpoint": checkpoint}
@@ -55,6 +57,9 @@ def export_sparse_model(
             if key.endswith("_bytes")
         )
         rank_zero_info(f"DSD cycle {cycle}: saved the sparse model under {directory} ({sizes}).")
+        for key in ("checkpoint", "sparse_state_dict"):
+            if key in exported:
+                hand_to_loggers(trainer, exported[key], run_directory)
     return exported
 
 

@@ -336,6 +336,8 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         self._engine.epoch_ended(max(math.floor(state.epoch or 0) - 1, 0))
+        if not self._engine.schedule.is_due(self._now(state)):  # no transition at this step: log while runs are open
+            self._engine.flush_scalars()
         if self.interval == "epoch":
             self._stop_if_finished(state, control)
 
@@ -356,6 +358,8 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                      **kwargs: Any) -> None:
         self._training = False
         self._hook_gradients()
+        if self._sink is not None:
+            self._sink.integrations_closed()
         loaded = state.best_model_checkpoint if args.load_best_model_at_end else None
         if loaded is None:
             self._engine.warn_if_left_sparse(self._now(state),
@@ -521,6 +525,7 @@ class TrainerSink:
 
             self._writer = SummaryWriter(log_dir=directory)
         self._logs, self._histograms = from_rank_zero((bool(self._report_to), self._writer is not None))
+        self._prefix, self._trainer_logs = "", True
 
     @property
     def is_rank_zero(self) -> bool:
@@ -543,17 +548,27 @@ class TrainerSink:
             return None
         return self._writer if self._trainer is None else TrainPrefixedLayout(self._writer)
 
+    def integrations_closed(self) -> None:
+        """From ``on_train_end`` on, the Trainer's reporting integrations have ended their runs (they come before
+        user callbacks), and ``Trainer.log`` would make MLflow open a new run: scalars go to DSD's TensorBoard
+        writer only, under the tags ``Trainer.log`` gives them (``train/...``)."""
+        self._prefix = "train/" if self._trainer is not None else ""
+        self._trainer_logs = False
+
     def log_metrics(self, metrics: dict[str, float]) -> None:
         if not self.is_rank_zero:
             return
-        if self._trainer is not None:
+        if self._trainer is not None and self._trainer_logs:
             self._trainer.log(dict(metrics))
         elif self._writer is not None:
             for tag, value in metrics.items():
-                self._writer.add_scalar(tag, value, self.step)
+                self._writer.add_scalar(self._prefix + tag, value, self.step)
 
     def figure_directory(self) -> Optional[str]:
         return os.path.join(self.directory, "dsd_figures") if self.directory is not None else None
+
+    def figure_saved(self, path: str) -> None:
+        """Nothing more: the TensorBoard run's directory is where the figure is kept."""
 
     def say_what_is_skipped(self) -> None:
         """Once, before training: what the Trainer's reporting set-up cannot show."""

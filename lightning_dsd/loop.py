@@ -97,6 +97,9 @@ class WriterSink:
         log_dir = getattr(self._writer, "log_dir", None)
         return os.path.join(log_dir, "dsd_figures") if log_dir else None
 
+    def figure_saved(self, path: str) -> None:
+        """Nothing more: the writer's directory is where the figure is kept."""
+
 
 class DSD(ReadsEngine):
     r"""Dense → Sparse → Re-dense for a plain PyTorch or Lightning Fabric training loop.

@@ -20,7 +20,8 @@ Tags (``<layer>`` is the parameter name, e.g. ``conv1.weight``):
   ``lr_scale``), its seed (:func:`current_seed`), the schedule and every option. :mod:`lightning_dsd.compare`
   pairs runs by it.
 * ``dsd_figure/<layer>``: the paper's five-panel figure for each cycle, also saved as
-  ``<output directory>/dsd_figures/cycle<c>_<layer>.png``.
+  ``<output directory>/dsd_figures/cycle<c>_<layer>.png`` (and, under Lightning, handed to MLflow and W&B
+  loggers as the run's files).
 
 Where things go is the :class:`ReportSink`'s business: the ``Trainer``'s loggers for ``DSDCallback``
 (:class:`lightning_dsd.trainer_output.TrainerSink`), a ``SummaryWriter`` for ``DSD``
@@ -111,6 +112,11 @@ class ReportSink(Protocol):
 
     def figure_directory(self) -> Optional[str]:
         """Where figure PNGs are saved, or ``None`` for nowhere."""
+
+    def figure_saved(self, path: str) -> None:
+        """Called on rank zero after each figure PNG is saved under :meth:`figure_directory`: hand it to the
+        run's tracking tool where that tool keeps a run's files (MLflow's artifacts, W&B's files), or do
+        nothing where the directory is all there is (TensorBoard)."""
 
 
 class PhaseReporter:
@@ -276,6 +282,7 @@ class PhaseReporter:
             if directory is not None:
                 path = os.path.join(directory, f"cycle{cycle}_{name}.png")
                 figure.savefig(path, dpi=80)
+                sink.figure_saved(path)
             if tensorboard is not None:
                 tensorboard.add_figure(f"dsd_figure/{name}", figure, sink.step, close=False)
         for moment in Moment:
