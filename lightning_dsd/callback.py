@@ -41,8 +41,8 @@ class DSDCallback(ReadsEngine, Callback):
     r"""Train Dense → Sparse → Re-dense, exactly as the DSD paper does, with one line in the ``Trainer``.
 
     **Dense**: normal training. **Sparse**: at the transition, in every targeted tensor of ``N`` weights
-    the ``round(sparsity * N)`` smallest in magnitude are pruned; the mask is fixed for the phase and
-    pruned weights stay exactly zero after every optimizer step. **Re-dense**: the constraint is lifted,
+    the ``round(sparsity * N)`` smallest in magnitude (or by ``importance``) are pruned; the mask is fixed for the
+    phase and pruned weights stay exactly zero after every optimizer step. **Re-dense**: the constraint is lifted,
     pruned weights restart from zero (with zeroed optimizer state) and every learning rate, scheduler
     included, becomes ``lr_scale`` times what it would have been. Several sparsities run several cycles
     (``(0.5, 0.25)`` runs D S D S D); each re-dense multiplies the learning rate by ``lr_scale`` again.
@@ -62,7 +62,7 @@ class DSDCallback(ReadsEngine, Callback):
             sequence whose length is not the number of cycles is refused).
         redense_epochs: length of each re-dense phase, likewise (one length, or one per cycle).
         final_sparse_epochs: length of a final sparse phase after the last re-dense, whose masks are decided
-            afresh from the weights' magnitudes at the last cycle's sparsity (numbered cycle
+            afresh (by ``importance``) at the last cycle's sparsity (numbered cycle
             ``len(sparsity)``); the run then ends sparse: the zeros hold to the last step, in the final
             model, its ``state_dict`` and the last checkpoint, and ``export_sparse`` saves it when training
             ends. ``0`` (the default): no final phase, the run ends re-densed; ``None``: until ``monitor``
