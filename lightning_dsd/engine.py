@@ -414,7 +414,7 @@ class DSDEngine:
         importance = self.options.importance
         if importance == "magnitude":
             return "lowest |w| pruned (importance='magnitude')"
-        what = "OBD saliency ½·h·w²" if importance == "obd" else f"the scores of {criterion_name(importance)}"
+        what = "OBD saliency ½·h·w²" if importance == "obd" else f"scores of {criterion_name(importance)}"
         return (f"lowest {what} pruned (importance={criterion_name(importance)!r}; h, the mean squared gradient, over"
                 f" {steps} optimizer steps)")
 
