@@ -28,6 +28,8 @@ beside the table.
     python benchmarks/accuracy_study.py --seeds 2 --families mlp --epochs-scale 0.05   # smoke run
     python benchmarks/accuracy_study.py --families mlp-acdc --seeds 5 \
         --table benchmarks/results/accuracy_study_acdc.md                               # the AC/DC arm
+    python benchmarks/accuracy_study.py --families mlp-obd cnn-obd \
+        --table benchmarks/results/accuracy_study_obd.md --plot /tmp/obd.png            # magnitude vs OBD
 """
 
 from __future__ import annotations
@@ -66,6 +68,7 @@ class Arm:
     kind: str  # dense, llr, dsd, sparse-only, random-mask, clear-adam, wd, acdc
     sparsity: float = 0.0
     exclude: tuple[str, ...] = ()
+    importance: str = "magnitude"  # DSD's criterion ("obd": the window of squared gradients before pruning)
 
 
 @dataclass(frozen=True)
@@ -79,6 +82,7 @@ class Family:
     arms: tuple[Arm, ...]
     lr: float = 3e-3
     weight_decays: tuple[float, ...] = WEIGHT_DECAYS  # the grid of the WD-tuned control
+    dsd_dense: int = 0  # the last epochs of the dense phase, run by every arm (inside DSD: OBD's window is there)
 
     def scaled(self, scale: float) -> Family:
         epochs = tuple(max(1, round(e * scale)) for e in self.epochs)
@@ -113,7 +117,14 @@ FAMILIES = {
     ), lr=2e-3),
 }
 
-OWN_RUN = ("mlp-acdc",)  # families run by their own command (see the module docstring), not by default
+#: magnitude against OBD's saliency (issue 34): the last dense epoch runs inside DSD in every arm, so that
+#: `importance="obd"` has its window (the first 100 optimizer steps of that epoch) and both criteria share a clock.
+for _name, _model, _seeds in (("mlp-obd", "mlp", 10), ("cnn-obd", "cnn", 10)):
+    FAMILIES[_name] = Family(_name, _model, (40, 20, 20), _seeds, (
+        DENSE, LLR, *(Arm(f"{label} {s}", "dsd", s, importance=importance) for s in (0.5, 0.8)
+                      for label, importance in (("DSD", "magnitude"), ("OBD", "obd")))), dsd_dense=1)
+
+OWN_RUN = ("mlp-acdc", "mlp-obd", "cnn-obd")  # families run by their own command (see the module docstring)
 
 
 # ----------------------------------------------------------------------------------------------- the tasks
@@ -281,6 +292,7 @@ def _drop_lr(optimizer: torch.optim.Optimizer, factor: float = 0.1) -> None:
 def run_arm(task: Task, family: Family, arm: Arm, seed: int, start: dict[str, Any]) -> ArmResult:
     dense, sparse, redense = family.epochs
     total = dense + sparse + redense
+    start_epoch = dense - family.dsd_dense
     if arm.kind == "wd":
         return _tuned_weight_decay(task, family, seed)
     model = task.build(seed)
@@ -292,14 +304,14 @@ def run_arm(task: Task, family: Family, arm: Arm, seed: int, start: dict[str, An
     if arm.kind in ("dense", "llr"):
         drop = (lambda epoch: _drop_lr(optimizer) if epoch + 1 == dense + sparse else None) if arm.kind == "llr" else (
             lambda epoch: None)
-        loss = _epochs(task, model, optimizer, seed, range(dense, total), drop)
+        loss = _epochs(task, model, optimizer, seed, range(start_epoch, total), drop)
         return ArmResult(task.evaluate(model, "test"), task.evaluate(model, "val"), loss)
 
     if arm.kind == "acdc":
         return _acdc(task, family, arm, seed, model, optimizer)
     sparse_length, redense_length = (sparse + redense, 0) if arm.kind == "sparse-only" else (sparse, redense)
-    dsd = DSD(model, optimizer, arm.sparsity, 0, sparse_length, redense_length, exclude=list(arm.exclude) or None,
-              log_histograms=False, log_scalars=False)
+    dsd = DSD(model, optimizer, arm.sparsity, family.dsd_dense, sparse_length, redense_length,
+              exclude=list(arm.exclude) or None, log_histograms=False, log_scalars=False, importance=arm.importance)
     if arm.kind == "random-mask":
         dsd._engine.plan = RandomMaskPlan(dsd._engine.plan.sparsities, input_dims=dsd._engine.plan.input_dims)
 
@@ -314,8 +326,22 @@ def run_arm(task: Task, family: Family, arm: Arm, seed: int, start: dict[str, An
             for param in dsd.selection.selected.values():
                 optimizer.state[param] = {}  # Adam restarts these: zero moments, step 0, fresh bias correction
 
-    loss = _epochs(task, model, optimizer, seed, range(dense, total), after_epoch)
+    loss = _epochs(task, model, optimizer, seed, range(start_epoch, total), after_epoch)
     return ArmResult(task.evaluate(model, "test"), task.evaluate(model, "val"), loss, result.get("sparse_test"))
+
+
+def obd_against_magnitude(family: Family, seeds: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """``importance="obd"`` against magnitude at each sparsity, paired by seed: the final model (after re-dense) and
+    the sparse model at the end of the sparse phase."""
+    rows = []
+    for sparsity in sorted({arm.sparsity for arm in family.arms if arm.importance == "obd"}):
+        for key, label in (("test", "final"), ("sparse_test", "end of sparse")):
+            differences = [s["arms"][f"OBD {sparsity}"][key] - s["arms"][f"DSD {sparsity}"][key] for s in seeds]
+            rows.append({"family": family.name, "sparsity": f"{sparsity:g}", "model": label,
+                         "OBD - magnitude, points (95% CI)": shown_interval(differences, 100.0),
+                         "detectable (80% power)": detectable(differences, 100.0),
+                         "seeds favouring OBD": f"{sum(d > 0 for d in differences)}/{len(differences)}"})
+    return rows
 
 
 def acdc_lengths(family: Family) -> tuple[int, int]:
@@ -378,7 +404,7 @@ def run_seed(family: Family, seed: int) -> dict[str, Any]:
     task = Task(family.model)
     model = task.build(seed)
     optimizer = torch.optim.Adam(model.parameters(), lr=family.lr)
-    dense = family.epochs[0]
+    dense = family.epochs[0] - family.dsd_dense
     val_history: list[float] = []
     loss = _epochs(task, model, optimizer, seed, range(dense),
                    lambda epoch: val_history.append(task.evaluate(model, "val")))
@@ -537,6 +563,8 @@ def main(argv: Sequence[str] | None = None) -> str:
 
     classifier_rows = [row for name, seeds in results.items() if families[name].model != "charlm"
                        and name != "mlp-acdc" for row in summarize(families[name], seeds, lm=False)]
+    obd_rows = [row for name, seeds in results.items() if any(a.importance == "obd" for a in families[name].arms)
+                for row in obd_against_magnitude(families[name], seeds)]
     tables = [markdown_table(classifier_rows)] if classifier_rows else []
     if "charlm" in results:
         tables.append(markdown_table(summarize(families["charlm"], results["charlm"], lm=True)))
@@ -548,6 +576,8 @@ def main(argv: Sequence[str] | None = None) -> str:
                       f" {alternation}, S {alternation}, D {alternation}, final S {final} epochs.\n\n"
                       + markdown_table(acdc_rows(families["mlp-acdc"], results["mlp-acdc"])))
         tables.append(markdown_table(acdc_against_sparse(families["mlp-acdc"], results["mlp-acdc"])))
+    if obd_rows:
+        tables.append(markdown_table(obd_rows))
     schedule = "; ".join(f"{name}: {'/'.join(map(str, f.epochs))}, {len(results[name])} seeds"
                          for name, f in families.items())
     command = " ".join(["python benchmarks/accuracy_study.py", *(sys.argv[1:] if argv is None else argv)])

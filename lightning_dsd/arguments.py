@@ -251,10 +251,10 @@ def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
     return value
 
 
-def check_non_negative_int(name: str, value: Any) -> int:
+def check_non_negative_int(name: str, value: Any, *, positive: bool = False) -> int:
     number = _as_int(value)
-    if number is None or number < 0:
-        raise ValueError(f"`{name}` must be an int >= 0. Found: {value!r}.")
+    if number is None or number < int(positive):
+        raise ValueError(f"`{name}` must be an int >= {int(positive)}. Found: {value!r}.")
     return number
 
 

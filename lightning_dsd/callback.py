@@ -30,6 +30,7 @@ from lightning_dsd.arguments import SparsityValue, check_bool, check_choice
 from lightning_dsd.door import ReadsEngine, shape_lazy_modules, warn_if_schedule_does_not_fit
 from lightning_dsd.engine import DSDEngine
 from lightning_dsd.export import export_sparse_model
+from lightning_dsd.importance import Importance
 from lightning_dsd.options import LengthsArgument, check_options, door_options
 from lightning_dsd.selection import LayerSpec, LayerType, uninitialized_parameters
 from lightning_dsd.trainer_limits import training_limit
@@ -40,8 +41,8 @@ class DSDCallback(ReadsEngine, Callback):
     r"""Train Dense → Sparse → Re-dense, exactly as the DSD paper does, with one line in the ``Trainer``.
 
     **Dense**: normal training. **Sparse**: at the transition, in every targeted tensor of ``N`` weights
-    the ``round(sparsity * N)`` smallest in magnitude are pruned; the mask is fixed for the phase and
-    pruned weights stay exactly zero after every optimizer step. **Re-dense**: the constraint is lifted,
+    the ``round(sparsity * N)`` smallest in magnitude (or by ``importance``) are pruned; the mask is fixed for the
+    phase and pruned weights stay exactly zero after every optimizer step. **Re-dense**: the constraint is lifted,
     pruned weights restart from zero (with zeroed optimizer state) and every learning rate, scheduler
     included, becomes ``lr_scale`` times what it would have been. Several sparsities run several cycles
     (``(0.5, 0.25)`` runs D S D S D); each re-dense multiplies the learning rate by ``lr_scale`` again.
@@ -61,7 +62,7 @@ class DSDCallback(ReadsEngine, Callback):
             sequence whose length is not the number of cycles is refused).
         redense_epochs: length of each re-dense phase, likewise (one length, or one per cycle).
         final_sparse_epochs: length of a final sparse phase after the last re-dense, whose masks are decided
-            afresh from the weights' magnitudes at the last cycle's sparsity (numbered cycle
+            afresh (by ``importance``) at the last cycle's sparsity (numbered cycle
             ``len(sparsity)``); the run then ends sparse: the zeros hold to the last step, in the final
             model, its ``state_dict`` and the last checkpoint, and ``export_sparse`` saves it when training
             ends. ``0`` (the default): no final phase, the run ends re-densed; ``None``: until ``monitor``
@@ -112,6 +113,17 @@ class DSDCallback(ReadsEngine, Callback):
             no zeroed optimizer state, no restart). With ``lr_scale=1.0`` as well it is the plain dense baseline.
             Every run records its arm (``dsd``, ``llr`` or ``dense``), seed and options in its log, for
             :mod:`lightning_dsd.compare`; see "Does it help my model?" in the docs.
+        importance: which weights a sparse phase prunes (see :mod:`lightning_dsd.importance`): ``"magnitude"``
+            (the paper's ``|w|``), ``"obd"`` (Optimal Brain Damage's saliency ``½·h·w²``, with ``h`` the mean squared
+            gradient of each weight over a window of optimizer steps just before the transition, the empirical
+            Fisher's estimate of the Hessian's diagonal), or a callable ``f(name, weight, grad_sq)`` returning a
+            tensor of scores of ``weight``'s shape (``grad_sq``: that mean squared gradient). The lowest scores are
+            pruned, with the counts, tie-breaking and N:M groups of magnitudes. Phases before a sparse phase
+            then need fixed lengths (the window must know where the transition is).
+        importance_steps: the window's length, in optimizer steps: with ``interval="step"`` the last
+            ``importance_steps`` steps before each transition to a sparse phase (all of the phase when it is
+            shorter); with ``interval="epoch"`` the first ``importance_steps`` optimizer steps of the last epoch
+            before it (an epoch's end is not known in steps). Outside the window no hook runs.
 
     The current phase is shown in the progress bar as ``dsd=<phase>``. See :mod:`lightning_dsd.reporting`
     for every TensorBoard tag.
@@ -155,6 +167,8 @@ class DSDCallback(ReadsEngine, Callback):
         seed: int = 0,
         mask_storage: str = "weight_dtype",
         prune: bool = True,
+        importance: Importance = "magnitude",
+        importance_steps: int = 100,
     ) -> None:
         super().__init__()
         self.options = check_options(sparsity, dense_epochs, sparse_epochs, redense_epochs, **door_options(locals()))

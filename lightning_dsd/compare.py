@@ -4,9 +4,10 @@ Every run that ``DSDCallback`` or ``DSD`` logs to TensorBoard keeps a record (``
 :mod:`lightning_dsd.reporting`): its arm (``dsd``, ``llr`` for ``prune=False``, ``dense`` for ``prune=False,
 lr_scale=1.0``), its seed, its schedule and its options. This tool finds every run under ``LOGDIR`` (every
 directory of event files, read with TensorBoard's own reader), pairs the arms by seed, and prints one Markdown
-table per pair of arms (dsd - llr, dsd - dense, llr - dense) with the mean paired difference of the metric, its
-95% t interval, the smallest difference the seeds could detect with 80% power and how many seeds favour the
-arm (the formulas are in :mod:`lightning_dsd.statistics`).
+table per pair of arms (dsd - llr, dsd - dense, llr - dense; with ``obd`` or ``custom`` arms, runs pruned by
+``importance="obd"`` or a callable, also obd - dsd, obd - llr, custom - dsd, custom - llr) with the mean paired
+difference of the metric, its 95% t interval, the smallest difference the seeds could detect with 80% power and
+how many seeds favour the arm (the formulas are in :mod:`lightning_dsd.statistics`).
 
 The metric of a run is its last logged value (``--at last``) or its best one (``--at best``, by ``--mode``). A PNG
 of the per-seed differences goes beside the ``--json`` file (``results.json`` -> ``results.png``), else into
@@ -34,8 +35,10 @@ from typing import Any, Optional, Sequence
 from lightning_dsd.reporting import RUN_RECORD_TAG, read_run_record
 from lightning_dsd.statistics import Paired, paired
 
-ARMS = ("dsd", "llr", "dense")
-PAIRS = (("dsd", "llr"), ("dsd", "dense"), ("llr", "dense"))
+ARMS = ("dsd", "obd", "custom", "llr", "dense")
+PRUNING_ARMS = ("dsd", "obd", "custom")  # pruned by magnitude, by `importance="obd"`, by a callable
+PAIRS = (("dsd", "llr"), ("dsd", "dense"), ("llr", "dense"), ("obd", "dsd"), ("obd", "llr"), ("custom", "dsd"),
+         ("custom", "llr"))
 AT = ("last", "best")
 _RECORD = f"{RUN_RECORD_TAG}/text_summary"  # how torch's SummaryWriter names a text summary's tag
 _HOW_TO_READ = (
@@ -213,7 +216,7 @@ def _check_one_experiment(runs: list[Run], logdir: str) -> None:
         ("schedule", runs, lambda run: _schedule_text(run.record), "runs of different schedules"),
         ("lr_scale", [r for r in runs if r.arm != "dense"], lambda run: f"x{run.record['options']['lr_scale']:g}",
          "dsd and llr runs with different learning-rate drops (`lr_scale`)"),
-        ("sparsity", [r for r in runs if r.arm == "dsd"],
+        ("sparsity", [r for r in runs if r.arm in PRUNING_ARMS],
          lambda run: "/".join(str(s) for s in run.record["options"]["sparsities"]), "dsd runs of different sparsities"),
     ]
     for _, group, describe, problem in checks:
@@ -232,7 +235,7 @@ def _check_paired(arms: dict[str, dict[int, float]], logdir: str) -> None:
     found = "; ".join(f"{arm}: seeds {_listed(sorted(values))}" for arm, values in arms.items())
     if len(arms) < 2:
         (arm,) = arms
-        others = " and ".join(f"`{a}` ({_ARM_OPTIONS[a]})" for a in ARMS if a != arm)
+        others = " and ".join(f"`{a}` ({_ARM_OPTIONS[a]})" for a in ("dsd", "llr", "dense") if a != arm)
         raise CompareError(
             f"only the `{arm}` arm was found under {logdir} ({found}). Expected at least two arms to compare: run"
             f" {others} with the same seeds and schedule."
@@ -252,7 +255,8 @@ def _check_paired(arms: dict[str, dict[int, float]], logdir: str) -> None:
         )
 
 
-_ARM_OPTIONS = {"dsd": "DSDCallback(...) as it is", "llr": "prune=False", "dense": "prune=False, lr_scale=1.0"}
+_ARM_OPTIONS = {"dsd": "DSDCallback(...) as it is", "obd": "importance='obd'", "custom": "importance=<a callable>",
+                "llr": "prune=False", "dense": "prune=False, lr_scale=1.0"}
 
 
 def _schedule_text(record: dict[str, Any]) -> str:

@@ -38,6 +38,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from lightning_dsd.constraint import SparseConstraint, unwrapped_optimizer
+from lightning_dsd.importance import GradientWindow, criterion_name, importance_scores
 from lightning_dsd.lr import RateWatch, current_learning_rates, scale_learning_rates
 from lightning_dsd.masks import disconnected_units
 from lightning_dsd.options import DSDOptions
@@ -112,6 +113,7 @@ class DSDEngine:
         # The scalars due at the sink's current step (weights, learning rates), logged once at the end of
         # ``advance_if_due`` or ``training_ended``: an epoch end and the transitions after it share a step.
         self._due_scalars: Optional[tuple[dict[str, nn.Parameter], list[list[float]]]] = None
+        self._window: Optional[GradientWindow] = None  # the gradient statistics of `importance`, while open
 
     # ------------------------------------------------------------------ read-only state
 
@@ -265,7 +267,61 @@ class DSDEngine:
             self.schedule.load_state_dict(before)
             self._due_scalars = due_scalars
             raise
+        self.update_window(now)
         self._log_due_scalars()
+
+    # ------------------------------------------------------------------ the gradient window of `importance`
+
+    def window_is_due(self, now: int) -> bool:
+        """Whether ``importance``'s gradient window is open at ``now``: a criterion other than magnitude prunes,
+        the next stage is a sparse phase, and ``now`` is within ``importance_steps`` optimizer steps of it
+        (``interval="step"``) or in the last epoch before it (``interval="epoch"``, whose first
+        ``importance_steps`` optimizer steps are counted)."""
+        options, schedule = self.options, self.schedule
+        if options.importance == "magnitude" or not options.prune or schedule.is_last:
+            return False
+        length = schedule.stage.length
+        if schedule.stages[schedule.index + 1].phase is not Phase.SPARSE or length is None:
+            return False
+        end = schedule.started_at + length
+        return end - (options.importance_steps if options.interval == "step" else 1) <= now < end
+
+    def update_window(self, now: int) -> None:
+        """Open the gradient window (hook the optimizers' steps) when it is due at ``now``; otherwise close it
+        and let its statistics go. Outside the window no hook exists."""
+        if self.window_is_due(now):
+            if self._window is None:
+                limit = self.options.importance_steps if self.options.interval == "epoch" else None
+                self._window = GradientWindow(self.targets, limit)
+            self._window.attach([unwrapped_optimizer(o) for o in self.training.optimizers])
+        elif self._window is not None:
+            self._window.detach()
+            self._window = None
+
+    def _scores(self, stage: Stage, pruning: Mapping[str, Tensor]) -> Optional[dict[str, Tensor]]:
+        """The scores of ``importance`` for the weights a transition prunes (``None`` for magnitude), refused
+        when the window counted no optimizer step."""
+        importance = self.options.importance
+        if importance == "magnitude":
+            return None
+        window = self._window
+        counted = window.counts if window is not None else {}
+        missing = [name for name in pruning if not counted.get(name)]
+        if missing:
+            raise ValueError(
+                f"{self.owner} cannot rank {_shortened(missing)} by `importance={criterion_name(importance)}` at the"
+                f" transition to the sparse phase of cycle {stage.cycle}: its gradient window counted no optimizer"
+                " step of them (no optimizer stepped them in the window, or the run joined or resumed after the"
+                " window had begun without its statistics). Make sure they train before the transition, or use"
+                " importance='magnitude'. Nothing was pruned."
+            )
+        assert window is not None
+        return importance_scores(importance, pruning, window, self.owner)
+
+    @property
+    def window_steps(self) -> dict[str, int]:
+        """The optimizer steps the open gradient window has counted, per target (empty when it is closed)."""
+        return dict(self._window.counts) if self._window is not None else {}
 
     def _advance_while_due(self, now: int) -> None:
         while self.schedule.is_due(now):
@@ -361,8 +417,11 @@ class DSDEngine:
         self._warn_about_same_magnitude(stage.cycle, left_dense)
         pruning = {name: self.targets[name] for name in names}
         self._left_dense = left_dense
-        masks = self.plan.decide(pruning, stage.cycle) if pruning else {}
+        scores = self._scores(stage, pruning) if pruning else None
+        steps = max(self.window_steps.values(), default=0)
+        masks = self.plan.decide(pruning, stage.cycle, scores) if pruning else {}
         self.schedule.advance(now)
+        self.update_window(now)  # the statistics have served: let them go
         self.enforce(masks)
         self._record(Moment.AFTER_PRUNING, stage.cycle)
         learning_rates = current_learning_rates(self.training.optimizers)
@@ -373,8 +432,9 @@ class DSDEngine:
         until = "to the end of training, which ends sparse" if final else "for this phase"
         text = (
             f"DSD cycle {stage.cycle}: {'final ' if final else ''}sparse phase. Pruned {pruned_sum}/{total} weights"
-            f" ({pruned_sum / max(total, 1):.1%}) in {len(masks)} tensors, scope={self.options.scope!r}; the masks stay"
-            f" fixed {until}. Learning rate unchanged: {_format_lrs(learning_rates)}."
+            f" ({pruned_sum / max(total, 1):.1%}) in {len(masks)} tensors, scope={self.options.scope!r},"
+            f" {self._criterion_note(steps)}; the masks stay fixed {until}. Learning rate unchanged:"
+            f" {_format_lrs(learning_rates)}."
         )
         whole = [name for name, count in pruned.items() if count and count == self.targets[name].numel()]
         if whole:
@@ -401,6 +461,15 @@ class DSDEngine:
                 " `lora_B` with `dense_epochs=0`. Train a dense phase first (`dense_epochs` >= 1) to prune it from"
                 " this cycle on, or `exclude` it to keep it dense on purpose."
             )
+
+    def _criterion_note(self, steps: int) -> str:
+        """Which criterion chose the masks, as the transition note says it."""
+        importance = self.options.importance
+        if importance == "magnitude":
+            return "lowest |w| pruned (importance='magnitude')"
+        what = "OBD saliency ½·h·w²" if importance == "obd" else f"scores of {criterion_name(importance)}"
+        return (f"lowest {what} pruned (importance={criterion_name(importance)!r}; h, the mean squared gradient, over"
+                f" {steps} optimizer steps)")
 
     def _enter_sparse_phase_unpruned(self, stage: Stage, now: int) -> None:
         """The LLR control (``prune=False``): the sparse phase starts on DSD's clock and nothing is pruned, so no
@@ -551,10 +620,13 @@ class DSDEngine:
             self._constraint.forget_masked_gradients()
 
     def release(self) -> None:
-        """Remove the optimizer hooks (the masks are kept for :attr:`masks` and checkpoints)."""
+        """Remove the optimizer hooks (the masks are kept for :attr:`masks` and checkpoints; the gradient window's
+        statistics too, and its hooks come back at the next :meth:`update_window`)."""
         self._stop_watching_rates()
         if self._constraint is not None:
             self._constraint.detach()
+        if self._window is not None:
+            self._window.detach()
 
     # ------------------------------------------------------------------ reporting
 
@@ -645,7 +717,9 @@ class DSDEngine:
         gathered from its shards, one tensor at a time, on every rank), so a resume works on any mesh."""
         sparse = self.phase is Phase.SPARSE
         masks = FullMasks(self.masks, self.targets) if sparse else {}
-        return encode_state(self.schedule.state_dict(), masks, self.run_config(), self._left_dense if sparse else {})
+        window = self._window.state_dict() if self._window is not None and self._window.counts else None
+        return encode_state(self.schedule.state_dict(), masks, self.run_config(), self._left_dense if sparse else {},
+                            window)
 
     def load_state_dict(self, state: Any) -> None:
         """Check a saved DSD state against this run (see :mod:`lightning_dsd.state`), then take it; a damaged
@@ -656,10 +730,17 @@ class DSDEngine:
             pruned = {name: param for name, param in self.targets.items() if name not in left_dense}
             self.plan.check_masks(pruned, masks, cycle)
 
-        schedule, masks, left_dense = decode_state(state, self.run_config(), check_masks, shapes)
+        schedule, masks, left_dense, window = decode_state(state, self.run_config(), check_masks, shapes)
         if self._constraint is not None:  # a sparse phase this run had started gives way to the saved one
             self._constraint.detach()
             self._constraint = None
+        if self._window is not None:  # so does a gradient window this run had opened
+            self._window.detach()
+            self._window = None
+        if window is not None:
+            limit = self.options.importance_steps if self.options.interval == "epoch" else None
+            self._window = GradientWindow(self.targets, limit)
+            self._window.load_state_dict(window)
         self.schedule.load_state_dict(schedule)
         local_masks = {name: local_slice(mask, self.targets[name]) for name, mask in masks.items()}  # one at a time
         self._restored_masks = local_masks or None
@@ -672,7 +753,7 @@ class DSDEngine:
         layer_sparsity = self.options.layer_sparsity
         shown_layers = {p: shown(s) for p, s in layer_sparsity.items()} if layer_sparsity else None
         return RunConfig(stages, self.options.interval, self.options.scope, shown_layers, list(self.targets),
-                         self.options.prune)
+                         self.options.prune, criterion_name(self.options.importance))
 
 
 def _owned_by(optimizers: Sequence[Optimizer]) -> set[int]:

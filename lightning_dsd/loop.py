@@ -45,6 +45,7 @@ from lightning_dsd.arguments import SparsityValue
 from lightning_dsd.constraint import unwrapped_optimizer
 from lightning_dsd.door import ReadsEngine, refuse_lazy_modules
 from lightning_dsd.engine import DSDEngine
+from lightning_dsd.importance import Importance
 from lightning_dsd.options import LengthsArgument, check_options, door_options
 from lightning_dsd.phases import Stage
 from lightning_dsd.selection import LayerSpec, LayerType
@@ -162,6 +163,8 @@ class DSD(ReadsEngine):
         seed: int = 0,
         mask_storage: str = "weight_dtype",
         prune: bool = True,
+        importance: Importance = "magnitude",
+        importance_steps: int = 100,
     ) -> None:
         self.options = check_options(
             sparsity, dense_epochs, sparse_epochs, redense_epochs, monitor_required=False, **door_options(locals())
@@ -179,6 +182,7 @@ class DSD(ReadsEngine):
         self._engine.bind(self._model)
         self._engine.check_optimizers(self._optimizers, every_one_must_own_a_target=True)
         self._engine.start_reporting()
+        self._engine.update_window(self._elapsed)
         self._pending_start: Optional[RemovableHandle] = None
         if self._engine.schedule.is_due(0):
             self._pending_start = self._model.register_forward_pre_hook(self._start_before_training, prepend=True)
@@ -302,6 +306,7 @@ class DSD(ReadsEngine):
             self._pending_start.remove()
             self._pending_start = None
         self._engine.resume_sparse_phase()
+        self._engine.update_window(elapsed)
 
 
 def _as_list(value: Any, name: str, kind: type) -> list[Any]:

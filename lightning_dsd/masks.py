@@ -1,8 +1,9 @@
-"""Magnitude masks: which entries to prune, and how to store that compactly.
+"""Magnitude (and score) masks: which entries to prune, and how to store that compactly.
 
 A mask is a bool tensor of the weight's shape, ``True`` where the weight is kept. In each tensor of ``N``
 entries exactly ``k = round(sparsity * N)`` entries with the smallest ``|w|`` are pruned (Python's
-``round``, so halves go to the even neighbour). Ties at the threshold are broken by position: the entry
+``round``, so halves go to the even neighbour); :func:`score_masks` does the same with the lowest scores of
+another criterion (see :mod:`lightning_dsd.importance`). Ties at the threshold are broken by position: the entry
 that comes first in the flattened tensor is pruned first, so the result never depends on the backend.
 The threshold is found with ``torch.kthvalue`` (linear time, no size limit, unlike ``torch.quantile``).
 
@@ -69,10 +70,21 @@ def nm_mask(weight: Tensor, pattern: NMPattern, input_dim: int = 1) -> Tensor:
         >>> nm_mask(torch.tensor([[0.1], [-0.9], [0.3], [0.2]]), NMPattern(2, 4), input_dim=0).flatten()
         tensor([False,  True,  True, False])
     """
-    moved = weight.detach().movedim(input_dim, -1)
+    return nm_score_mask(weight.detach().abs(), pattern, input_dim)
+
+
+def nm_score_mask(scores: Tensor, pattern: NMPattern, input_dim: int = 1) -> Tensor:
+    """Keep the ``n`` highest ``scores`` of every ``m`` consecutive entries along ``input_dim`` (ties broken by
+    position, as :func:`nm_mask`, which is this with ``|w|`` as the scores).
+
+    Examples:
+        >>> nm_score_mask(torch.tensor([[-5.0, 0.1, 0.3, 0.2]]), NMPattern(2, 4))  # -5 is the lowest score
+        tensor([[False, False,  True,  True]])
+    """
+    moved = scores.detach().movedim(input_dim, -1)
     if moved.shape[-1] % pattern.m:
         raise ValueError(f"input size {moved.shape[-1]} does not divide by {pattern.m}")
-    groups = moved.abs().float().reshape(-1, pattern.m)
+    groups = moved.float().reshape(-1, pattern.m)
     order = torch.sort(groups, dim=1, stable=True).indices
     keep = torch.ones_like(groups, dtype=torch.bool)
     keep.scatter_(1, order[:, : pattern.m - pattern.n], False)
@@ -123,17 +135,35 @@ def magnitude_masks(
 ) -> dict[str, Tensor]:
     """Per-tensor ("layer") masks: each tensor loses its own ``round(sparsity * N)`` smallest entries, or
     follows its :class:`NMPattern` along its input dimension (``input_dims``, dim 1 where not given)."""
-    masks = {}
     with torch.no_grad():
-        for name, weight in weights.items():
-            sparsity = sparsities[name]
-            if isinstance(sparsity, NMPattern):
-                masks[name] = nm_mask(weight, sparsity, (input_dims or {}).get(name, 1))
-                continue
-            scores = weight.detach().abs().flatten().float()
-            pruned = smallest_entries(scores, pruned_count(scores.numel(), sparsity))
-            masks[name] = pruned.logical_not_().view(weight.shape)
-    return masks
+        return {name: _lowest_pruned(weight.detach().abs(), sparsities[name], (input_dims or {}).get(name, 1))
+                for name, weight in weights.items()}
+
+
+def score_masks(
+    scores: Mapping[str, Tensor],
+    sparsities: Mapping[str, Sparsity],
+    input_dims: Optional[Mapping[str, int]] = None,
+) -> dict[str, Tensor]:
+    """:func:`magnitude_masks` ranked by ``scores`` (one tensor of each weight's shape, any sign) instead of ``|w|``:
+    the ``round(sparsity * N)`` lowest scores of each tensor are pruned, or the ``M - N`` lowest of every N:M group.
+
+    Examples:
+        >>> score_masks({"w": torch.tensor([[3.0, -1.0], [0.0, 2.0]])}, {"w": 0.5})["w"]
+        tensor([[ True, False],
+                [False,  True]])
+    """
+    with torch.no_grad():
+        return {name: _lowest_pruned(score.detach(), sparsities[name], (input_dims or {}).get(name, 1))
+                for name, score in scores.items()}
+
+
+def _lowest_pruned(scores: Tensor, sparsity: Sparsity, input_dim: int) -> Tensor:
+    """The keep mask of one tensor that prunes its lowest ``scores`` (``round(sparsity * N)``, or per N:M group)."""
+    if isinstance(sparsity, NMPattern):
+        return nm_score_mask(scores, sparsity, input_dim)
+    flat = scores.flatten().float()
+    return smallest_entries(flat, pruned_count(flat.numel(), sparsity)).logical_not_().view(scores.shape)
 
 
 def disconnected_units(keep: Tensor, input_dim: int = 1) -> tuple[int, int]:

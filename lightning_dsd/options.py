@@ -39,7 +39,9 @@ from lightning_dsd.arguments import (
     check_sparsities,
 )
 from lightning_dsd.constraint import MASK_STORAGES
+from lightning_dsd.importance import Importance, check_importance, criterion_name
 from lightning_dsd.masks import NMPattern, Sparsity
+from lightning_dsd.phases import Phase, build_stages
 from lightning_dsd.plan import SCOPES, MaskPlan
 from lightning_dsd.redense import REDENSE_INITS, REDENSE_STATES
 from lightning_dsd.selection import LayerSpec, LayerType
@@ -101,6 +103,8 @@ class DSDOptions:
     seed: int = _option(0, check_non_negative_int)
     mask_storage: str = _option("weight_dtype", _choice(*MASK_STORAGES))
     prune: bool = _option(True, check_bool)
+    importance: Importance = _option("magnitude", check_importance)
+    importance_steps: int = _option(100, lambda name, value: check_non_negative_int(name, value, positive=True))
 
     @property
     def ends_sparse(self) -> bool:
@@ -129,16 +133,17 @@ class DSDOptions:
 
     @property
     def arm(self) -> str:
-        """What this run is in a comparison: ``"dsd"`` (it prunes), ``"llr"`` (the paper's control: the same clock
-        and learning-rate drop, nothing pruned) or ``"dense"`` (``prune=False, lr_scale=1``: plain training).
+        """What this run is in a comparison: ``"dsd"`` (it prunes by magnitude), ``"obd"`` or ``"custom"`` (it
+        prunes by ``importance="obd"`` or by a callable), ``"llr"`` (the paper's control: the same clock and
+        learning-rate drop, nothing pruned) or ``"dense"`` (``prune=False, lr_scale=1``: plain training).
 
         Examples:
-            >>> [check_options(0.5, 1, 1, 1, **kw).arm for kw in ({}, {"prune": False},
+            >>> [check_options(0.5, 1, 1, 1, **kw).arm for kw in ({}, {"importance": "obd"}, {"prune": False},
             ...                                                   {"prune": False, "lr_scale": 1.0})]
-            ['dsd', 'llr', 'dense']
+            ['dsd', 'obd', 'llr', 'dense']
         """
         if self.prune:
-            return "dsd"
+            return {"magnitude": "dsd", "obd": "obd"}.get(criterion_name(self.importance), "custom")
         return "dense" if self.lr_scale == 1 else "llr"
 
     def as_record(self) -> dict[str, Any]:
@@ -191,7 +196,34 @@ def check_options(
             " `monitor` must name a logged metric (e.g. monitor='val_loss'). Found: monitor=None."
         )
     MaskPlan(options.cycle_sparsities, options.scope, options.layer_sparsity)  # what the plan refuses (global scope)
+    _check_window(options)
     return options
+
+
+def _check_window(options: DSDOptions) -> None:
+    """Refuse a gradient criterion whose window cannot be placed: it opens ``importance_steps`` before a
+    transition to a sparse phase, which a phase that runs until a metric converges does not announce."""
+    if options.importance == "magnitude" or not options.prune:
+        return
+    stages = build_stages(len(options.sparsities), *options.lengths, final=options.final_sparse_epochs)
+    before_sparse = [before for before, after in zip(stages, stages[1:], strict=False) if after.phase is Phase.SPARSE]
+    empty = [f"the {before.phase.value} phase of cycle {before.cycle}" for before in before_sparse
+             if before.length == 0]
+    if empty:
+        raise ValueError(
+            f"`importance={criterion_name(options.importance)}` reads the gradients of the optimizer steps just before"
+            f" each sparse phase, but {', '.join(empty)} has length 0, so the window holds no step. Train at least"
+            " one epoch (or step) before pruning, or use importance='magnitude'."
+        )
+    waiting = [f"the {before.phase.value} phase of cycle {before.cycle}" for before in before_sparse
+               if before.length is None]
+    if waiting:
+        raise ValueError(
+            f"`importance={criterion_name(options.importance)}` reads the gradients of a window of"
+            f" `importance_steps` optimizer steps just before each sparse phase, but {', '.join(waiting)} runs until"
+            " `monitor` converges, so its end (and the window's start) is not known in advance. Give the phases"
+            " before a sparse phase fixed lengths, or use importance='magnitude'."
+        )
 
 
 def _plain(value: Any) -> Any:
@@ -200,6 +232,8 @@ def _plain(value: Any) -> Any:
         return str(value)
     if isinstance(value, type):
         return f"{value.__module__}.{value.__qualname__}"
+    if callable(value):
+        return criterion_name(value)
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     if isinstance(value, Mapping):

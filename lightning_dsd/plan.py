@@ -47,6 +47,7 @@ from lightning_dsd.masks import (
     magnitude_masks,
     pack_mask,
     pruned_count,
+    score_masks,
     unpack_mask,
 )
 from lightning_dsd.selection import matches_any
@@ -61,6 +62,7 @@ from lightning_dsd.sharding import (
 
 SCOPES = ("layer", "global")
 _LARGEST_BITS = 0x7FFFFFFF  # above every non-negative float32 bit pattern, NaN included
+_SMALLEST_BITS = -0x80000000  # at or below every float32 bit pattern in the order of _score_bits
 
 
 def shown(sparsity: Sparsity) -> Union[float, str]:
@@ -144,31 +146,40 @@ class MaskPlan:
         return messages
 
     @torch.no_grad()
-    def decide(self, weights: Mapping[str, Tensor], cycle: int) -> dict[str, Tensor]:
+    def decide(self, weights: Mapping[str, Tensor], cycle: int, scores: Optional[Mapping[str, Tensor]] = None
+               ) -> dict[str, Tensor]:
         """This rank's keep masks (``True`` = kept) for the targets at the start of ``cycle``'s sparse phase,
         equal on every rank to what one process decides from the full tensors (see the module docstring). A
-        collective when a process group runs more than one rank: every rank calls it, with the same names."""
-        sharded = any_sharded(weights)
+        collective when a process group runs more than one rank: every rank calls it, with the same names.
+
+        ``scores`` (one tensor per weight, laid out like it: a ``DTensor`` for a sharded weight) rank the entries
+        instead of their magnitudes: the lowest are pruned, with the same counts and tie-breaking."""
+        ranked = dict(weights) if scores is None else {name: scores[name] for name in weights}
+        absolute = scores is None
+        sharded = any_sharded(ranked)
         if sharded and self.global_sparsity(cycle) is None:
-            return {name: local_slice(self._decide_per_layer({name: full_tensor(w)}, cycle)[name], w)
-                    for name, w in weights.items()}
+            return {name: local_slice(self._decide_per_layer({name: full_tensor(w)}, cycle, absolute)[name], w)
+                    for name, w in ranked.items()}
         if sharded or not (dist.is_initialized() and dist.get_world_size() > 1):
-            return self._decide_local(weights, cycle)
+            return self._decide_local(ranked, cycle, absolute)
         # DDP: rank zero decides and broadcasts packed bits, so every rank prunes alike even where the replicas'
         # weights differ in the last bit.
         on_rank_zero = dist.get_rank() == 0
-        packed = [{name: pack_mask(mask) for name, mask in self._decide_local(weights, cycle).items()}
+        packed = [{name: pack_mask(mask) for name, mask in self._decide_local(ranked, cycle, absolute).items()}
                   if on_rank_zero else None]
         dist.broadcast_object_list(packed, src=0)
         decided: dict[str, Tensor] = packed[0] or {}
         return {name: unpack_mask(bits, weights[name].shape).to(weights[name].device) for name, bits in decided.items()}
 
-    def _decide_local(self, weights: Mapping[str, Tensor], cycle: int) -> dict[str, Tensor]:
+    def _decide_local(self, ranked: Mapping[str, Tensor], cycle: int, absolute: bool) -> dict[str, Tensor]:
         overall = self.global_sparsity(cycle)
-        return global_masks(weights, overall) if overall is not None else self._decide_per_layer(weights, cycle)
+        if overall is not None:
+            return global_masks(ranked, overall, absolute)
+        return self._decide_per_layer(ranked, cycle, absolute)
 
-    def _decide_per_layer(self, weights: Mapping[str, Tensor], cycle: int) -> dict[str, Tensor]:
-        return magnitude_masks(weights, self.resolve(list(weights), cycle), self.input_dims)
+    def _decide_per_layer(self, ranked: Mapping[str, Tensor], cycle: int, absolute: bool) -> dict[str, Tensor]:
+        masks = magnitude_masks if absolute else score_masks
+        return masks(ranked, self.resolve(list(ranked), cycle), self.input_dims)
 
     def check_masks(self, weights: Mapping[str, Tensor], masks: Mapping[str, Tensor], cycle: int) -> None:
         """Raise ``ValueError`` unless ``masks`` are for exactly these targets, with their shapes, and prune
@@ -263,10 +274,11 @@ def same_magnitude(weights: Mapping[str, Tensor]) -> dict[str, float]:
 
 
 @torch.no_grad()
-def global_masks(weights: Mapping[str, Tensor], sparsity: float) -> dict[str, Tensor]:
+def global_masks(weights: Mapping[str, Tensor], sparsity: float, absolute: bool = True) -> dict[str, Tensor]:
     """Local keep masks pruning the ``round(sparsity * total)`` smallest magnitudes over all ``weights``,
     ties broken by position in the order of ``weights`` then within each full flattened tensor, whether the
-    weights are plain or sharded (then without gathering them: a collective).
+    weights are plain or sharded (then without gathering them: a collective). With ``absolute=False`` the
+    ``weights`` are scores, any sign, ranked as they are: their lowest values are pruned.
 
     The threshold is the k-th smallest ``float32`` magnitude, found by bisection over its bit pattern
     (non-negative floats order like their bits): 31 rounds, each counting every local tensor on its device,
@@ -278,21 +290,26 @@ def global_masks(weights: Mapping[str, Tensor], sparsity: float) -> dict[str, Te
     Examples:
         >>> global_masks({"a": torch.tensor([0.5, -0.5]), "b": torch.tensor([0.5, 2.0])}, 0.5)  # ties: first go
         {'a': tensor([False, False]), 'b': tensor([True, True])}
+        >>> global_masks({"a": torch.tensor([0.5, -0.5]), "b": torch.tensor([-3.0, 2.0])}, 0.5, absolute=False)
+        {'a': tensor([ True, False]), 'b': tensor([False,  True])}
     """
     total = sum(w.numel() for w in weights.values())
     k = pruned_count(total, sparsity)
     if k <= 0 or k >= total:
         return {name: torch.full(local_part(w).shape, k <= 0, device=w.device) for name, w in weights.items()}
-    made_once = {} if any_sharded(weights) else {name: _magnitude_bits(w) for name, w in weights.items()}
+    def bits_of(entries: Tensor) -> Tensor:
+        return _score_bits(entries, absolute)
+
+    made_once = {} if any_sharded(weights) else {name: bits_of(w) for name, w in weights.items()}
 
     def count(compare: Callable[[Tensor, int], Tensor], threshold: int) -> Tensor:
         def of_tensor(name: str, entries: Tensor) -> Tensor:
-            bits = made_once[name] if name in made_once else _magnitude_bits(entries)
+            bits = made_once[name] if name in made_once else bits_of(entries)
             return compare(bits, threshold).sum()
 
         return counts_over_ranks(weights, of_tensor)
 
-    low, high = 0, _LARGEST_BITS
+    low, high = 0 if absolute else _SMALLEST_BITS, _LARGEST_BITS
     while low < high:  # the smallest t with at least k magnitudes <= t is the k-th smallest
         middle = (low + high) // 2
         if int(count(torch.le, middle).sum()) >= k:
@@ -306,12 +323,12 @@ def global_masks(weights: Mapping[str, Tensor], sparsity: float) -> dict[str, Te
     for (name, weight), n_tied in zip(weights.items(), tied, strict=True):
         prune_ties = min(missing, n_tied)
         missing -= prune_ties
-        local_bits = made_once[name] if name in made_once else _magnitude_bits(local_part(weight))
+        local_bits = made_once[name] if name in made_once else bits_of(local_part(weight))
         keep = local_bits > threshold
         if prune_ties == 0:
             keep |= local_bits == threshold
         elif prune_ties < n_tied:  # the first prune_ties tied entries of the full tensor go
-            full_bits = _magnitude_bits(full_tensor(weight))
+            full_bits = bits_of(full_tensor(weight))
             full_keep = full_bits > threshold
             later_ties = torch.nonzero(full_bits == threshold).flatten()[prune_ties:]
             full_keep[later_ties] = True
@@ -320,6 +337,12 @@ def global_masks(weights: Mapping[str, Tensor], sparsity: float) -> dict[str, Te
     return masks
 
 
-def _magnitude_bits(entries: Tensor) -> Tensor:
-    """The float32 magnitudes of ``entries``, flattened, as their int32 bit patterns (which order alike)."""
-    return entries.detach().abs().float().flatten().view(torch.int32)
+def _score_bits(entries: Tensor, absolute: bool = True) -> Tensor:
+    """The float32 magnitudes of ``entries`` (``absolute``) or the entries themselves, flattened, as int32 that
+    order like the floats: non-negative floats order like their bit patterns; a negative float's low 31 bits
+    are flipped so that larger magnitudes come lower (``-0.0`` is made ``+0.0`` first, so the two tie)."""
+    values = entries.detach().float().flatten()
+    if absolute:
+        return values.abs().view(torch.int32)
+    bits = (values + 0.0).view(torch.int32)
+    return torch.where(bits < 0, bits ^ _LARGEST_BITS, bits)

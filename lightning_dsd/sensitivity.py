@@ -20,7 +20,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from lightning_utilities.core.imports import RequirementCache
@@ -28,7 +28,8 @@ from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lightning_dsd.arguments import check_fraction, check_patterns
-from lightning_dsd.masks import magnitude_masks
+from lightning_dsd.importance import Importance, check_importance, criterion_name, obd_saliency
+from lightning_dsd.masks import magnitude_masks, score_masks
 from lightning_dsd.selection import select_parameters
 
 Metric = Callable[[nn.Module, Iterable[Any]], float]
@@ -103,12 +104,18 @@ def sensitivity_scan(
     metric: Optional[Metric] = None,
     include: Optional[Union[str, Sequence[str]]] = None,
     exclude: Optional[Union[str, Sequence[str]]] = None,
+    importance: Importance = "magnitude",
+    grad_sq: Optional[Mapping[str, torch.Tensor]] = None,
 ) -> SensitivityTable:
     """Prune each targeted layer alone at each sparsity, evaluate with ``metric(model, dataloader)`` (top-1
     accuracy by default), restore the model exactly, and return the table.
 
-    ``include``/``exclude`` select the layers as in :class:`~lightning_dsd.DSDCallback`.
+    ``include``/``exclude`` select the layers as in :class:`~lightning_dsd.DSDCallback`. ``importance`` ranks the
+    weights as DSD's option does (``"magnitude"``, ``"obd"`` or a callable ``f(name, weight, grad_sq)``); the
+    last two read ``grad_sq``, each layer's mean squared gradient by name (e.g. the average of ``p.grad ** 2``
+    over a few training batches).
     """
+    importance = check_importance("importance", importance)
     rule = "`sparsities` must be floats in (0, 1)."
     levels = [check_fraction(s, rule) for s in sparsities]
     if not levels:
@@ -116,6 +123,11 @@ def sensitivity_scan(
     targets = select_parameters(model, check_patterns("include", include), check_patterns("exclude", exclude)).selected
     if not targets:
         raise ValueError("sensitivity_scan found nothing to prune: check `include`/`exclude`.")
+    missing = [name for name in targets if importance != "magnitude" and name not in (grad_sq or {})]
+    if missing:
+        raise ValueError(f"`importance={criterion_name(importance)}` ranks by each weight's mean squared gradient, but"
+                         f" `grad_sq` has none for {missing}. Pass `grad_sq={{name: mean of p.grad ** 2}}` for every"
+                         " scanned layer, or use importance='magnitude'.")
     measure = metric or accuracy
     saved_state = {key: value.clone() for key, value in model.state_dict(keep_vars=False).items()}
     saved_modes = {module: module.training for module in model.modules()}
@@ -134,7 +146,13 @@ def sensitivity_scan(
         for name, weight in targets.items():
             rows.append(SensitivityRow(name, 0.0, unpruned))
             for level in levels:
-                keep = magnitude_masks({name: weight}, {name: level})[name]
+                if importance == "magnitude":
+                    keep = magnitude_masks({name: weight}, {name: level})[name]
+                else:
+                    score = obd_saliency if importance == "obd" else importance
+                    assert callable(score) and grad_sq is not None
+                    scores = score(name, weight.detach(), grad_sq[name].to(weight.device).float())
+                    keep = score_masks({name: scores}, {name: level})[name]
                 with torch.no_grad():
                     weight.mul_(keep.to(weight.dtype))
                 rows.append(SensitivityRow(name, level, float(measure(model, dataloader))))

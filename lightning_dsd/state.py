@@ -1,7 +1,9 @@
 """The DSD part of a checkpoint: written as plain data, read back only after it has been checked.
 
-The state holds the schedule's position, the masks of a sparse phase (1 bit per weight) and the
-configuration that decided them (:class:`RunConfig`). It is made of tensors, numbers, strings, lists and
+The state holds the schedule's position, the masks of a sparse phase (1 bit per weight), the configuration
+that decided them (:class:`RunConfig`) and, while the gradient window of ``importance`` is open, its
+statistics (``importance_window``: the steps counted and the float32 sum of squared gradients of each target,
+4 bytes per weight; see :mod:`lightning_dsd.importance`). It is made of tensors, numbers, strings, lists and
 dicts only, so ``torch.load(..., weights_only=True)`` reads it.
 
 :func:`decode_state` checks everything before anything is changed: a known format version (version 1,
@@ -15,6 +17,7 @@ a configuration that agrees with the resuming callback's on everything that alre
   everything about logging, and the phases after the current one (a final sparse phase added or dropped
   included): they only shape what is still to come;
 * refused: ``prune`` (a DSD run and its LLR control are different runs; a checkpoint without it pruned),
+  ``importance`` (the criterion that chooses the masks; a checkpoint without it ranked by magnitude),
   ``interval``, the targets (``include``, ``exclude``, ``layer_types``, the model), ``scope``, ``layer_sparsity``
   and the sparsity of a cycle that has started, the lengths of finished phases and the number of cycles up to
   the current one: they would change the current masks or rewrite the past.
@@ -28,7 +31,7 @@ Examples:
     >>> state = encode_state({"index": 1, "started_at": 1, "converged": False}, {"w": torch.tensor([True, False])},
     ...                      config)
     >>> no_check = lambda masks, cycle, left_dense: None
-    >>> schedule, masks, left_dense = decode_state(state, config, no_check, {"w": (2,)})
+    >>> schedule, masks, left_dense, window = decode_state(state, config, no_check, {"w": (2,)})
     >>> schedule["index"], masks["w"], left_dense
     (1, tensor([ True, False]), {})
     >>> decode_state({**state, "version": 99}, config, no_check, {"w": (2,)})  # doctest: +ELLIPSIS
@@ -81,28 +84,36 @@ class RunConfig:
     layer_sparsity: Optional[dict[str, _SHOWN]]
     targets: list[str]
     prune: bool = True  # False: the LLR control arm, whose sparse phases hold no masks
+    importance: str = "magnitude"  # the criterion that chooses the masks, by name (a callable's qualified name)
 
     def to_state(self) -> dict[str, Any]:
-        """Plain data; ``prune`` is written only when False, so a DSD run's entry is what earlier versions wrote."""
+        """Plain data; ``prune`` is written only when False and ``importance`` only when it is not magnitude, so a
+        DSD run's entry is what earlier versions wrote."""
         state = asdict(self)
         if self.prune:
             del state["prune"]
+        if self.importance == "magnitude":
+            del state["importance"]
         return state
 
     @classmethod
     def from_state(cls, state: Any) -> RunConfig:
-        required = {f for f in cls.__dataclass_fields__} - {"prune"}  # a checkpoint without `prune` pruned
-        if not isinstance(state, Mapping) or not required <= set(state) <= required | {"prune"}:
+        optional = {"prune", "importance"}  # a checkpoint without them pruned, by magnitude
+        required = {f for f in cls.__dataclass_fields__} - optional
+        if not isinstance(state, Mapping) or not required <= set(state) <= required | optional:
             raise CheckpointStateError(f"its `config` entry is {_brief(state)}, expected a mapping with the keys"
-                                       f" {sorted(required)} (and `prune`, when False)")
+                                       f" {sorted(required)} (and `prune`, when False, `importance`, when not"
+                                       " 'magnitude')")
         if not isinstance(state.get("prune", True), bool):
             raise CheckpointStateError(f"its `config.prune` is {_brief(state['prune'])}, expected a bool")
+        if not isinstance(state.get("importance", "magnitude"), str):
+            raise CheckpointStateError(f"its `config.importance` is {_brief(state['importance'])}, expected a str")
         return cls(**state)
 
     def differences(self, saved: RunConfig, index: int) -> list[str]:
         """What differs from ``saved`` that may not change once the run reached stage ``index``."""
         found = []
-        for field in ("prune", "interval", "scope", "layer_sparsity", "targets"):
+        for field in ("prune", "importance", "interval", "scope", "layer_sparsity", "targets"):
             if getattr(saved, field) != getattr(self, field):
                 found.append(f"`{field}`: checkpoint {getattr(saved, field)!r}, this run {getattr(self, field)!r}")
         for i in range(index + 1):
@@ -125,16 +136,21 @@ def encode_state(
     masks: Mapping[str, Tensor],
     config: RunConfig,
     left_dense: Optional[Mapping[str, str]] = None,
+    window: Optional[Mapping[str, Any]] = None,
 ) -> dict[str, Any]:
-    """The checkpoint entry: plain data, masks packed at 1 bit per weight, and the targets the current sparse
-    phase left dense (name to reason)."""
-    return {
+    """The checkpoint entry: plain data, masks packed at 1 bit per weight, the targets the current sparse
+    phase left dense (name to reason) and, while it is open, the gradient window's statistics (``counts`` and
+    full float32 ``sums`` by target)."""
+    state = {
         "version": STATE_VERSION,
         "schedule": dict(schedule),
         "masks": {name: {"bits": pack_mask(mask), "shape": list(mask.shape)} for name, mask in masks.items()},
         "left_dense": dict(left_dense or {}),
         "config": config.to_state(),
     }
+    if window is not None:
+        state["importance_window"] = {"counts": dict(window["counts"]), "sums": dict(window["sums"])}
+    return state
 
 
 def decode_state(
@@ -142,9 +158,10 @@ def decode_state(
     config: RunConfig,
     check_masks: Callable[[Mapping[str, Tensor], int, Mapping[str, str]], None],
     shapes: Mapping[str, Sequence[int]],
-) -> tuple[dict[str, Any], PackedMasks, dict[str, str]]:
+) -> tuple[dict[str, Any], PackedMasks, dict[str, str], Optional[dict[str, Any]]]:
     """Check a checkpoint entry against the resuming callback; return its schedule state, its masks
-    (unpacked as each is read) and the targets its sparse phase left dense.
+    (unpacked as each is read), the targets its sparse phase left dense and the statistics of an open
+    gradient window (``None`` when it holds none).
 
     ``check_masks(masks, cycle, left_dense)`` raises ``ValueError`` for masks that do not prune what the
     configuration prescribes for the targets not left dense (see
@@ -190,7 +207,31 @@ def decode_state(
             check_masks(masks, cycle, left_dense)
         except ValueError as error:
             raise CheckpointStateError(f"`masks`: {error}") from None
-    return schedule, masks, left_dense
+    window = _checked_window(state.get("importance_window"), shapes)
+    if window is not None and (phase == "sparse" or not config.prune or config.importance == "magnitude"):
+        raise CheckpointStateError(f"it holds the statistics of a gradient window, which only a run with"
+                                   f" `importance` other than 'magnitude' keeps, before a sparse phase (this one is"
+                                   f" in the {phase} phase, importance={config.importance!r})")
+    return schedule, masks, left_dense, window
+
+
+def _checked_window(window: Any, shapes: Mapping[str, Sequence[int]]) -> Optional[dict[str, Any]]:
+    """The statistics of an open gradient window: step counts (ints >= 0) and float32 sums of each target's shape."""
+    if window is None:
+        return None
+    counts = window.get("counts") if isinstance(window, Mapping) else None
+    sums = window.get("sums") if isinstance(window, Mapping) else None
+    if not (isinstance(counts, Mapping) and isinstance(sums, Mapping)):
+        raise CheckpointStateError(f"its `importance_window` entry is {_brief(window)}, expected a mapping with"
+                                   " `counts` and `sums`")
+    valid = (set(sums) <= set(counts) <= set(shapes)
+             and all(_is_int(c) and c >= 0 for c in counts.values())
+             and all(isinstance(t, torch.Tensor) and t.dtype == torch.float32 and list(t.shape) == list(shapes[n])
+                     for n, t in sums.items()))
+    if not valid:
+        raise CheckpointStateError(f"its `importance_window` entry is {_brief(window)}, expected `counts` (target name"
+                                   " to an int >= 0) and `sums` (target name to a float32 tensor of its shape)")
+    return {"counts": dict(counts), "sums": dict(sums)}
 
 
 def _checked_left_dense(left_dense: Any, shapes: Mapping[str, Sequence[int]]) -> dict[str, str]:

@@ -118,6 +118,14 @@ class TinyGPT2(pl.LightningModule):
         return adamw_with_step_lr(self.parameters())
 
 
+def grad_weighted(name: str, weight: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
+    """A user's criterion, elementwise (so it runs on DTensors as on plain tensors): |w| times the RMS gradient."""
+    return weight.abs() * grad_sq.sqrt()
+
+
+IMPORTANCES = {"magnitude": "magnitude", "obd": "obd", "callable": grad_weighted}
+
+
 def adamw_with_step_lr(params):
     optimizer = torch.optim.AdamW(params, lr=1e-2, weight_decay=0.05)
     return {"optimizer": optimizer, "lr_scheduler": torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.9)}
@@ -160,6 +168,11 @@ class ShardRecorder(pl.Callback):
     def on_train_epoch_end(self, trainer, pl_module):
         if self.dsd.phase is Phase.DENSE:
             self.record["dense_end"] = {n: full_tensor(p).clone() for n, p in self._targets().items()}
+            window = self.dsd._engine._window  # the open gradient window of `importance`, just before pruning
+            if window is not None:
+                self.record["grad_sq"] = {n: full_tensor(window.mean_squared(n, p)).clone()
+                                          for n, p in self._targets().items()}
+                self.record["window_steps"] = dict(window.counts)
         if self.dsd.phase is Phase.REDENSE:
             self.record["redense_end"] = {n: full_tensor(p).clone() for n, p in self._targets().items()}
         if self.dsd.phase is Phase.SPARSE:
@@ -250,6 +263,7 @@ def main() -> None:
     parser.add_argument("--dense-epochs", type=int, default=1)
     parser.add_argument("--no-checkpoints", action="store_true", help="no ModelCheckpoint (its save reshards)")
     parser.add_argument("--final-sparse", type=int, default=0, help="final_sparse_epochs: the run ends sparse")
+    parser.add_argument("--importance", choices=sorted(IMPORTANCES), default="magnitude")
     args = parser.parse_args()
     sparsity = args.sparsity if ":" in args.sparsity else float(args.sparsity)
     dp, tp = MESHES[args.layout]
@@ -263,7 +277,7 @@ def main() -> None:
     dsd = DSDCallback(
         sparsity, args.dense_epochs, 2, 1, scope=args.scope, redense_init=args.redense_init,
         layer_sparsity=layer_sparsity, figure_layers=1, export_sparse="sparse" if args.export_sparse else None,
-        histogram_every_n_epochs=1, final_sparse_epochs=args.final_sparse,
+        histogram_every_n_epochs=1, final_sparse_epochs=args.final_sparse, importance=IMPORTANCES[args.importance],
     )
     recorder = ShardRecorder(dsd, args.out)
     callbacks = [dsd, ForwardProbe(dsd), recorder] if args.probe else [dsd, recorder]

@@ -67,3 +67,20 @@ def test_sensitivity_scan_default_metric_is_accuracy_and_heavy_pruning_hurts():
     table = sensitivity_scan(model, make_loader(), sparsities=(0.99,), include=["head.weight"])
     values = table.by_layer()["head.weight"]
     assert 0.0 <= values[0.99] < values[0.0] <= 1.0
+
+
+def test_sensitivity_scan_ranks_by_obd_from_the_given_squared_gradients():
+    model = nn.Sequential(nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[5.0, 0.1, 0.2, 0.3], [4.0, 0.4, 0.5, 0.6]]))
+    grad_sq = {"0.weight": torch.tensor([[0.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0]])}  # input 0: no gradient
+    seen = []
+
+    def zeros_seen(model, loader):
+        seen.append(model[0].weight.detach().clone())
+        return 0.0
+
+    sensitivity_scan(model, [None], sparsities=(0.25,), metric=zeros_seen, importance="obd", grad_sq=grad_sq)
+    assert torch.equal(seen[1][:, 0], torch.zeros(2)) and bool((seen[1][:, 1:] != 0).all()), "the large, dead ones"
+    with pytest.raises(ValueError, match=r"`grad_sq` has none for \['0.weight'\]"):
+        sensitivity_scan(model, [None], sparsities=(0.25,), metric=zeros_seen, importance="obd")

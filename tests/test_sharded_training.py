@@ -13,8 +13,10 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import run_worker
+from sharded_worker import grad_weighted
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from lightning_dsd.importance import obd_saliency
 from lightning_dsd.masks import NMPattern
 from lightning_dsd.plan import MaskPlan
 from lightning_dsd.redense import reinitialize_pruned
@@ -113,6 +115,22 @@ def test_fsdp2_uneven_shards_match_one_device_and_resume_bit_identically_from_a_
     assert one_process["world_size"] == 1 and one_process["local_shapes"]["net.4.weight"] == (1, 7)
     assert all(torch.equal(one_process["masks"][n], full[0]["masks"][n]) for n in TARGETS), "re-sliced exactly"
     assert all(zeros for _, zeros in one_process["steps"])
+
+
+@pytest.mark.parametrize("importance", ["obd", "callable"])
+def test_fsdp2_masks_by_importance_equal_the_one_device_masks_from_the_gathered_statistics(tmp_path, importance):
+    ranks = _run(tmp_path / importance, "--layout", "fsdp", "--importance", importance, "--no-checkpoints")
+    # the window is the dense epoch: its 2 optimizer steps (accumulate_grad_batches=2), each counted once
+    assert all(rank["window_steps"] == {name: 2 for name in TARGETS} for rank in ranks)
+    score = obd_saliency if importance == "obd" else grad_weighted
+    weights, grad_sq = ranks[0]["dense_end"], ranks[0]["grad_sq"]
+    assert all(torch.equal(rank["grad_sq"][n], grad_sq[n]) for rank in ranks for n in TARGETS)
+    expected = MaskPlan((0.5,)).decide(weights, 0, {n: score(n, w, grad_sq[n]) for n, w in weights.items()})
+    assert not all(torch.equal(expected[n], MaskPlan((0.5,)).decide(weights, 0)[n]) for n in TARGETS), "criteria differ"
+    for rank in ranks:
+        for name in TARGETS:
+            assert torch.equal(rank["masks"][name], expected[name]), f"{name}: not the one-device mask"
+        assert all(zeros for _, zeros in rank["steps"])
 
 
 def test_fsdp2_forwards_use_the_pruned_and_restarted_weights_with_gathered_copies_kept_between_steps(tmp_path):
