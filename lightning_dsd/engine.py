@@ -192,6 +192,17 @@ class DSDEngine:
                     " optimizer from this model's parameters (after `fabric.setup(model)` or `fully_shard`,"
                     " which replace them) and pass it, or leave it out."
                 )
+        for index, optimizer in enumerate(optimizers):
+            for number, group in enumerate(optimizer.param_groups):
+                lr = group.get("lr")
+                if not isinstance(lr, (int, float, Tensor)) or isinstance(lr, bool):
+                    raise ValueError(
+                        f"{self.owner} reads and scales every learning rate (x{self.options.lr_scale:g} at each"
+                        f" re-dense), but param group {number} of optimizer {index} ({type(optimizer).__name__}) has"
+                        f" lr={lr!r}: it computes its own step size (e.g. Adafactor with `relative_step=True`), which"
+                        " DSD cannot scale. Give it an explicit learning rate (for Adafactor: `lr=1e-3,"
+                        " relative_step=False, scale_parameter=False`)."
+                    )
         owned = _owned_by(optimizers)
         orphans = [name for name, p in self.targets.items() if p.requires_grad and id(p) not in owned]
         if orphans:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from helpers import ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
 
@@ -93,3 +94,16 @@ def test_the_redense_note_is_true_for_adafactors_factored_moments(caplog):
         for key in ("exp_avg_sq_row", "exp_avg_sq_col", "RMS"):  # one value per row, per column, per tensor
             assert torch.equal(after[name][key], before[name][key]), (name, key)
         assert after[name]["step"] == before[name]["step"]
+
+
+def test_an_optimizer_that_computes_its_own_step_size_is_refused_before_anything_changes():
+    from transformers.optimization import Adafactor
+
+    with seeded():
+        model = ConvLSTMNet()
+    optimizer = Adafactor(model.parameters(), lr=None, relative_step=True)  # no learning rate DSD could scale
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    with pytest.raises(ValueError, match=r"param group 0 of optimizer 0 \(Adafactor\) has lr=None: it computes its"
+                                         r" own step size .* Give it an explicit learning rate \(for Adafactor:"):
+        DSD(model, optimizer, 0.5, 0, 1, 1)
+    assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
