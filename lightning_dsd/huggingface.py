@@ -65,12 +65,13 @@ Examples:
 
 from __future__ import annotations
 
+import glob
 import math
 import os
 import sys
 import uuid
 from functools import partial
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
 from lightning.fabric.utilities.rank_zero import rank_zero_info, rank_zero_warn
@@ -526,6 +527,7 @@ class TrainerSink:
             self._writer = SummaryWriter(log_dir=directory)
         self._logs, self._histograms = from_rank_zero((bool(self._report_to), self._writer is not None))
         self._prefix, self._trainer_logs = "", True
+        self._uploads = tracking_uploads(trainer) if self.is_rank_zero and directory is not None else []
 
     @property
     def is_rank_zero(self) -> bool:
@@ -568,7 +570,16 @@ class TrainerSink:
         return os.path.join(self.directory, "dsd_figures") if self.directory is not None else None
 
     def figure_saved(self, path: str) -> None:
-        """Nothing more: the TensorBoard run's directory is where the figure is kept."""
+        """Hand the figure, kept in the TensorBoard run's directory, to the runs of the Trainer's MLflow and W&B
+        integrations too (as ``dsd_figures/<file>``), where their UIs list a run's files. The last figure is
+        drawn after they ended their runs at ``on_train_end``: MLflow takes it by run id, W&B's run is still open.
+        A run that fails to take it gets a warning saying where the file is; training goes on."""
+        for name, upload in self._uploads:
+            try:
+                upload(path)
+            except Exception as error:  # the figure is on disk already: a tracking server must not end training
+                rank_zero_warn(f"DSDTrainerCallback could not hand {os.path.basename(path)} to {name}"
+                               f" ({type(error).__name__}: {error}); it is saved at {path}.")
 
     def say_what_is_skipped(self) -> None:
         """Once, before training: what the Trainer's reporting set-up cannot show."""
@@ -634,6 +645,33 @@ def tensorboard_directory(trainer: Optional[Trainer], args: TrainingArguments) -
                     return str(directory)
     directory = os.getenv("TENSORBOARD_LOGGING_DIR")
     return os.path.expanduser(directory) if directory else None
+
+
+def tracking_uploads(trainer: Optional[Trainer]) -> list[tuple[str, Callable[[str], None]]]:
+    """For each of the Trainer's MLflow and W&B integrations with a run open (at DSD's ``on_train_begin``, after
+    theirs), its name and how to add a figure to that run's files under ``dsd_figures/``."""
+    if trainer is None:
+        return []
+    from transformers.integrations import MLflowCallback, WandbCallback
+
+    uploads: list[tuple[str, Callable[[str], None]]] = []
+    for callback in trainer.callback_handler.callbacks:
+        if isinstance(callback, MLflowCallback) and callback._ml_flow.active_run() is not None:
+            from mlflow.tracking import MlflowClient
+
+            client, run_id = MlflowClient(), callback._ml_flow.active_run().info.run_id
+            uploads.append(("MLflow", partial(_log_mlflow_artifact, client, run_id)))
+        elif isinstance(callback, WandbCallback) and getattr(callback._wandb, "run", None) is not None:
+            uploads.append(("W&B", partial(_save_wandb_file, callback._wandb.run)))
+    return uploads
+
+
+def _log_mlflow_artifact(client: Any, run_id: str, path: str) -> None:
+    client.log_artifact(run_id, path, artifact_path="dsd_figures")
+
+
+def _save_wandb_file(run: Any, path: str) -> None:
+    run.save(glob.escape(path), base_path=os.path.dirname(os.path.dirname(path)), policy="now")
 
 
 def check_training_arguments(args: TrainingArguments) -> None:

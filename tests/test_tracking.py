@@ -182,13 +182,14 @@ def test_wandb_offline_run_holds_figures_and_sparse_exports_in_its_files_and_the
 
 
 @pytest.mark.slow  # MLflow builds its database schema
-def test_transformers_with_report_to_mlflow_gets_the_dsd_scalars_as_metrics_of_the_trainers_one_run(
+def test_transformers_with_mlflow_and_wandb_gets_the_scalars_in_the_trainers_one_run_and_the_figures_as_files(
     tmp_path, monkeypatch
 ):
     """The transformers door's scalars go through ``Trainer.log``, so MLflow's integration records them in the
-    run it started; the figure stays TensorBoard's (``report_to`` with ``"tensorboard"``), see
-    docs/tensorboard.md."""
+    run it started (DSD opens none); the figure, kept in the TensorBoard run's directory, is handed to the MLflow
+    run (by id: the last one is drawn after the integration ended its run) and to the W&B run's files."""
     transformers = pytest.importorskip("transformers")
+    import wandb
     from mlflow.tracking import MlflowClient
 
     from lightning_dsd.huggingface import DSDTrainerCallback
@@ -197,6 +198,9 @@ def test_transformers_with_report_to_mlflow_gets_the_dsd_scalars_as_metrics_of_t
     tracking_uri = f"sqlite:///{tmp_path}/mlflow.db"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", tracking_uri)
     monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "dsd")
+    for name, value in (("WANDB_MODE", "offline"), ("WANDB_DIR", str(tmp_path)), ("WANDB_SILENT", "true"),
+                        ("WANDB_PROJECT", "dsd"), ("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))):
+        monkeypatch.setenv(name, value)
     torch.manual_seed(0)
     model = transformers.GPT2LMHeadModel(transformers.GPT2Config(
         n_layer=1, n_embd=16, n_head=2, vocab_size=48, n_positions=8, bos_token_id=0, eos_token_id=0))
@@ -204,14 +208,27 @@ def test_transformers_with_report_to_mlflow_gets_the_dsd_scalars_as_metrics_of_t
     data = [{"input_ids": row, "labels": row} for row in tokens]
     args = transformers.TrainingArguments(
         output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, num_train_epochs=3, use_cpu=True,
-        report_to=["mlflow"], save_strategy="no", disable_tqdm=True, seed=0, logging_steps=1)
-    dsd = DSDTrainerCallback(0.5, 1, 1, 1)
-    transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[dsd]).train()
+        report_to=["mlflow", "tensorboard", "wandb"], save_strategy="no",
+        disable_tqdm=True, seed=0, logging_steps=1)
+    dsd = DSDTrainerCallback(0.5, 1, 1, 1, figure_layers=1, log_histograms=False)
+    try:
+        transformers.Trainer(model=model, args=args, train_dataset=data, callbacks=[dsd]).train()
+        wandb_files = wandb.run.dir
+    finally:
+        wandb.finish()
 
     client = MlflowClient(tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("dsd").experiment_id])
     assert len(runs) == 1  # DSD's logs opened no run of their own
-    phases = client.get_metric_history(runs[0].info.run_id, "dsd/phase")
+    run_id = runs[0].info.run_id
+    phases = client.get_metric_history(run_id, "dsd/phase")
     # One value per step: each epoch end (steps 2, 4, 6) shows the phase after that step's transition.
     assert [(m.step, m.value) for m in phases] == [(2, 1.0), (4, 2.0), (6, 2.0)]
-    assert 0.5 in {m.value for m in client.get_metric_history(runs[0].info.run_id, "dsd/sparsity")}
+    assert 0.5 in {m.value for m in client.get_metric_history(run_id, "dsd/sparsity")}
+    local = glob.glob(str(tmp_path / "tb" / "**" / "dsd_figures" / "*.png"), recursive=True)
+    assert len(local) == 1, local  # one cycle, one layer
+    figure = os.path.basename(local[0])
+    assert [a.path for a in client.list_artifacts(run_id, "dsd_figures")] == [f"dsd_figures/{figure}"]
+    assert filecmp.cmp(client.download_artifacts(run_id, f"dsd_figures/{figure}", str(tmp_path / "down")), local[0],
+                       shallow=False)
+    assert os.listdir(os.path.join(wandb_files, "dsd_figures")) == [figure]
