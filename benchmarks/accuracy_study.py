@@ -242,7 +242,7 @@ class Wrapped(nn.Module):
 class RandomMaskPlan(MaskPlan):
     """Masks of exactly the plan's per-tensor sparsity, at random positions (the control for magnitude)."""
 
-    def decide(self, weights, cycle):  # type: ignore[no-untyped-def]
+    def decide(self, weights, cycle, scores=None):  # type: ignore[no-untyped-def]  # random: no scores
         generator = torch.Generator().manual_seed(777 + cycle)
         masks = {}
         for name, weight in weights.items():

@@ -20,8 +20,14 @@ from lightning_dsd import DSDCallback
 
 
 class DumpPerRank(pl.Callback):
-    def __init__(self, out: str, recorder: StepRecorder) -> None:
-        self.out, self.recorder = out, recorder
+    def __init__(self, out: str, recorder: StepRecorder, dsd: DSDCallback) -> None:
+        self.out, self.recorder, self.dsd = out, recorder, dsd
+        self.window = self.weights_at_transition = None
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == 0:  # the last dense epoch: `importance`'s gradient window is open
+            self.window = self.dsd.state_dict().get("importance_window")
+            self.weights_at_transition = {k: v.detach().clone() for k, v in pl_module.named_parameters()}
 
     def on_train_end(self, trainer, pl_module):
         torch.save(
@@ -31,6 +37,8 @@ class DumpPerRank(pl.Callback):
                 "state_dict": {k: v.detach().cpu() for k, v in pl_module.state_dict().items()},
                 "params": {k: v.detach().cpu() for k, v in pl_module.named_parameters()},
                 "world_size": trainer.world_size,
+                "window": self.window,
+                "weights_at_transition": self.weights_at_transition,
             },
             os.path.join(self.out, f"rank{trainer.global_rank}.pt"),
         )
@@ -44,12 +52,13 @@ def main() -> None:
     parser.add_argument("--resume", default=None)
     parser.add_argument("--model", choices=["init", "configure_model"], default="init",
                         help="build the layers in __init__ or in configure_model (Lightning's hook for large models)")
+    parser.add_argument("--importance", default="magnitude")
     args = parser.parse_args()
     with seeded(3):
         model = ConvLSTMNet(optimizer=adamw) if args.model == "init" else BuiltInConfigureModel()
-    dsd = DSDCallback(0.5, 1, 2, 1, scope=args.scope)
+    dsd = DSDCallback(0.5, 1, 2, 1, scope=args.scope, importance=args.importance)
     recorder = StepRecorder(dsd)
-    callbacks = [dsd, recorder, DumpPerRank(args.out, recorder)]
+    callbacks = [dsd, recorder, DumpPerRank(args.out, recorder, dsd)]
     if args.resume is None:
         callbacks.append(ModelCheckpoint(dirpath=os.path.join(args.out, "ckpt"), save_top_k=-1, filename="{epoch}"))
     trainer = make_trainer(

@@ -73,6 +73,29 @@ def test_ddp_two_processes_with_accumulation_clipping_and_bit_identical_resume(t
 
 
 @pytest.mark.slow
+def test_ddp_obd_statistics_are_identical_on_every_rank_and_decide_the_masks(tmp_path):
+    ranks = _run_worker(tmp_path, "--strategy", "ddp", "--importance", "obd")
+    _assert_ranks_agree(ranks)
+    windows = [rank["window"] for rank in ranks]
+    assert windows[0]["counts"] == windows[1]["counts"] == dict.fromkeys(TARGETS, 2)  # one epoch: 2 real steps
+    for name in TARGETS:  # DDP averages the gradients before the optimizer step the window reads
+        assert torch.equal(windows[0]["sums"][name], windows[1]["sums"][name]) and windows[0]["sums"][name].any()
+    # The masks are OBD's: the round(s * N) lowest ½·h·w² (ties by position), h the window's mean squared gradient.
+    weights, window = ranks[0]["weights_at_transition"], windows[0]
+    differs_from_magnitude = False
+    for name in TARGETS:
+        weight = weights[name]
+        saliency = 0.5 * (window["sums"][name] / window["counts"][name]) * weight.float() ** 2
+        expected = torch.ones(weight.numel(), dtype=torch.bool)
+        expected[torch.sort(saliency.flatten(), stable=True).indices[: round(0.5 * weight.numel())]] = False
+        assert torch.equal(ranks[0]["masks"][0][name], expected.view_as(weight)), name
+        by_magnitude = torch.ones(weight.numel(), dtype=torch.bool)
+        by_magnitude[torch.sort(weight.abs().flatten(), stable=True).indices[: round(0.5 * weight.numel())]] = False
+        differs_from_magnitude |= not torch.equal(expected, by_magnitude)
+    assert differs_from_magnitude, "a test of OBD must have masks magnitude would not choose"
+
+
+@pytest.mark.slow
 def test_ddp_spawn_with_a_global_threshold(tmp_path):
     ranks = _run_worker(tmp_path, "--strategy", "ddp_spawn", "--scope", "global")
     _assert_ranks_agree(ranks)
