@@ -3,6 +3,12 @@ a user's callable, in every door, with the exactness, resumes and reports of mag
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 import torch
 from helpers import ConvLSTMNet, StepRecorder, make_loader, make_trainer, resumable_dsd, resumable_model, seeded
@@ -292,3 +298,18 @@ def test_the_note_and_the_run_record_name_the_criterion(caplog):
     assert record["arm"] == "obd" and record["options"]["importance"] == "obd"
     custom = DSD(model, optimizer, 0.5, 1, 1, 1, importance=permuted_scores)._engine.run_record()
     assert custom["arm"] == "custom" and custom["options"]["importance"] == "test_importance.permuted_scores"
+
+
+@pytest.mark.slow
+def test_the_beyond_page_example_runs_as_written_and_its_notes_name_each_criterion(tmp_path):
+    page = (Path(__file__).parents[1] / "docs" / "beyond.md").read_text()
+    block = next(b.split("```", 1)[0] for b in page.split("```python\n")[1:] if "importance=importance" in b)
+    script = tmp_path / "importance_example.py"
+    script.write_text(textwrap.dedent(block))
+    run = subprocess.run([sys.executable, str(script)], cwd=tmp_path, timeout=300, capture_output=True, text=True,
+                         env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    output = run.stdout + run.stderr
+    assert run.returncode == 0, output[-5000:]
+    assert "lowest OBD saliency ½·h·w² pruned (importance='obd'; h, the mean squared gradient, over 8 optimizer" \
+        " steps)" in output
+    assert "lowest scores of __main__.gradient_weighted pruned (importance='__main__.gradient_weighted'" in output

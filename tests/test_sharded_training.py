@@ -117,9 +117,10 @@ def test_fsdp2_uneven_shards_match_one_device_and_resume_bit_identically_from_a_
     assert all(zeros for _, zeros in one_process["steps"])
 
 
-@pytest.mark.parametrize("importance", ["obd", "callable"])
-def test_fsdp2_masks_by_importance_equal_the_one_device_masks_from_the_gathered_statistics(tmp_path, importance):
-    ranks = _run(tmp_path / importance, "--layout", "fsdp", "--importance", importance, "--no-checkpoints")
+@pytest.mark.parametrize(("layout", "importance"), [("fsdp", "obd"), ("fsdp", "callable"), ("tp", "obd")])
+def test_sharded_masks_by_importance_equal_the_one_device_masks_from_the_gathered_statistics(tmp_path, layout,
+                                                                                             importance):
+    ranks = _run(tmp_path / importance, "--layout", layout, "--importance", importance, "--no-checkpoints")
     # the window is the dense epoch: its 2 optimizer steps (accumulate_grad_batches=2), each counted once
     assert all(rank["window_steps"] == {name: 2 for name in TARGETS} for rank in ranks)
     score = obd_saliency if importance == "obd" else grad_weighted
