@@ -227,7 +227,8 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         if not isinstance(model, nn.Module):
             raise RuntimeError(f"DSDTrainerCallback needs the model at `on_train_begin`; the Trainer passed {model!r}.")
         self._optimizers = _torch_optimizers(kwargs.get("optimizer"))
-        self._schedulers = _torch_schedulers(kwargs.get("lr_scheduler"))
+        scheduler = kwargs.get("lr_scheduler")  # accelerate's AcceleratedScheduler: lr.py scales the one it wraps
+        self._schedulers = [] if scheduler is None else [scheduler]
         self._engine.bind(model)
         self._engine.check_optimizers(self._optimizers, every_one_must_own_a_target=False)
         token = self._restore(args, state) if resuming else None  # checked and taken before anything is written
@@ -777,12 +778,3 @@ def _torch_optimizers(optimizer: Any) -> list[Optimizer]:
     if not isinstance(optimizer, Optimizer):
         raise RuntimeError(f"DSDTrainerCallback needs the Trainer's torch optimizer; it passed {optimizer!r}.")
     return [optimizer]
-
-
-def _torch_schedulers(scheduler: Any) -> list[Any]:
-    """The scheduler behind accelerate's ``AcceleratedScheduler``, whose learning rates re-dense scales."""
-    from accelerate.scheduler import AcceleratedScheduler
-
-    while isinstance(scheduler, AcceleratedScheduler):
-        scheduler = scheduler.scheduler
-    return [] if scheduler is None else [scheduler]

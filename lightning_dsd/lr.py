@@ -74,7 +74,32 @@ def scale_learning_rates(optimizers: Iterable[Optimizer], schedulers: Iterable[A
         _scale_scheduler(scheduler, factor, seen)
 
 
+def unwrapped_scheduler(scheduler: Any) -> Any:
+    """The scheduler behind a wrapper that holds it as ``.scheduler`` and steps it (accelerate's
+    ``AcceleratedScheduler``): the one whose learning-rate state DSD scales.
+
+    Examples:
+        >>> import torch
+        >>> optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        >>> inner = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        >>> class Wrapper:
+        ...     def __init__(self, scheduler): self.scheduler = scheduler
+        >>> unwrapped_scheduler(Wrapper(inner)) is inner, unwrapped_scheduler(inner) is inner
+        (True, True)
+    """
+    while not _is_scheduler(scheduler) and (inner := getattr(scheduler, "scheduler", None)) is not None:
+        if inner is scheduler:
+            break
+        scheduler = inner
+    return scheduler
+
+
+def _is_scheduler(scheduler: Any) -> bool:
+    return isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)) or is_timm_scheduler(scheduler)
+
+
 def _scale_scheduler(scheduler: Any, factor: float, seen: set[int]) -> None:
+    scheduler = unwrapped_scheduler(scheduler)
     if id(scheduler) in seen:
         return
     seen.add(id(scheduler))
@@ -101,7 +126,8 @@ def is_timm_scheduler(scheduler: Any) -> bool:
 
 def is_known_scheduler(scheduler: Any) -> bool:
     """Whether :func:`scale_learning_rates` knows every learning-rate-valued state of ``scheduler``: torch's
-    schedulers, timm's and Lightning's ``BackboneFinetuning``.
+    schedulers, timm's and Lightning's ``BackboneFinetuning`` (also behind a wrapper, see
+    :func:`unwrapped_scheduler`).
 
     Examples:
         >>> import torch
@@ -109,8 +135,8 @@ def is_known_scheduler(scheduler: Any) -> bool:
         >>> is_known_scheduler(torch.optim.lr_scheduler.StepLR(optimizer, 1)), is_known_scheduler(object())
         (True, False)
     """
-    return (isinstance(scheduler, (LRScheduler, ReduceLROnPlateau)) or is_timm_scheduler(scheduler)
-            or hasattr(scheduler, "previous_backbone_lr"))
+    scheduler = unwrapped_scheduler(scheduler)
+    return _is_scheduler(scheduler) or hasattr(scheduler, "previous_backbone_lr")
 
 
 def current_learning_rates(optimizers: Iterable[Optimizer]) -> list[list[float]]:
