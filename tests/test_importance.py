@@ -313,3 +313,30 @@ def test_the_beyond_page_example_runs_as_written_and_its_notes_name_each_criteri
     assert "lowest OBD saliency ½·h·w² pruned (importance='obd'; h, the mean squared gradient, over 8 optimizer" \
         " steps)" in output
     assert "lowest scores of __main__.gradient_weighted pruned (importance='__main__.gradient_weighted'" in output
+
+
+def test_every_transition_to_a_sparse_phase_has_its_window_with_per_cycle_sparsities_and_a_final_sparse_phase():
+    """D S D S D S (0.5, then 0.25, then AC/DC's final phase at 0.25), interval="step", 2-step windows: each
+    of the three prunings is ranked by the callable's scores, from a window of exactly its 2 steps before it."""
+    with seeded(0):
+        model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dsd = DSD(model, optimizer, (0.5, 0.25), 3, 2, 3, interval="step", final_sparse_epochs=2,
+              importance=permuted_scores, importance_steps=2)
+    shapes = {name: model.get_parameter(name).shape for name in dsd.target_names}
+    windows, prunings = [], []
+    for _ in range(3 + 2 + 3 + 2 + 3 + 2):
+        optimizer.zero_grad()
+        model(torch.randn(4, 6)).square().mean().backward()
+        optimizer.step()
+        windows.append(dict(dsd._engine.window_steps))
+        before = dsd.phase_label
+        dsd.step()
+        if dsd.phase is Phase.SPARSE and dsd.phase_label != before:
+            prunings.append((dsd.phase_label, {name: mask.clone() for name, mask in dsd.masks.items()}))
+            assert windows[-1] == dict.fromkeys(shapes, 2), "the window counted the 2 steps before the transition"
+    assert [label for label, _ in prunings] == ["sparse 1/2", "sparse 2/2", "final sparse"]
+    for (_, masks), sparsity in zip(prunings, (0.5, 0.25, 0.25), strict=True):
+        for name, keep in expected_by_permutation(shapes, sparsity).items():
+            assert torch.equal(masks[name], keep), name
+    assert sum(1 for counted in windows if counted) == 3 * 2, "open for 2 steps before each pruning, never else"
