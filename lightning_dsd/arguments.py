@@ -129,11 +129,11 @@ def _base_60_digits(value: Any) -> Optional[tuple[int, int]]:
 
 
 def read_base_60(value: Any) -> Optional[NMPattern]:
-    """The ``N:M`` pattern an integer sparsity was written as, with a warning to quote it; ``None`` for anything
-    else. YAML 1.1 (PyYAML, OmegaConf and so Hydra, jsonargparse and so ``LightningCLI``) reads an unquoted
+    """The ``N:M`` pattern a whole-number sparsity was written as, with a warning to quote it; ``None`` for
+    anything else. YAML 1.1 (PyYAML, OmegaConf and so Hydra, jsonargparse and so ``LightningCLI``) reads an unquoted
     ``2:4`` as the base-60 integer ``2 * 60 + 4 = 124``; an integer ``60 * N + M`` (``M < 60``) of a valid
-    pattern (``0 < N < M``) is read back as that pattern. No integer is a valid sparsity, so this never changes
-    a valid value.
+    pattern (``0 < N < M``) is read back as that pattern (also as the float ``124.0``). No whole number is a valid
+    sparsity, so this never changes a valid value.
 
     Examples:
         >>> import warnings
@@ -144,13 +144,13 @@ def read_base_60(value: Any) -> Optional[NMPattern]:
         >>> print(caught[0].message)  # doctest: +ELLIPSIS
         Read the sparsity 124 as the N:M pattern '2:4': YAML 1.1 reads an unquoted 2:4 as the base-60 integer ...
     """
-    digits = _base_60_digits(value) if _as_int(value) is not None else None
+    digits = _base_60_digits(value)  # an int, or the whole-number float jsonargparse may make of it
     if digits is None or not 0 < digits[0] < digits[1]:
         return None
     n, m = digits
     rank_zero_warn(
-        f"Read the sparsity {value} as the N:M pattern '{n}:{m}': YAML 1.1 reads an unquoted {n}:{m} as the"
-        f" base-60 integer {n} * 60 + {m} = {value}. Quote the pattern ('{n}:{m}') to silence this warning; if you"
+        f"Read the sparsity {value:g} as the N:M pattern '{n}:{m}': YAML 1.1 reads an unquoted {n}:{m} as the"
+        f" base-60 integer {n} * 60 + {m} = {value:g}. Quote the pattern ('{n}:{m}') to silence this warning; if you"
         " meant a fraction of the weights, write a float in (0, 1) such as 0.5.",
         category=UserWarning,
     )

@@ -43,7 +43,7 @@ from lightning_dsd.lr import RateWatch, current_learning_rates, scale_learning_r
 from lightning_dsd.masks import disconnected_units
 from lightning_dsd.options import DSDOptions
 from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
-from lightning_dsd.plan import SAME_MAGNITUDE, MaskPlan, check_finite, same_magnitude, shown
+from lightning_dsd.plan import SAME_MAGNITUDE, SAME_SCORE, MaskPlan, check_finite, same_magnitude, shown
 from lightning_dsd.redense import reinitialize_pruned, restart_optimizer_state
 from lightning_dsd.reporting import PhaseReporter, ReportSink, current_seed
 from lightning_dsd.selection import (
@@ -230,8 +230,9 @@ class DSDEngine:
         }
         candidates = {name: param for name, param in self.targets.items() if name not in left_dense}
         check_finite(candidates, self.owner)
-        for name, magnitude in same_magnitude(candidates).items():
-            left_dense[name] = f"{SAME_MAGNITUDE} {magnitude:g}"
+        if self.options.importance == "magnitude":  # another criterion's scores are checked alike (`_prune`)
+            for name, magnitude in same_magnitude(candidates).items():
+                left_dense[name] = f"{SAME_MAGNITUDE} {magnitude:g}"
         pruned = [name for name in self.targets if name not in left_dense]
         return from_rank_zero((pruned, left_dense))
 
@@ -421,14 +422,18 @@ class DSDEngine:
             self._enter_sparse_phase_unpruned(stage, now)
             return
         names, left_dense = self.pruned_now()
+        pruning = {name: self.targets[name] for name in names}
+        scores = self._scores(stage, pruning) if pruning else None
+        if scores is not None:  # entries a criterion scores alike cannot be ranked (the same on every rank)
+            for name, score in same_magnitude(scores, absolute=False).items():
+                left_dense[name] = f"{SAME_SCORE} {score:g}"
+                del pruning[name], scores[name]
         if stage.cycle == 0:
             rank_zero_info(self.selection.summary(left_dense))
             if self.options.layer_sparsity:
                 rank_zero_info(f"DSD sparsity per parameter, one value per cycle: {self.layer_sparsities}")
-        self._warn_about_same_magnitude(stage.cycle, left_dense)
-        pruning = {name: self.targets[name] for name in names}
+        self._warn_about_unranked(stage.cycle, left_dense)
         self._left_dense = left_dense
-        scores = self._scores(stage, pruning) if pruning else None
         steps = max(self.window_steps.values(), default=0)
         masks = self.plan.decide(pruning, stage.cycle, scores) if pruning else {}
         self.schedule.advance(now)
@@ -453,8 +458,9 @@ class DSDEngine:
         if left_dense:
             listed = ", ".join(f"{name} ({reason})" for name, reason in left_dense.items())
             text += f" Left dense in this cycle: {listed}."
-            untrained = [name for name, reason in left_dense.items() if not reason.startswith(SAME_MAGNITUDE)]
-            if not masks and untrained:  # (targets left dense for their magnitudes have their own warning)
+            unranked = (SAME_MAGNITUDE, SAME_SCORE)  # (targets the criterion cannot rank have their own warning)
+            untrained = [name for name, reason in left_dense.items() if not reason.startswith(unranked)]
+            if not masks and untrained:
                 rank_zero_warn(
                     f"DSD cycle {stage.cycle}: nothing was pruned: every target is frozen or updated by no optimizer"
                     f" ({_shortened(untrained)}). Check that the optimizers DSD was given train this model."
@@ -462,15 +468,26 @@ class DSDEngine:
         text += self._disconnected_note(masks)
         self._note(text)
 
-    def _warn_about_same_magnitude(self, cycle: int, left_dense: Mapping[str, str]) -> None:
-        unranked = [name for name, reason in left_dense.items() if reason.startswith(SAME_MAGNITUDE)]
-        if unranked:
+    def _warn_about_unranked(self, cycle: int, left_dense: Mapping[str, str]) -> None:
+        """Warn about the targets left dense because the criterion cannot rank their entries (all equal)."""
+        same_magnitude_names = [name for name, reason in left_dense.items() if reason.startswith(SAME_MAGNITUDE)]
+        if same_magnitude_names:
             rank_zero_warn(
-                f"DSD cycle {cycle}: left {_shortened(unranked)} dense in this sparse phase: in each, every weight"
-                " has the same magnitude, so magnitude cannot rank them and pruning would cut by position (index"
-                " order). This is a layer that has not trained yet from a zero (or constant) init, such as LoRA's"
-                " `lora_B` with `dense_epochs=0`. Train a dense phase first (`dense_epochs` >= 1) to prune it from"
-                " this cycle on, or `exclude` it to keep it dense on purpose."
+                f"DSD cycle {cycle}: left {_shortened(same_magnitude_names)} dense in this sparse phase: in each,"
+                " every weight has the same magnitude, so magnitude cannot rank them and pruning would cut by"
+                " position (index order). This is a layer that has not trained yet from a zero (or constant) init,"
+                " such as LoRA's `lora_B` with `dense_epochs=0`. Train a dense phase first (`dense_epochs` >= 1) to"
+                " prune it from this cycle on, or `exclude` it to keep it dense on purpose."
+            )
+        same_score_names = [name for name, reason in left_dense.items() if reason.startswith(SAME_SCORE)]
+        if same_score_names:
+            rank_zero_warn(
+                f"DSD cycle {cycle}: left {_shortened(same_score_names)} dense in this sparse phase: in each, every"
+                f" weight has the same score under `importance={criterion_name(self.options.importance)}` (compared"
+                " in float32), so it cannot rank them and pruning would cut by position (index order). With 'obd'"
+                " this is a layer whose gradient was zero throughout the window (a unit that never fires, an expert"
+                " no token was routed to); with a callable, scores that do not depend on the weight. `exclude` it, or"
+                " rank it by magnitude."
             )
 
     def _criterion_note(self, steps: int) -> str:

@@ -39,6 +39,7 @@ Examples:
 
 from __future__ import annotations
 
+import inspect
 from functools import partial
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
@@ -68,7 +69,18 @@ def check_importance(name: str, value: Any) -> Importance:
         ...
         ValueError: `importance` must be 'magnitude', 'obd' or a callable f(name, weight, grad_sq) ... Found: 'fisher'.
     """
-    if value in IMPORTANCES or (callable(value) and not isinstance(value, (str, type))):
+    if value in IMPORTANCES:
+        return value
+    if callable(value) and not isinstance(value, (str, type)):
+        try:
+            signature = inspect.signature(value)
+        except (TypeError, ValueError):  # a builtin without a signature: it is called as it is
+            return value
+        try:
+            signature.bind("name", torch.zeros(1), torch.zeros(1))
+        except TypeError as error:
+            raise ValueError(f"`{name}` is called as f(name, weight, grad_sq), but {criterion_name(value)}"
+                             f"{signature} cannot take those three arguments ({error}).") from None
         return value
     raise ValueError(
         f"`{name}` must be 'magnitude', 'obd' or a callable f(name, weight, grad_sq) that returns a tensor of scores"
@@ -202,11 +214,12 @@ def importance_scores(importance: Importance, weights: Mapping[str, Tensor], win
     scores = {}
     for name, weight in weights.items():
         grad_sq = window.mean_squared(name, weight)
-        result = score(name, weight.detach(), grad_sq)
+        # A user's function gets a copy: one that works in place (`w.abs_()`) must not change the model.
+        result = score(name, weight.detach() if score is obd_saliency else weight.detach().clone(), grad_sq)
         if not isinstance(result, Tensor) or tuple(result.shape) != tuple(weight.shape) or (
                 isinstance(weight, DTensor) != isinstance(result, DTensor)):
-            found = (f"a {type(result).__name__} of shape {tuple(result.shape)}" if isinstance(result, Tensor)
-                     else repr(result))
+            shape = getattr(result, "shape", None)
+            found = f"a {type(result).__name__}" + (f" of shape {tuple(shape)}" if shape is not None else "")
             raise ValueError(
                 f"{owner}'s `importance={criterion_name(importance)}` returned {found} for `{name}`, expected a"
                 f" tensor of the weight's shape {tuple(weight.shape)}"
@@ -218,8 +231,9 @@ def importance_scores(importance: Importance, weights: Mapping[str, Tensor], win
     listed = [f"`{name}`: {count}" for name, count in zip(scores, bad, strict=True) if count]
     if listed:
         raise ValueError(
-            f"{owner}'s `importance={criterion_name(importance)}` gave NaN or infinite scores ({', '.join(listed)}),"
-            " which cannot be ranked. Check the gradients of the window (a diverged run) or the function."
-            " Nothing was pruned."
+            f"{owner}'s `importance={criterion_name(importance)}` gave NaN or infinite scores ({', '.join(listed)});"
+            " DSD ranks finite scores only. Check the gradients of the window (a diverged run) or the function;"
+            " to keep a weight whatever happens, give it a large finite score (e.g."
+            " `torch.finfo(torch.float32).max`). Nothing was pruned."
         )
     return scores

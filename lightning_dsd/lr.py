@@ -203,10 +203,26 @@ class RateWatch:
         if now == after[: len(now)] and not self._epoch_ended:
             return
         self._handles.pop(index).remove()
+        explained = self._set_by_known_schedulers(optimizer)
         put_back = [(group, before[group], after[group], lr) for group, lr in enumerate(now)
-                    if group < len(after) and _went_back(lr, before[group], after[group])]
+                    if group < len(after) and group not in explained and _went_back(lr, before[group], after[group])]
         if put_back:
             self._warn(self._message(index, put_back))
+
+    def _set_by_known_schedulers(self, optimizer: Optimizer) -> set[int]:
+        """The groups of ``optimizer`` whose rate a scheduler DSD scaled set itself, so a rise there is that
+        schedule's own (a warm restart, a warm-up starting in re-dense), already ``factor`` times what it would
+        have been: every group when a timm scheduler drives it (it writes the rates it computes from the scaled
+        values), else the groups whose rate equals a torch scheduler's last computed one (``_last_lr``). None
+        while a scheduler DSD does not know is among those it was given."""
+        schedulers = [unwrapped_scheduler(s) for s in self._schedulers]
+        if not all(is_known_scheduler(s) for s in schedulers):
+            return set()
+        own = [s for s in schedulers if getattr(s, "optimizer", None) is optimizer]
+        if any(is_timm_scheduler(s) for s in own):
+            return set(range(len(optimizer.param_groups)))
+        return {group for s in own for group, (lr, last) in enumerate(zip(
+            [g["lr"] for g in optimizer.param_groups], getattr(s, "_last_lr", None) or [], strict=False)) if lr == last}
 
     def _message(self, index: int, put_back: list[tuple[int, float, float, float]]) -> str:
         groups = "; ".join(f"optimizer {index} group {group}: {was:.3g} before, set to"

@@ -58,6 +58,7 @@ from lightning_dsd.sharding import (
     local_part,
     local_slice,
     magnitude_ranges,
+    ordered_bits,
 )
 
 SCOPES = ("layer", "global")
@@ -250,10 +251,12 @@ def check_finite(weights: Mapping[str, Tensor], owner: str = "DSD") -> None:
 
 #: Why a target that magnitude cannot rank stays dense for a cycle (see :func:`same_magnitude`).
 SAME_MAGNITUDE = "every weight has magnitude"
+#: Why a target that ``importance``'s scores cannot rank stays dense for a cycle (all its scores are equal).
+SAME_SCORE = "every weight has the score"
 
 
 @torch.no_grad()
-def same_magnitude(weights: Mapping[str, Tensor]) -> dict[str, float]:
+def same_magnitude(weights: Mapping[str, Tensor], absolute: bool = True) -> dict[str, float]:
     """The tensors whose entries all have the same magnitude (``|w|`` equal in ``float32`` for every entry, all
     zeros included), with that magnitude. Magnitude cannot rank their entries, so a mask would prune by
     position alone: by index order, whatever the sparsity, the scope or the N:M pattern. This is what a
@@ -261,16 +264,23 @@ def same_magnitude(weights: Mapping[str, Tensor]) -> dict[str, float]:
     branches). A collective when any weight is a ``DTensor``: one all-reduce of each tensor's smallest and
     largest magnitude, nothing gathered (see :func:`~lightning_dsd.sharding.magnitude_ranges`).
 
+    With ``absolute=False`` the ``weights`` are scores (of ``importance``), compared as they are, any sign:
+    the tensors whose scores are all equal in ``float32``.
+
     Examples:
         >>> same_magnitude({"lora_B": torch.zeros(4, 2), "ones": -torch.ones(3), "w": torch.tensor([0.5, 1.0])})
         {'lora_B': 0.0, 'ones': 1.0}
+        >>> same_magnitude({"dead": torch.full((3,), -2.0), "signs": torch.tensor([1.0, -1.0])}, absolute=False)
+        {'dead': -2.0}
     """
-    ranges = magnitude_ranges(weights)
-    return {
-        name: float(torch.tensor(int(smallest), dtype=torch.int32).view(torch.float32))
-        for name, (smallest, largest) in zip(weights, ranges.tolist(), strict=True)
-        if smallest == largest
-    }
+    ranges = magnitude_ranges(weights, absolute)
+    found = {}
+    for name, (smallest, largest) in zip(weights, ranges.tolist(), strict=True):
+        if smallest == largest:
+            bits = torch.tensor(int(smallest), dtype=torch.int32)
+            bits = bits if absolute else bits ^ ((bits >> 31) & 0x7FFFFFFF)  # the key's flip, undone
+            found[name] = float(bits.view(torch.float32))
+    return found
 
 
 @torch.no_grad()
@@ -342,7 +352,4 @@ def _score_bits(entries: Tensor, absolute: bool = True) -> Tensor:
     order like the floats: non-negative floats order like their bit patterns; a negative float's low 31 bits
     are flipped so that larger magnitudes come lower (``-0.0`` is made ``+0.0`` first, so the two tie)."""
     values = entries.detach().float().flatten()
-    if absolute:
-        return values.abs().view(torch.int32)
-    bits = (values + 0.0).view(torch.int32)
-    return torch.where(bits < 0, bits ^ _LARGEST_BITS, bits)
+    return values.abs().view(torch.int32) if absolute else ordered_bits(values)

@@ -134,11 +134,12 @@ def counts_over_ranks(tensors: Mapping[str, Tensor], count: Callable[[str, Tenso
 
 
 @torch.no_grad()
-def magnitude_ranges(tensors: Mapping[str, Tensor]) -> Tensor:
+def magnitude_ranges(tensors: Mapping[str, Tensor], absolute: bool = True) -> Tensor:
     """The smallest and largest magnitude of each full tensor, as the int32 bit patterns of ``float32`` ``|w|``
     (which order like the magnitudes), stacked ``(len(tensors), 2)`` on the CPU: on plain tensors, found here;
     when any is a ``DTensor``, found on each rank's local part (an empty one takes no part) and combined by
-    one all-reduce of the stack (a collective). Nothing is gathered.
+    one all-reduce of the stack (a collective). Nothing is gathered. With ``absolute=False`` the values
+    themselves, any sign, as :func:`ordered_bits` keys.
 
     Examples:
         >>> magnitude_ranges({"a": torch.tensor([0.5, -0.5]), "b": torch.tensor([0.0, 2.0])}).tolist()
@@ -151,16 +152,33 @@ def magnitude_ranges(tensors: Mapping[str, Tensor]) -> Tensor:
     empty = torch.tensor([-(2**40), -(2**40)], dtype=torch.int64, device=device)  # loses every maximum
     ranges = []
     for tensor in tensors.values():
-        bits = local_part(tensor).detach().abs().float().flatten().view(torch.int32)
+        values = local_part(tensor).detach().float().flatten()
+        bits = values.abs().view(torch.int32) if absolute else ordered_bits(values)
         if bits.numel() == 0:
             ranges.append(empty)
             continue
-        ranges.append(torch.stack([-bits.min(), bits.max()]).to(device=device, dtype=torch.int64))
+        ranges.append(torch.stack([-bits.min().long(), bits.max().long()]).to(device=device))
     stacked = torch.stack(ranges)  # (-smallest, largest): one maximum finds both
     if sharded and dist.is_initialized():
         dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
     stacked = stacked.cpu()
     return torch.stack([-stacked[:, 0], stacked[:, 1]], dim=1)
+
+
+def ordered_bits(values: Tensor) -> Tensor:
+    """``float32`` values as int32 keys that order as the values do, any sign: a negative value's low 31 bits
+    are flipped, so larger magnitudes come lower (``-0.0`` is made ``+0.0`` first, so the two tie). The same
+    flip applied to a key's int32 gives back the value's bits.
+
+    Examples:
+        >>> keys = ordered_bits(torch.tensor([-2.0, -0.5, -0.0, 0.0, 1.0]))
+        >>> keys.diff().tolist()[2], bool((keys.diff()[[0, 1, 3]] > 0).all())
+        (0, True)
+        >>> (keys ^ ((keys >> 31) & 0x7FFFFFFF)).view(torch.float32).tolist()
+        [-2.0, -0.5, 0.0, 0.0, 1.0]
+    """
+    bits = (values.float() + 0.0).view(torch.int32)
+    return bits ^ ((bits >> 31) & 0x7FFFFFFF)
 
 
 @torch.no_grad()

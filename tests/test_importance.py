@@ -263,6 +263,8 @@ def test_a_resume_that_changes_the_criterion_is_refused_and_an_older_checkpoint_
     (dict(importance="obd", dense_epochs=None, monitor="val_loss"),
      r"the dense phase of cycle 0 runs until `monitor` converges"),
     (dict(importance="obd", dense_epochs=0), r"the dense phase of cycle 0 has length 0, so the window holds no step"),
+    (dict(importance=lambda weight, grad_sq: weight), r"`importance` is called as f\(name, weight, grad_sq\), but"
+                                                    r" .*<lambda>\(weight, grad_sq\) cannot take those three"),
 ])
 def test_criteria_that_cannot_work_are_refused_at_construction(options, message):
     with pytest.raises(ValueError, match=message):
@@ -340,3 +342,93 @@ def test_every_transition_to_a_sparse_phase_has_its_window_with_per_cycle_sparsi
         for name, keep in expected_by_permutation(shapes, sparsity).items():
             assert torch.equal(masks[name], keep), name
     assert sum(1 for counted in windows if counted) == 3 * 2, "open for 2 steps before each pruning, never else"
+
+
+# ------------------------------------------------------------------ found by an adversarial review, fixed
+
+
+class DeadLayer(nn.Module):
+    """``a`` sits behind a ReLU that never fires: its gradient is zero throughout, so every OBD score of it is 0."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a, self.b, self.head = nn.Linear(8, 8), nn.Linear(8, 8), nn.Linear(8, 2)
+        with torch.no_grad():
+            self.a.bias.fill_(-100.0)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.a(x)) + torch.relu(self.b(x)))
+
+
+def _dead_layer_run(importance):
+    with seeded(0):
+        model = DeadLayer()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dsd = DSD(model, optimizer, 0.5, 3, 1, 1, interval="step", importance=importance, log_histograms=False)
+    x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+    for _ in range(3):
+        optimizer.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        optimizer.step()
+        dsd.step()
+    return model, dsd
+
+
+@pytest.mark.parametrize("importance", ["obd", "constant", "float64 that rounds to one float32"])
+def test_a_tensor_whose_scores_are_all_equal_is_left_dense_with_the_reason_never_cut_by_position(importance):
+    criterion = {"obd": "obd", "constant": lambda name, weight, grad_sq: torch.ones_like(weight),
+                 "float64 that rounds to one float32":
+                     lambda name, weight, grad_sq: 1.0 + weight.double().abs() * 1e-12}[importance]
+    with pytest.warns(UserWarning, match=r"DSD cycle 0: left `a.weight`.* dense in this sparse phase: in each, every"
+                                         r" weight has the same score under `importance="):
+        model, dsd = _dead_layer_run(criterion)
+    assert dsd.phase is Phase.SPARSE and "a.weight" not in dsd.masks
+    assert dsd._engine._left_dense["a.weight"].startswith("every weight has the score")
+    assert int((model.a.weight == 0).sum()) == 0  # nothing cut
+    if importance == "obd":  # the live layers are ranked as usual
+        assert int((model.b.weight == 0).sum()) == 32 and int((model.head.weight == 0).sum()) == 8
+
+
+def test_a_tensor_of_one_magnitude_that_the_criterion_can_rank_is_pruned_by_its_scores():
+    with seeded(0):
+        model = nn.Sequential(nn.Linear(4, 4))
+    with torch.no_grad():
+        model[0].weight.fill_(0.25)  # one magnitude: magnitude could not rank it, the permuted scores can
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)
+    dsd = DSD(model, optimizer, 0.5, 2, 1, 1, interval="step", importance=permuted_scores, importance_steps=2)
+    for _ in range(2):
+        optimizer.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        dsd.step()
+    expected = expected_by_permutation({"0.weight": torch.Size([4, 4])}, 0.5)["0.weight"]
+    assert torch.equal(dsd.masks["0.weight"], expected)
+
+
+def test_a_callable_that_works_in_place_cannot_change_the_weights():
+    with seeded(0):
+        model = nn.Sequential(nn.Linear(4, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.0)  # no step changes a weight: only DSD could
+    before = model[0].weight.detach().clone()
+    dsd = DSD(model, optimizer, 0.5, 1, 1, 1, interval="step", importance=lambda name, w, g: w.abs_())
+    optimizer.zero_grad()
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    dsd.step()
+    keep = dsd.masks["0.weight"]
+    assert torch.equal(model[0].weight[keep], before[keep]) and bool((before < 0).any())
+
+
+def test_infinite_scores_are_refused_with_how_to_keep_a_weight():
+    with seeded(0):
+        model = nn.Sequential(nn.Linear(4, 4))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    never = lambda name, w, g: torch.where(w > 0, torch.inf, w.abs())  # noqa: E731
+    dsd = DSD(model, optimizer, 0.5, 1, 1, 1, interval="step", importance=never)
+    optimizer.zero_grad()
+    model(torch.randn(3, 4)).sum().backward()
+    optimizer.step()
+    with pytest.raises(ValueError, match=r"gave NaN or infinite scores \(`0.weight`: \d+\); DSD ranks finite scores"
+                                         r" only.* give it a large finite score"):
+        dsd.step()
+    assert not dsd.masks
