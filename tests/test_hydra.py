@@ -18,6 +18,7 @@ from hydra.utils import instantiate
 from omegaconf import OmegaConf
 from torch import nn
 
+from lightning_dsd import DSDCallback
 from lightning_dsd.masks import NMPattern
 
 BASE_60 = "base-60 integer"  # in the warning that an unquoted N:M was read back from YAML's integer
@@ -112,3 +113,14 @@ def test_a_hydra_main_app_builds_the_callback_from_an_unquoted_pattern_with_the_
     assert result.returncode == 0, result.stderr
     assert "SPARSITIES ['2:4']" in result.stdout
     assert "Read the sparsity 124 as the N:M pattern '2:4'" in result.stderr and "Quote the pattern" in result.stderr
+
+
+@pytest.mark.parametrize("value", [124, 124.0])
+def test_a_whole_number_of_a_valid_pattern_is_read_back_as_int_or_float_and_an_invalid_one_is_refused(value):
+    """Found by an adversarial review: ``124.0`` (what a float-first parser makes of 124) was refused with the
+    claim that 2:4 is no N:M pattern."""
+    with pytest.warns(UserWarning, match=r"Read the sparsity 124 as the N:M pattern '2:4'"):
+        assert DSDCallback(value, 1, 1, 1).sparsities == (NMPattern(2, 4),)
+    with pytest.raises(ValueError, match=r"Found: 242.0, which is how YAML 1.1 reads an unquoted 4:2 .* and 4:2 is no"
+                                         r" N:M pattern"):
+        DSDCallback(242.0, 1, 1, 1)

@@ -321,3 +321,36 @@ def test_in_a_trainer_an_epoch_stepped_scheduler_dsd_does_not_know_is_caught_aft
     with pytest.warns(UserWarning, match=r"DSDCallback: DSD's re-dense drop .* undone .* FromItsOwnStart") as caught:
         make_trainer([dsd], max_epochs=4).fit(model, make_loader())
     assert sum("was undone" in str(w.message) for w in caught) == 1
+
+
+@pytest.mark.parametrize("schedule", ["warm restart at re-dense's first step", "warm-up beginning at re-dense"])
+def test_a_scheduler_dsd_scaled_whose_own_schedule_raises_the_rate_in_redense_is_not_taken_for_undoing_it(schedule):
+    """Found by an adversarial review: the watch used to warn here (and advise scaling the rate again)."""
+    make = {
+        "warm restart at re-dense's first step": lambda o: S.CosineAnnealingWarmRestarts(o, T_0=4),
+        "warm-up beginning at re-dense": lambda o: S.SequentialLR(
+            o, [S.ConstantLR(o, 1.0, total_iters=7), S.LinearLR(o, 0.01, 1.0, total_iters=4)], milestones=[7]),
+    }[schedule]
+    rates = []
+    for with_dsd in (True, False):
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+        scheduler = make(optimizer)
+        dsd = DSD(model, optimizer, 0.5, 3, 4, 4, schedulers=[scheduler], interval="step",
+                  log_histograms=False) if with_dsd else None
+        x, y = torch.randn(32, 8), torch.randint(0, 2, (32,))
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(11):
+                optimizer.zero_grad()
+                torch.nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+                scheduler.step()
+                if dsd is not None:
+                    dsd.step()
+                rates.append(optimizer.param_groups[0]["lr"])
+        assert not [w for w in caught if "undone" in str(w.message)]
+    dsd_rates, twin = rates[:11], rates[11:]
+    assert max(dsd_rates[7:]) > 3 * dsd_rates[6]  # the schedule itself raises the rate in re-dense
+    assert [a / b for a, b in zip(dsd_rates[7:], twin[7:], strict=True)] == pytest.approx([0.1] * 4, rel=1e-9)
