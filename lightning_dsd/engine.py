@@ -623,8 +623,10 @@ class DSDEngine:
         :class:`~lightning_dsd.lr.RateWatch`); a warning then, once."""
         self._stop_watching_rates()
         if self.options.lr_scale != 1 and before != after:
+            last_step = 2 if self.options.interval == "step" else None  # else: the first step after an epoch end
             self._rate_watch = RateWatch(self.training.optimizers, before, after, self.options.lr_scale,
-                                         self.training.schedulers, lambda text: rank_zero_warn(f"{self.owner}: {text}"))
+                                         self.training.schedulers, lambda text: rank_zero_warn(f"{self.owner}: {text}"),
+                                         last_step)
 
     def _stop_watching_rates(self) -> None:
         if self._rate_watch is not None:

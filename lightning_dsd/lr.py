@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Optional, Sequence
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -153,7 +153,9 @@ class RateWatch:
     than half way to its old value, on a log scale (for ``factor=0.1``: by more than 3.2x), was put back:
     ``warn`` gets one message naming the schedulers DSD does not know (:func:`is_known_scheduler`), the group and
     its rates. A watch that has seen no change by the first step after :meth:`epoch_ended` stops too (an
-    epoch's scheduler steps have run by then): it costs a few comparisons per step, and only then.
+    epoch's scheduler steps have run by then), or by step ``last_step`` of an optimizer when given (a step
+    clock: the first step's scheduler has run by the second): it costs a few comparisons per step, and only
+    then.
 
     Examples:
         >>> import torch
@@ -174,12 +176,15 @@ class RateWatch:
         factor: float,
         schedulers: Sequence[Any],
         warn: Callable[[str], None],
+        last_step: Optional[int] = None,
     ) -> None:
         self.factor = factor
         self._before, self._after = before, after
         self._schedulers = list(schedulers)
         self._warn = warn
         self._epoch_ended = False
+        self._last_step = last_step
+        self._steps: dict[int, int] = {}
         self._handles: dict[int, RemovableHandle] = {}
         for index, optimizer in enumerate(optimizers):
             self._handles[index] = optimizer.register_step_pre_hook(partial(self._check, index))
@@ -200,7 +205,9 @@ class RateWatch:
     def _check(self, index: int, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         now = [float(group["lr"]) for group in optimizer.param_groups]
         after, before = self._after[index], self._before[index]
-        if now == after[: len(now)] and not self._epoch_ended:
+        self._steps[index] = step = self._steps.get(index, 0) + 1
+        last = self._epoch_ended or (self._last_step is not None and step >= self._last_step)
+        if now == after[: len(now)] and not last:
             return
         self._handles.pop(index).remove()
         explained = self._set_by_known_schedulers(optimizer)

@@ -354,3 +354,18 @@ def test_a_scheduler_dsd_scaled_whose_own_schedule_raises_the_rate_in_redense_is
     dsd_rates, twin = rates[:11], rates[11:]
     assert max(dsd_rates[7:]) > 3 * dsd_rates[6]  # the schedule itself raises the rate in re-dense
     assert [a / b for a, b in zip(dsd_rates[7:], twin[7:], strict=True)] == pytest.approx([0.1] * 4, rel=1e-9)
+
+
+def test_with_a_step_clock_the_rate_watch_ends_at_the_second_step_of_redense_without_a_scheduler():
+    model = torch.nn.Linear(4, 2)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dsd = DSD(model, optimizer, 0.5, 1, 1, 3, interval="step", log_histograms=False)
+    watching = []
+    for _ in range(5):
+        watching.append(len(optimizer._optimizer_step_pre_hooks))
+        optimizer.zero_grad()
+        model(torch.randn(3, 4)).sum().backward()
+        optimizer.step()
+        dsd.step()
+    # step 0 dense, 1 sparse (the constraint's hook), 2-4 re-dense: the watch judges at the second and goes
+    assert watching == [0, 1, 1, 1, 0]
