@@ -1,5 +1,6 @@
-"""Dense-Sparse-Dense training (Han et al., ICLR 2017): a PyTorch Lightning callback, and ``DSD`` for Lightning
-Fabric and plain PyTorch loops, over one engine.
+"""Dense-Sparse-Dense training (Han et al., ICLR 2017): a PyTorch Lightning callback, ``DSD`` for Lightning
+Fabric and plain PyTorch loops, and ``lightning_dsd.huggingface.DSDTrainerCallback`` for ``transformers.Trainer``
+(imported from its module, so ``import lightning_dsd`` never imports transformers), over one engine.
 
 Examples:
     >>> from lightning_dsd import DSDCallback, Phase

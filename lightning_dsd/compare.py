@@ -1,6 +1,6 @@
 """``python -m lightning_dsd.compare LOGDIR --metric val_acc --mode max``: does DSD help *this* model?
 
-Every run that ``DSDCallback`` or ``DSD`` logs to TensorBoard keeps a record (``dsd/run``, see
+Every run that ``DSDCallback``, ``DSD`` or ``DSDTrainerCallback`` logs to TensorBoard keeps a record (``dsd/run``, see
 :mod:`lightning_dsd.reporting`): its arm (``dsd``, ``llr`` for ``prune=False``, ``dense`` for ``prune=False,
 lr_scale=1.0``), its seed, its schedule and its options. This tool finds every run under ``LOGDIR`` (every
 directory of event files, read with TensorBoard's own reader), pairs the arms by seed, and prints one Markdown

@@ -9,10 +9,11 @@ state are multiplied through ``to_local()``. It
 
 * zeroes the pruned weights, their gradients and their optimizer state when it is attached;
 * zeroes the gradients of pruned entries before every optimizer step (:meth:`mask_gradients`, called by
-  the callback from Lightning's ``on_before_optimizer_step``, which runs after backward and gradient
-  unscaling and before gradient clipping, so clipping sees the sparse network's true gradient; a step
-  called after backward outside Lightning, as in a plain loop, gets its gradients masked by a torch step
-  pre-hook instead, and a step given a closure (LBFGS, ``step(closure)``) gets the closure wrapped so that
+  a front door where its framework lets it act after backward and gradient unscaling and before gradient
+  clipping, so clipping sees the sparse network's true gradient: ``DSDCallback`` from Lightning's
+  ``on_before_optimizer_step``; ``DSDTrainerCallback`` also masks as backward computes them, since
+  ``transformers.Trainer`` clips before any event; a step called otherwise, as in a plain loop, gets its
+  gradients masked by a torch step pre-hook instead, and a step given a closure (LBFGS, ``step(closure)``) gets the closure wrapped so that
   every evaluation computes with the sparse weights and returns masked gradients);
 * re-zeroes the pruned weights after every optimizer step through
   ``torch.optim.Optimizer.register_step_post_hook``, which fires once per real step whatever drives it

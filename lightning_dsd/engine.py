@@ -4,9 +4,10 @@
 enforcement, the learning-rate change and re-dense restart, the checkpoint state and what is reported at
 each transition. It holds no clock and knows no training framework: a front door tells it where training
 stands (:meth:`DSDEngine.advance_if_due` with the elapsed epochs or optimizer steps) and gives it a
-:class:`Training`, which hands over the model's optimizers and schedulers and where reports go. The two
-front doors are :class:`~lightning_dsd.DSDCallback` (a ``Trainer``) and :class:`~lightning_dsd.DSD`
-(Lightning Fabric and plain PyTorch loops).
+:class:`Training`, which hands over the model's optimizers and schedulers and where reports go. The three
+front doors are :class:`~lightning_dsd.DSDCallback` (a Lightning ``Trainer``), :class:`~lightning_dsd.DSD`
+(Lightning Fabric and plain PyTorch loops) and :class:`~lightning_dsd.huggingface.DSDTrainerCallback`
+(``transformers.Trainer``).
 
 Every change DSD makes to weights (pruning, restored masks, a re-dense restart) is followed by
 ``FSDPModule.reshard()`` on the model's FSDP2 modules (a local operation), so no forward pass computes with
