@@ -13,8 +13,9 @@ state are multiplied through ``to_local()``. It
   clipping, so clipping sees the sparse network's true gradient: ``DSDCallback`` from Lightning's
   ``on_before_optimizer_step``; ``DSDTrainerCallback`` also masks as backward computes them, since
   ``transformers.Trainer`` clips before any event; a step called otherwise, as in a plain loop, gets its
-  gradients masked by a torch step pre-hook instead, and a step given a closure (LBFGS, ``step(closure)``) gets the closure wrapped so that
-  every evaluation computes with the sparse weights and returns masked gradients);
+  gradients masked by a torch step pre-hook instead, and a step given a closure (LBFGS,
+  ``step(closure)``) gets the closure wrapped so that every evaluation computes with the sparse weights and
+  returns masked gradients);
 * re-zeroes the pruned weights after every optimizer step through
   ``torch.optim.Optimizer.register_step_post_hook``, which fires once per real step whatever drives it
   (gradient accumulation, manual optimization, and not at all for steps an AMP scaler skips).
