@@ -12,7 +12,7 @@ How each event is used (the order is ``Trainer._inner_training_loop``'s):
   ``Trainer`` trains; take the optimizer and scheduler it built (accelerate's ``AcceleratedOptimizer`` and
   ``AcceleratedScheduler`` unwrapped, so the engine's hooks sit on the optimizer that steps); on a resume,
   read and check DSD's state from the checkpoint folder before anything trains (and refuse a weights-only
-  checkpoint, ``save_only_model=True``, from a re-dense phase on: see ``_refuse_a_fresh_schedule_after_redense``).
+  checkpoint, ``save_only_model=True``, when ``lr_scale != 1``: see ``_refuse_a_fresh_schedule``).
 * ``on_epoch_begin`` / ``on_step_begin``: the transitions now due (``interval="epoch"`` counts the Trainer's
   finished epochs, ``"step"`` its optimizer steps, ``state.global_step``). A transition therefore happens
   before the first forward pass of the next step, so the evaluation and the checkpoint of the step that
@@ -206,7 +206,8 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self._trainer = _calling_trainer(self)  # the Trainer that runs now (a resume may be a second one)
         resuming = state.global_step > 0
         trial = getattr(self._trainer, "_trial", None)  # set for each run of `hyperparameter_search`
-        new_trial, self._trial = trial is not None and trial is not self._trial, trial
+        # A new trial of a search, or the training after it (which runs without a trial): a run of its own.
+        new_trial, self._trial = trial is not self._trial, trial
         if self._started:
             if not resuming and not new_trial:
                 raise RuntimeError(
@@ -216,8 +217,9 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                 )
             if new_trial:
                 name = state.trial_name or getattr(trial, "number", None)  # an Optuna trial's number
-                rank_zero_info("DSDTrainerCallback starts its schedule afresh for a new trial of the hyperparameter"
-                               f" search{'' if name is None else f' ({name})'}.")
+                run = ("a new trial of the hyperparameter search" + ("" if name is None else f" ({name})")
+                       if trial is not None else "the training after the hyperparameter search")
+                rank_zero_info(f"DSDTrainerCallback starts its schedule afresh for {run}.")
             self._engine = DSDEngine(self.options, self, owner="DSDTrainerCallback")
         self._engine.check_metric_source(
             args.eval_strategy != "no", "`eval_strategy='no'`: the Trainer never evaluates, so that phase would never"
@@ -244,6 +246,8 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                                       training_limit(args, state, kwargs.get("train_dataloader"), self.interval))
         self._say_how_the_best_model_is_chosen(args)
         self._hold_best_model_record(args, state)
+        if resuming:
+            self._drop_a_restored_best_model_record_of_an_earlier_phase(args, state)
         self._started = self._training = True
         self._engine.start_reporting()
         self._engine.resume_sparse_phase()
@@ -286,6 +290,21 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         of the step, so an evaluation is judged by the phase it evaluated."""
         if self.best_model_phase == "final" and args.metric_for_best_model is not None and not self.in_last_phase:
             state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+
+    def _drop_a_restored_best_model_record_of_an_earlier_phase(self, args: TrainingArguments,
+                                                               state: TrainerState) -> None:
+        """On a resume in DSD's last phase (``best_model_phase="final"``): the best-model record restored from
+        ``trainer_state.json`` may name a checkpoint of an earlier phase (one a run with ``"any"`` chose); it is
+        emptied, so that the best model still comes from the last phase."""
+        restored = state.best_model_checkpoint
+        if self.best_model_phase != "final" or not self.in_last_phase or restored is None:
+            return
+        where, last = self._phase_of_checkpoint(restored)
+        if not last:
+            state.best_metric = state.best_global_step = state.best_model_checkpoint = None
+            rank_zero_info(f"DSDTrainerCallback: the Trainer's best-model record, restored with the checkpoint, names"
+                           f" {restored}, saved {where}: emptied, so the best model comes from DSD's last phase"
+                           " (best_model_phase='final').")
 
     # ------------------------------------------------------------------ the clock
 
@@ -338,8 +357,9 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
     def on_epoch_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         self._engine.epoch_ended(max(math.floor(state.epoch or 0) - 1, 0))
-        if not self._engine.schedule.is_due(self._now(state)):  # no transition at this step: log while runs are open
-            self._engine.flush_scalars()
+        stopping = control.should_training_stop or state.global_step >= state.max_steps
+        if stopping or not self._engine.schedule.is_due(self._now(state)):  # no transition follows at this step:
+            self._engine.flush_scalars()  # log while the integrations' runs are open
         if self.interval == "epoch":
             self._stop_if_finished(state, control)
 
@@ -476,7 +496,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                 found.append(f"{path}: saved at step {saved.get('global_step')!r} by run {saved.get('token')!r}")
                 continue
             self._engine.load_state_dict(saved["dsd"])
-            self._refuse_a_fresh_schedule_after_redense(folder)
+            self._refuse_a_fresh_schedule(folder)
             rank_zero_info(f"DSDTrainerCallback resumed the {self.phase_label} phase at step {step} from {path}.")
             return token
         raise CheckpointStateError(
@@ -487,24 +507,26 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         )
 
 
-    def _refuse_a_fresh_schedule_after_redense(self, folder: str) -> None:
-        """Refuse, before any step, to resume at or after a re-dense phase from a checkpoint without optimizer
-        and scheduler state (``save_only_model=True``): the Trainer would build a fresh learning-rate schedule,
-        without the ``lr_scale`` drop DSD made at re-dense, and the re-dense phase would train at the unscaled
-        rate. A dense or sparse phase before any re-dense is resumed: DSD has scaled no learning rate yet, and
-        the masks do not depend on the optimizer."""
-        schedule = self._engine.schedule
-        scaled = [stage for stage in schedule.stages[:schedule.index + 1] if stage.phase is Phase.REDENSE]
-        if not scaled or self.lr_scale == 1 or holds_optimizer_and_scheduler(folder):
+    def _refuse_a_fresh_schedule(self, folder: str) -> None:
+        """Refuse, before any step, to resume DSD from a checkpoint without optimizer and scheduler state
+        (``save_only_model=True``) when DSD scales the learning rate (``lr_scale != 1``): the Trainer would start
+        its learning-rate schedule afresh from step 0, so a re-dense phase, behind or ahead, would not train at
+        ``lr_scale`` times the rate of the run the checkpoint comes from. (The masks do not depend on the
+        optimizer; the learning rate does.)"""
+        if self.lr_scale == 1 or holds_optimizer_and_scheduler(folder):
             return
+        redense = next((stage for stage in self._engine.schedule.stages if stage.phase is Phase.REDENSE), None)
+        if redense is None:
+            return
+        behind = self._engine.schedule.index >= self._engine.schedule.stages.index(redense)
         raise CheckpointStateError(
             f"{folder} holds no optimizer and scheduler state (no {OPTIMIZER_NAME} and {SCHEDULER_NAME}: it was saved"
-            f" with `save_only_model=True`), so the Trainer would start a fresh learning-rate schedule; but the"
-            f" checkpoint is in the {self.phase_label} phase of cycle {self.cycle}, after DSD multiplied the learning"
-            f" rate by lr_scale={self.lr_scale:g} at the re-dense phase of cycle {scaled[0].cycle}, and the"
-            " re-dense phase would train at the unscaled rate",
-            "Resume from a checkpoint saved with `save_only_model=False` (the default), or from a checkpoint of a"
-            " dense or sparse phase before the first re-dense, where no learning rate has been scaled yet.",
+            f" with `save_only_model=True`), so the Trainer would start a fresh learning-rate schedule from step 0;"
+            f" the checkpoint is in the {self.phase_label} phase of cycle {self.cycle}, and DSD's re-dense phase"
+            f" {'behind it' if behind else 'ahead'} scales the rate by lr_scale={self.lr_scale:g}: re-dense would"
+            " train at lr_scale times the fresh schedule's rate, not the run's",
+            "Resume from a checkpoint saved with `save_only_model=False` (the default), which holds the optimizer"
+            " and the schedule.",
         )
 
 

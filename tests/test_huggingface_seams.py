@@ -189,24 +189,33 @@ def _weights_only_trainer(out: Path, stop_at: int | None = None, save_only_model
 
 
 @pytest.mark.slow
-def test_a_weights_only_checkpoint_after_redense_is_refused_before_any_step_a_sparse_one_resumes(tmp_path):
-    _weights_only_trainer(tmp_path, stop_at=6)[2].train()  # steps 6-8 re-dense: checkpoint-6 is one
+def test_a_weights_only_checkpoint_is_refused_before_any_step_in_every_phase_unless_the_rate_is_never_scaled(tmp_path):
+    _weights_only_trainer(tmp_path, stop_at=6)[2].train()  # checkpoint-2 dense, -4 sparse, -6 re-dense
     assert not (tmp_path / "checkpoint-6" / "optimizer.pt").exists()
-    # The resuming Trainer's own arguments do not say save_only_model: the checkpoint folder decides.
-    model, _, trainer = _weights_only_trainer(tmp_path, save_only_model=False)
-    with pytest.raises(CheckpointStateError, match=r"checkpoint-6 holds no optimizer and scheduler state .*"
-                                                   r"`save_only_model=True`.*redense phase of cycle 0, after DSD"
-                                                   r" multiplied the learning rate by lr_scale=0.1"):
-        trainer.train(resume_from_checkpoint=True)
-    assert trainer.state.global_step == 6  # restored, and not one step further
-    saved = load_file(tmp_path / "checkpoint-6" / "model.safetensors")
-    assert all(torch.equal(saved[name], w) for name, w in weights(model).items() if name in saved)
+    for step, phase, where in ((6, "redense", "behind it"), (4, "sparse", "ahead"), (2, "dense", "ahead")):
+        # The resuming Trainer's own arguments do not say save_only_model: the checkpoint folder decides.
+        model, _, trainer = _weights_only_trainer(tmp_path, save_only_model=False)
+        with pytest.raises(CheckpointStateError, match=rf"checkpoint-{step} holds no optimizer and scheduler state"
+                                                       rf" .*`save_only_model=True`.*the {phase} phase of cycle 0,"
+                                                       rf" and DSD's re-dense phase {where} scales the rate by"
+                                                       r" lr_scale=0.1"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / f"checkpoint-{step}"))
+        assert trainer.state.global_step == step  # restored, and not one step further
+        saved = load_file(tmp_path / f"checkpoint-{step}" / "model.safetensors")
+        assert all(torch.equal(saved[name], w) for name, w in weights(model).items() if name in saved)
 
-    sparse = tmp_path / "sparse"  # checkpoint-4 is in the sparse phase: DSD has scaled no learning rate yet
-    _weights_only_trainer(sparse, stop_at=4)[2].train()
-    model, dsd, trainer = _weights_only_trainer(sparse)
+    model = gpt2()  # lr_scale=1.0: DSD never scales the rate, so the fresh schedule is the Trainer's own affair
+    dsd = DSDTrainerCallback(0.5, 2, 3, 3, interval="step", lr_scale=1.0)
     masks = {}
-    trainer.add_callback(type("Masks", (TrainerCallback,), {"on_step_end": lambda *a, **k: masks.update(dsd.masks)}))
+    step_end = {"on_step_end": lambda *a, **k: masks.update(dsd.masks)}
+    trainer = Trainer(model=model, args=arguments(tmp_path / "unscaled", max_steps=8, save_strategy="steps",
+                                                  save_steps=2, save_only_model=True),
+                      train_dataset=Tokens(n=48), callbacks=[dsd, StopAt(4)])
+    trainer.train()
+    dsd = DSDTrainerCallback(0.5, 2, 3, 3, interval="step", lr_scale=1.0)
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path / "unscaled", max_steps=8, save_strategy="steps",
+                                                   save_steps=2, save_only_model=True),
+                      train_dataset=Tokens(n=48), callbacks=[dsd, type("Masks", (TrainerCallback,), step_end)()])
     trainer.train(resume_from_checkpoint=True)
     assert trainer.state.global_step == 8 and dsd.phase.value == "redense"
     assert masks, "step 5 ran sparse, with the masks of the checkpoint"
@@ -417,3 +426,67 @@ def test_seq2seq_trainer_with_predict_with_generate_is_exact_in_every_generate_f
             assert dsd.phase.value == "redense"
             assert any("eval_generated" in entry for entry in trainer.state.log_history)
     assert _lr_ratios(lrs[True], lrs[False], 4) == pytest.approx([0.1, 0.1], rel=1e-12)
+
+
+# ---------------------------------------------------------------------------- found by an adversarial review, fixed
+
+
+@pytest.mark.slow
+def test_a_resume_in_the_last_phase_drops_a_restored_best_model_record_of_an_earlier_phase(tmp_path, caplog):
+    """A run with best_model_phase="any" chose dense step 1 as its best; resumed in re-dense with "final", the
+    restored record is emptied, and the model returned is one of the last phase."""
+    metric = {1: 0.1, 2: 0.5, 3: 3.0, 4: 3.0, 5: 2.0, 6: 1.5, 7: 1.2, 8: 1.1}  # dense step 1 is best overall
+
+    def run(best_model_phase, stop=None, resume=None):
+        model = gpt2()
+        dsd = DSDTrainerCallback(0.5, 2, 2, 4, interval="step", best_model_phase=best_model_phase)
+        args = arguments(tmp_path, max_steps=8, eval_strategy="steps", eval_steps=1, save_strategy="steps",
+                         save_steps=1, load_best_model_at_end=True, metric_for_best_model="eval_forced",
+                         greater_is_better=False)
+        trainer: Trainer
+
+        def forced(_):
+            return {"forced": metric[trainer.state.global_step]}
+
+        trainer = Trainer(model=model, args=args, train_dataset=Tokens(), eval_dataset=Tokens(n=8, seed=2),
+                          compute_metrics=forced, callbacks=[dsd] + ([StopAt(stop)] if stop else []),
+                          preprocess_logits_for_metrics=lambda logits, labels: logits[..., :1])
+        trainer.train(resume_from_checkpoint=resume)
+        return model, trainer
+
+    run("any", stop=6)
+    with listening(caplog) as heard:
+        model, trainer = run("final", resume=str(tmp_path / "checkpoint-6"))
+    assert messages(heard, "best-model record, restored with the checkpoint, names") and \
+        messages(heard, "checkpoint-1, saved at step 1 in the dense phase of cycle 0: emptied")
+    assert trainer.state.best_model_checkpoint == str(tmp_path / "checkpoint-8")  # 1.1: the last phase's best
+    saved = load_file(tmp_path / "checkpoint-8" / "model.safetensors")
+    assert all(torch.equal(saved[name], w) for name, w in weights(model).items() if name in saved)
+
+
+@pytest.mark.slow
+def test_training_again_after_a_hyperparameter_search_starts_the_schedule_afresh(tmp_path, caplog):
+    pytest.importorskip("optuna")
+    dsd = DSDTrainerCallback(0.5, 1, 2, 1, interval="step")
+    phases = PhasesPerTrial(dsd)
+    trainer = Trainer(model_init=gpt2, args=arguments(tmp_path, max_steps=4), train_dataset=Tokens(),
+                      eval_dataset=Tokens(n=8), callbacks=[dsd, phases])
+    space = lambda trial: {"learning_rate": trial.suggest_float("lr", 1e-3, 1e-2)}  # noqa: E731
+    best = trainer.hyperparameter_search(hp_space=space, backend="optuna", n_trials=1, direction="minimize")
+    trainer.args.learning_rate = best.hyperparameters["lr"]
+    with listening(caplog) as heard:
+        trainer.train()  # the usual final training with the best hyperparameters: no trial
+    assert messages(heard, "starts its schedule afresh for the training after the hyperparameter search")
+    assert phases.seen == [["dense", "sparse", "sparse", "redense"]] * 2
+
+
+@pytest.mark.slow
+def test_the_last_scalars_reach_the_trainers_log_when_training_is_stopped_where_a_transition_was_due(tmp_path,
+                                                                                                   monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    dsd = DSDTrainerCallback(0.5, 1, 1, 1)  # epochs of 2 steps: the sparse phase was due at step 2
+    args = arguments(tmp_path, num_train_epochs=3, per_device_train_batch_size=16, report_to="tensorboard")
+    trainer = Trainer(model=gpt2(), args=args, train_dataset=Tokens(), callbacks=[dsd, StopAt(2)])
+    trainer.train()
+    logged = [(entry["step"], entry["dsd/phase"]) for entry in trainer.state.log_history if "dsd/phase" in entry]
+    assert logged == [(2, 0.0)]  # the dense epoch's end, logged once, while the Trainer's integrations are open
