@@ -67,8 +67,21 @@ def current_seed() -> int:
 
 
 def run_record_text(record: Mapping[str, Any]) -> str:
-    """The record as the TEXT tab shows it: JSON in a Markdown code block (read back by :func:`read_run_record`)."""
-    return "```json\n" + json.dumps(record, sort_keys=True) + "\n```"
+    """The record as the TEXT tab shows it: JSON in a Markdown code block, one key per line, nested ones indented
+    (read back by :func:`read_run_record`).
+
+    Examples:
+        >>> print(run_record_text({"arm": "dsd", "options": {"lr_scale": 0.1}}))
+        ```json
+        {
+          "arm": "dsd",
+          "options": {
+            "lr_scale": 0.1
+          }
+        }
+        ```
+    """
+    return "```json\n" + json.dumps(record, sort_keys=True, indent=2) + "\n```"
 
 
 def read_run_record(text: str) -> Any:

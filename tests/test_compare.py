@@ -72,6 +72,7 @@ def recomputed(logdir: Path, metric: str, at: str, mode: str) -> dict[str, dict[
         events.Reload()
         (text,) = [e.tensor_proto.string_val[0].decode() for e in events.Tensors("dsd/run/text_summary")]
         record = json.loads(re.fullmatch(r"```json\n(.*)\n```", text, re.S).group(1))
+        assert f'\n  "arm": "{record["arm"]}",\n' in text, "the TEXT tab shows one key per line"
         values = [e.value for e in events.Scalars(metric)]
         arms.setdefault(record["arm"], {})[record["seed"]] = values[-1] if at == "last" else (
             max(values) if mode == "max" else min(values))
