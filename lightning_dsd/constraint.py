@@ -187,11 +187,14 @@ class SparseConstraint:
                 handle.remove()
         self._targets.clear()
 
-    def mask_gradients(self, optimizer: Any) -> None:
-        """Zero the gradients of pruned entries of the parameters ``optimizer`` owns, before its step."""
+    def mask_gradients(self, optimizer: Any, already_masked: bool = False) -> None:
+        """Zero the gradients of pruned entries of the parameters ``optimizer`` owns, before its step; with
+        ``already_masked`` (a door whose gradient hooks masked them as backward computed them) only note that
+        they are, so that the step pre-hook does not mask them again."""
         targets = self._targets.get(id(optimizer))
         if targets is not None:
-            _mask_gradients_of(targets)
+            if not already_masked:
+                _mask_gradients_of(targets)
             targets.gradients_masked = True
 
     def forget_masked_gradients(self) -> None:

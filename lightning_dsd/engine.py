@@ -640,10 +640,11 @@ class DSDEngine:
 
     # ------------------------------------------------------------------ the sparse phase, step by step
 
-    def mask_gradients(self, optimizer: Any) -> None:
-        """Zero the pruned entries' gradients before ``optimizer`` steps (after backward and unscaling)."""
+    def mask_gradients(self, optimizer: Any, already_masked: bool = False) -> None:
+        """Zero the pruned entries' gradients before ``optimizer`` steps (after backward and unscaling), or, with
+        ``already_masked``, note that the door's gradient hooks did (see :meth:`SparseConstraint.mask_gradients`)."""
         if self._constraint is not None:
-            self._constraint.mask_gradients(unwrapped_optimizer(optimizer))
+            self._constraint.mask_gradients(unwrapped_optimizer(optimizer), already_masked)
 
     def forget_masked_gradients(self) -> None:
         """A new batch: its gradients are not masked yet."""

@@ -17,9 +17,10 @@ How each event is used (the order is ``Trainer._inner_training_loop``'s):
   finished epochs, ``"step"`` its optimizer steps, ``state.global_step``). A transition therefore happens
   before the first forward pass of the next step, so the evaluation and the checkpoint of the step that
   ends a phase show that phase.
-* ``on_pre_optimizer_step``: the pruned entries' gradients are zeroed (the optimizer's step pre-hook would
-  do it too). The Trainer clips gradients *before* this event, so in a sparse phase each target also has a
-  gradient hook that zeroes its pruned entries as backward computes them: ``max_grad_norm`` measures the
+* ``on_pre_optimizer_step``: nothing more to do where gradient hooks masked every pruned target's gradient
+  (else, FSDP2's sharded targets, the pruned entries' gradients are zeroed here). The Trainer clips gradients
+  *before* this event, so in a sparse phase each target has a gradient hook that zeroes its pruned entries as
+  backward computes them: ``max_grad_norm`` measures the
   sparse network's gradient, as under ``DSDCallback`` (FSDP2's sharded parameters excepted, see
   ``_hook_gradients``).
 * ``on_evaluate``: ``monitor`` (e.g. ``"eval_loss"``) is read from the evaluation's metrics when a phase runs
@@ -346,8 +347,11 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
 
     def on_pre_optimizer_step(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                               **kwargs: Any) -> None:
+        # Where every pruned target has a gradient hook, its gradients were masked as backward computed them:
+        # once is enough. FSDP2's sharded targets have none, and are masked here.
+        hooked = self._hooked_cycle is not None and len(self._gradient_hooks) == len(self._engine.masks)
         for optimizer in self._optimizers:
-            self._engine.mask_gradients(optimizer)
+            self._engine.mask_gradients(optimizer, already_masked=hooked)
 
     def on_step_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:

@@ -233,7 +233,12 @@ def test_fsdp1_and_deepspeed_are_refused_before_anything_trains(tmp_path):
 # ---------------------------------------------------------------------------------------------- exactness
 
 
-def test_gpt2_every_forward_evaluation_included_is_exact_and_clipping_sees_the_sparse_gradient(tmp_path):
+def test_gpt2_every_forward_evaluation_included_is_exact_and_clipping_sees_the_sparse_gradient(tmp_path, monkeypatch):
+    import lightning_dsd.constraint as constraint
+
+    passes = []  # whole-tensor masking passes over gradients: one when the constraint attaches, none per step
+    mask_gradients_of = constraint._mask_gradients_of
+    monkeypatch.setattr(constraint, "_mask_gradients_of", lambda t: passes.append(1) or mask_gradients_of(t))
     model = gpt2()
     dsd = DSDTrainerCallback(0.5, 2, 3, 2, interval="step")
     exactness = Exactness(dsd)
@@ -265,6 +270,7 @@ def test_gpt2_every_forward_evaluation_included_is_exact_and_clipping_sees_the_s
     assert model.lm_head.weight is model.transformer.wte.weight
     assert exactness.steps == 3
     assert clipped == [True, True, True], "max_grad_norm measured gradients of pruned entries"
+    assert passes == [1], "the gradient hooks masked them: no second pass before each step"
     grad_norms = [log["grad_norm"] for log in trainer.state.log_history if "grad_norm" in log]
     assert min(grad_norms) > 0.05  # the clipping was active
     assert exactness.forwards["train"] == 3 * 2 * 9 and exactness.forwards["eval"] >= 3 * 9
