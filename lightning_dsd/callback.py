@@ -249,7 +249,7 @@ class DSDCallback(ReadsEngine, Callback):
             transferred = None if example is None else pl_module._apply_batch_transfer_handler(example)
             shape_lazy_modules(pl_module, transferred, "DSDCallback", "before `trainer.fit`, or set"
                                " `self.example_input_array` in the LightningModule so DSD can run it")
-        self._engine.bind(pl_module)
+        self._engine.bind(pl_module, self.select_targets)
         self._bound_this_fit = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None

@@ -72,6 +72,27 @@ class ReadsEngine(ReadsOptions):
         """The phase as the progress bar shows it: ``"sparse"``, or ``"sparse 2/3"`` over several cycles."""
         return self._engine.phase_label
 
+    def select_targets(self, model: nn.Module) -> Selection:
+        """Which parameters DSD prunes in ``model`` (after ``configure_model``, ``fabric.setup`` or sharding):
+        by default those the options choose (``include``, ``exclude``, ``layer_types``). Override it in a
+        subclass to choose them your way; return a :class:`~lightning_dsd.selection.Selection` of ``model``'s
+        own parameters, by name (filtering the default keeps its input dimensions and tied names).
+
+        Examples:
+            >>> import dataclasses
+            >>> from torch import nn
+            >>> from lightning_dsd import DSDCallback
+            >>> class LargeOnly(DSDCallback):
+            ...     def select_targets(self, model):
+            ...         chosen = super().select_targets(model)
+            ...         large = {n: p for n, p in chosen.selected.items() if p.numel() >= 1024}
+            ...         return dataclasses.replace(chosen, selected=large)
+            >>> model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 2))
+            >>> list(LargeOnly(0.5, 1, 1, 1).select_targets(model).selected)
+            ['0.weight']
+        """
+        return self._engine.default_selection(model)
+
     @property
     def in_last_phase(self) -> bool:
         """Whether the schedule has reached its last phase: the final re-dense, or the final sparse phase when

@@ -164,13 +164,16 @@ class DSDEngine:
 
     # ------------------------------------------------------------------ set-up
 
-    def bind(self, model: nn.Module) -> None:
+    def bind(self, model: nn.Module, select: Optional[Callable[[nn.Module], Selection]] = None) -> None:
         """Choose the targets in ``model`` (its FSDP2 modules resharded first, so they are the shards the
-        optimizers own) and check everything that can be checked before training."""
+        optimizers own), with ``select`` (a door's :meth:`~lightning_dsd.door.ReadsEngine.select_targets`, which
+        a user may override; by default the options' ``include``, ``exclude`` and ``layer_types``), and check
+        everything that can be checked before training."""
         refuse_flat_shards(model, self.owner)
         reshard_gathered(model)
         options = self.options
-        selection = select_parameters(model, options.include, options.exclude, options.layer_types)
+        selection = select(model) if select is not None else self.default_selection(model)
+        _check_chosen(model, selection, self.owner)
         check_selection(model, selection, options.include, options.exclude)
         check_placements(selection.selected)
         plan = MaskPlan(options.cycle_sparsities, options.scope, options.layer_sparsity, selection.input_dims)
@@ -180,6 +183,11 @@ class DSDEngine:
         for message in plan.prunes_nothing(selection.selected):
             rank_zero_warn(f"{self.owner}: {message}")
         self.reporter.choose_figure_layers(self.targets)
+
+    def default_selection(self, model: nn.Module) -> Selection:
+        """The targets the options choose in ``model``: :func:`~lightning_dsd.selection.select_parameters` with
+        ``include``, ``exclude`` and ``layer_types``."""
+        return select_parameters(model, self.options.include, self.options.exclude, self.options.layer_types)
 
     def check_optimizers(self, optimizers: Sequence[Optimizer], every_one_must_own_a_target: bool) -> None:
         """Before training: where the user named the optimizers for DSD, refuse one that updates none of the
@@ -786,6 +794,22 @@ class DSDEngine:
         shown_layers = {p: shown(s) for p, s in layer_sparsity.items()} if layer_sparsity else None
         return RunConfig(stages, self.options.interval, self.options.scope, shown_layers, list(self.targets),
                          self.options.prune, criterion_name(self.options.importance))
+
+
+def _check_chosen(model: nn.Module, selection: Any, owner: str) -> None:
+    """Refuse what a ``select_targets`` override returned when it is not a ``Selection`` of ``model``'s own
+    parameters (by identity: a copy, or another model's, would be pruned without changing what this one
+    computes)."""
+    if not isinstance(selection, Selection):
+        raise TypeError(f"{owner}.select_targets must return a lightning_dsd.selection.Selection; it returned a"
+                        f" {type(selection).__name__}. Build one with `Selection(selected={{name: parameter}})`, or"
+                        " filter `super().select_targets(model)`.")
+    own = {id(param) for param in model.parameters()}
+    foreign = [name for name, param in selection.selected.items() if id(param) not in own]
+    if foreign:
+        raise ValueError(f"{owner}.select_targets chose {_shortened(foreign)}, which are not parameters of the model"
+                         " DSD trains (a copy, or another model's). Return the model's own parameters, from"
+                         " `model.named_parameters()` of the model it is given.")
 
 
 def _owned_by(optimizers: Sequence[Optimizer]) -> set[int]:

@@ -232,7 +232,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self._optimizers = _torch_optimizers(kwargs.get("optimizer"))
         scheduler = kwargs.get("lr_scheduler")  # accelerate's AcceleratedScheduler: lr.py scales the one it wraps
         self._schedulers = [] if scheduler is None else [scheduler]
-        self._engine.bind(model)
+        self._engine.bind(model, self.select_targets)
         self._engine.check_optimizers(self._optimizers, every_one_must_own_a_target=False)
         token = self._restore(args, state) if resuming else None  # checked and taken before anything is written
         if resuming and token is None:

@@ -179,7 +179,7 @@ class DSD(ReadsEngine):
         self._said_finished = False
         self._sink = WriterSink(writer, lambda: self._elapsed)
         self._engine = DSDEngine(self.options, self, owner="DSD")
-        self._engine.bind(self._model)
+        self._engine.bind(self._model, self.select_targets)
         self._engine.check_optimizers(self._optimizers, every_one_must_own_a_target=True)
         self._engine.start_reporting()
         self._engine.update_window(self._elapsed)

@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import StepRecorder, make_loader, make_trainer
+from helpers import ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
 from torch import nn
 
-from lightning_dsd import DSDCallback
-from lightning_dsd.selection import LayerSpec, select_parameters
+from lightning_dsd import DSD, DSDCallback
+from lightning_dsd.selection import LayerSpec, Selection, select_parameters
 
 
 class Zoo(nn.Module):
@@ -203,3 +205,73 @@ def test_a_sparse_phase_computes_with_a_dense_input_convolution_and_include_prun
 
     assert sparse_forward() == {"conv1": 0, "block.0": 288, "block.3": 288}
     assert sparse_forward(include=["*.weight"]) == {"conv1": round(0.5 * 216), "block.0": 288, "block.3": 288}
+
+
+# ------------------------------------------------------------------ the override point: select_targets
+
+
+def _head_only(door_class):
+    """A door of ``door_class`` whose ``select_targets`` keeps only the output layer of the default targets."""
+
+    class HeadOnly(door_class):
+        def select_targets(self, model):
+            chosen = super().select_targets(model)
+            return dataclasses.replace(chosen, selected={n: p for n, p in chosen.selected.items() if "head" in n})
+
+    return HeadOnly
+
+
+def test_an_overridden_select_targets_decides_what_the_lightning_door_prunes():
+    dsd = _head_only(DSDCallback)(0.5, 1, 1, 1)
+    recorder = StepRecorder(dsd)
+    with seeded():
+        model = ConvLSTMNet()
+    make_trainer([dsd, recorder], max_epochs=2).fit(model, make_loader())
+    assert dsd.target_names == ["head.weight"] and list(recorder.masks_seen[0]) == ["head.weight"]
+    assert int((model.head.weight == 0).sum()) == model.head.weight.numel() // 2
+    assert int((model.lstm.weight_ih_l0 == 0).sum()) == 0 and int((model.conv.weight == 0).sum()) == 0
+
+
+def test_an_overridden_select_targets_decides_what_the_loop_and_transformers_doors_prune(tmp_path):
+    from test_huggingface import Tokens, arguments, gpt2
+    from transformers import Trainer
+
+    from lightning_dsd.huggingface import DSDTrainerCallback
+
+    with seeded():
+        model = nn.Sequential(nn.Linear(8, 8), nn.ReLU())
+        model.add_module("head", nn.Linear(8, 2))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    dsd = _head_only(DSD)(model, optimizer, 0.5, 0, 1, 1)
+    model(torch.randn(2, 8)).sum().backward()  # the first training forward prunes (dense_epochs=0)
+    assert list(dsd.masks) == ["head.weight"] and int((model[0].weight == 0).sum()) == 0
+
+    class LastBlockOnly(DSDTrainerCallback):
+        def select_targets(self, model):
+            chosen = super().select_targets(model)
+            kept = {n: p for n, p in chosen.selected.items() if n.startswith("transformer.h.1.")}
+            return dataclasses.replace(chosen, selected=kept)
+
+    callback = LastBlockOnly(0.5, 1, 1, 1, interval="step")
+    gpt = gpt2()
+    Trainer(model=gpt, args=arguments(tmp_path, max_steps=2), train_dataset=Tokens(), callbacks=[callback]).train()
+    assert callback.target_names and all(n.startswith("transformer.h.1.") for n in callback.target_names)
+    assert int((gpt.transformer.h[0].attn.c_attn.weight == 0).sum()) == 0
+    assert int((gpt.transformer.h[1].attn.c_attn.weight == 0).sum()) > 0
+
+
+@pytest.mark.parametrize(("chosen", "message"), [
+    (lambda model: {"head.weight": model.head.weight}, r"must return a lightning_dsd.selection.Selection; it"
+                                                        r" returned a dict"),
+    (lambda model: Selection(selected={"head.weight": nn.Parameter(model.head.weight.detach().clone())}),
+     r"chose `head.weight`, which are not parameters of the model DSD trains"),
+])
+def test_a_select_targets_that_returns_no_selection_of_the_models_own_parameters_is_refused(chosen, message):
+    class Wrong(DSDCallback):
+        def select_targets(self, model):
+            return chosen(model)
+
+    with seeded():
+        model = ConvLSTMNet()
+    with pytest.raises((TypeError, ValueError), match=message):
+        make_trainer([Wrong(0.5, 1, 1, 1)], max_epochs=2).fit(model, make_loader())
