@@ -52,6 +52,7 @@ from lightning_dsd.selection import (
     check_selection,
     matches_any,
     select_parameters,
+    shortened,
     unmatched_patterns,
 )
 from lightning_dsd.sharding import (
@@ -197,8 +198,8 @@ class DSDEngine:
             if every_one_must_own_a_target and not _owned_by([optimizer]) & {id(p) for p in self.targets.values()}:
                 raise ValueError(
                     f"{self.owner} was given optimizer {index} ({type(optimizer).__name__}), which updates none of"
-                    f" the {len(self.targets)} weights DSD prunes ({_shortened(list(self.targets))}). Build the"
-                    " optimizer from this model's parameters (after `fabric.setup(model)` or `fully_shard`,"
+                    f" the {len(self.targets)} weights DSD prunes ({shortened(list(self.targets), quoted=True)})."
+                    " Build the optimizer from this model's parameters (after `fabric.setup(model)` or `fully_shard`,"
                     " which replace them) and pass it, or leave it out."
                 )
         for index, optimizer in enumerate(optimizers):
@@ -216,10 +217,10 @@ class DSDEngine:
         orphans = [name for name, p in self.targets.items() if p.requires_grad and id(p) not in owned]
         if orphans:
             rank_zero_warn(
-                f"{self.owner}: no optimizer updates {_shortened(orphans)} yet. A target that no optimizer owns (or"
-                " that is frozen) when a sparse phase begins stays dense for that cycle, and the transition note"
-                " says so; one added later (`optimizer.add_param_group`, BackboneFinetuning) is pruned from the"
-                " next transition on. An optimizer built before `fully_shard` or `fabric.setup` holds the old"
+                f"{self.owner}: no optimizer updates {shortened(orphans, quoted=True)} yet. A target that no"
+                " optimizer owns (or that is frozen) when a sparse phase begins stays dense for that cycle, and the"
+                " transition note says so; one added later (`optimizer.add_param_group`, BackboneFinetuning) is"
+                " pruned from the next transition on. An optimizer built before `fully_shard` or `fabric.setup` holds the old"
                 " parameters: build it from the model's current ones."
             )
 
@@ -330,8 +331,9 @@ class DSDEngine:
         missing = [name for name in pruning if not counted.get(name)]
         if missing:
             raise ValueError(
-                f"{self.owner} cannot rank {_shortened(missing)} by `importance={criterion_name(importance)}` at the"
-                f" transition to the sparse phase of cycle {stage.cycle}: its gradient window counted no optimizer"
+                f"{self.owner} cannot rank {shortened(missing, quoted=True)} by"
+                f" `importance={criterion_name(importance)}` at the transition to the sparse phase of cycle"
+                f" {stage.cycle}: its gradient window counted no optimizer"
                 " step of them (no optimizer stepped them in the window, or the run joined or resumed after the"
                 " window had begun without its statistics). Make sure they train before the transition, or use"
                 " importance='magnitude'. Nothing was pruned."
@@ -472,7 +474,7 @@ class DSDEngine:
             if not masks and untrained:
                 rank_zero_warn(
                     f"DSD cycle {stage.cycle}: nothing was pruned: every target is frozen or updated by no optimizer"
-                    f" ({_shortened(untrained)}). Check that the optimizers DSD was given train this model."
+                    f" ({shortened(untrained, quoted=True)}). Check that the optimizers DSD was given train this model."
                 )
         text += self._disconnected_note(masks)
         self._note(text)
@@ -482,8 +484,8 @@ class DSDEngine:
         same_magnitude_names = [name for name, reason in left_dense.items() if reason.startswith(SAME_MAGNITUDE)]
         if same_magnitude_names:
             rank_zero_warn(
-                f"DSD cycle {cycle}: left {_shortened(same_magnitude_names)} dense in this sparse phase: in each,"
-                " every weight has the same magnitude, so magnitude cannot rank them and pruning would cut by"
+                f"DSD cycle {cycle}: left {shortened(same_magnitude_names, quoted=True)} dense in this sparse phase:"
+                " in each, every weight has the same magnitude, so magnitude cannot rank them and pruning would cut by"
                 " position (index order). This is a layer that has not trained yet from a zero (or constant) init,"
                 " such as LoRA's `lora_B` with `dense_epochs=0`. Train a dense phase first (`dense_epochs` >= 1) to"
                 " prune it from this cycle on, or `exclude` it to keep it dense on purpose."
@@ -491,10 +493,10 @@ class DSDEngine:
         same_score_names = [name for name, reason in left_dense.items() if reason.startswith(SAME_SCORE)]
         if same_score_names:
             rank_zero_warn(
-                f"DSD cycle {cycle}: left {_shortened(same_score_names)} dense in this sparse phase: in each, every"
-                f" weight has the same score under `importance={criterion_name(self.options.importance)}` (compared"
-                " in float32), so it cannot rank them and pruning would cut by position (index order). With 'obd'"
-                " this is a layer whose gradient was zero throughout the window (a unit that never fires, an expert"
+                f"DSD cycle {cycle}: left {shortened(same_score_names, quoted=True)} dense in this sparse phase: in"
+                f" each, every weight has the same score under `importance={criterion_name(self.options.importance)}`"
+                " (compared in float32), so it cannot rank them and pruning would cut by position (index order)."
+                " With 'obd' this is a layer whose gradient was zero throughout the window (a unit that never fires, an expert"
                 " no token was routed to); with a callable, scores that do not depend on the weight. `exclude` it, or"
                 " rank it by magnitude."
             )
@@ -807,9 +809,9 @@ def _check_chosen(model: nn.Module, selection: Any, owner: str) -> None:
     own = {id(param) for param in model.parameters()}
     foreign = [name for name, param in selection.selected.items() if id(param) not in own]
     if foreign:
-        raise ValueError(f"{owner}.select_targets chose {_shortened(foreign)}, which are not parameters of the model"
-                         " DSD trains (a copy, or another model's). Return the model's own parameters, from"
-                         " `model.named_parameters()` of the model it is given.")
+        raise ValueError(f"{owner}.select_targets chose {shortened(foreign, quoted=True)}, which are not parameters"
+                         " of the model DSD trains (a copy, or another model's). Return the model's own parameters,"
+                         " from `model.named_parameters()` of the model it is given.")
 
 
 def _owned_by(optimizers: Sequence[Optimizer]) -> set[int]:
@@ -840,8 +842,3 @@ def _named(names: Sequence[str]) -> str:
 
 def _format_lrs(lrs: list[list[float]]) -> str:
     return ", ".join(f"{lr:.3g}" for group_lrs in lrs for lr in group_lrs)
-
-
-def _shortened(names: Sequence[str], limit: int = 4) -> str:
-    shown_names = ", ".join(f"`{name}`" for name in names[:limit])
-    return shown_names + (f" and {len(names) - limit} more" if len(names) > limit else "")

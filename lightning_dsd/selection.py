@@ -165,16 +165,16 @@ class Selection:
         for name, reason in left_dense.items():
             reasons.setdefault(reason, []).append(name)
         for reason, names in reasons.items():
-            lines.append(f"Left dense because {reason}:{_by_kind(names, self.layer_types, ' ')} ({_shorten(names)}).")
+            lines.append(f"Left dense because {reason}:{_by_kind(names, self.layer_types, ' ')} ({shortened(names)}).")
         for names in self.tied.values():
             lines.append(f"Tied, pruned once and kept tied: {' = '.join(names)}.")
         if self.input_convolution:
             lines.append(
-                f"Left dense by default: the convolution that reads the input ({_shorten(self.input_convolution)}),"
+                f"Left dense by default: the convolution that reads the input ({shortened(self.input_convolution)}),"
                 " as in the paper; name it in `include` to prune it."
             )
         if self.left_out:
-            left = "; ".join(f"{kind} x{len(names)} ({_shorten(names)})" for kind, names in self.left_out.items())
+            left = "; ".join(f"{kind} x{len(names)} ({shortened(names)})" for kind, names in self.left_out.items())
             lines.append(f"Left dense by default: {left}.")
         return " ".join(lines)
 
@@ -184,8 +184,15 @@ def _by_kind(names: Sequence[str], layer_types: Mapping[str, str], prefix: str) 
     return prefix + ", ".join(f"{kind} x{n}" for kind, n in counts.items()) if counts else ""
 
 
-def _shorten(names: Sequence[str], limit: int = 4) -> str:
-    return ", ".join(names[:limit]) + (f", ... ({len(names) - limit} more)" if len(names) > limit else "")
+def shortened(names: Sequence[str], limit: int = 4, quoted: bool = False) -> str:
+    """The first ``limit`` names (in backticks with ``quoted``), and how many more, as messages list them.
+
+    Examples:
+        >>> shortened(["a", "b", "c"], limit=2), shortened(["a"], quoted=True)
+        ('a, b and 1 more', '`a`')
+    """
+    shown = ", ".join(f"`{name}`" if quoted else name for name in names[:limit])
+    return shown + (f" and {len(names) - limit} more" if len(names) > limit else "")
 
 
 def matches_any(name: str, patterns: Sequence[str]) -> bool:
