@@ -220,8 +220,8 @@ class DSDEngine:
                 f"{self.owner}: no optimizer updates {shortened(orphans, quoted=True)} yet. A target that no"
                 " optimizer owns (or that is frozen) when a sparse phase begins stays dense for that cycle, and the"
                 " transition note says so; one added later (`optimizer.add_param_group`, BackboneFinetuning) is"
-                " pruned from the next transition on. An optimizer built before `fully_shard` or `fabric.setup` holds the old"
-                " parameters: build it from the model's current ones."
+                " pruned from the next transition on. An optimizer built before `fully_shard` or `fabric.setup`"
+                " holds the old parameters: build it from the model's current ones."
             )
 
     def pruned_now(self) -> tuple[list[str], dict[str, str]]:
@@ -496,9 +496,9 @@ class DSDEngine:
                 f"DSD cycle {cycle}: left {shortened(same_score_names, quoted=True)} dense in this sparse phase: in"
                 f" each, every weight has the same score under `importance={criterion_name(self.options.importance)}`"
                 " (compared in float32), so it cannot rank them and pruning would cut by position (index order)."
-                " With 'obd' this is a layer whose gradient was zero throughout the window (a unit that never fires, an expert"
-                " no token was routed to); with a callable, scores that do not depend on the weight. `exclude` it, or"
-                " rank it by magnitude."
+                " With 'obd' this is a layer whose gradient was zero throughout the window (a unit that never"
+                " fires, an expert no token was routed to); with a callable, scores that do not depend on the"
+                " weight. `exclude` it, or rank it by magnitude."
             )
 
     def _criterion_note(self, steps: int) -> str:
