@@ -40,7 +40,13 @@ from torch.optim import Optimizer
 
 from lightning_dsd.constraint import SparseConstraint, unwrapped_optimizer
 from lightning_dsd.importance import GradientWindow, criterion_name, importance_scores
-from lightning_dsd.lr import RateWatch, current_learning_rates, scale_learning_rates
+from lightning_dsd.lr import (
+    RateWatch,
+    current_learning_rates,
+    is_known_scheduler,
+    scale_learning_rates,
+    unwrapped_scheduler,
+)
 from lightning_dsd.masks import disconnected_units
 from lightning_dsd.options import DSDOptions
 from lightning_dsd.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
@@ -69,6 +75,8 @@ from lightning_dsd.sharding import (
 from lightning_dsd.state import CheckpointStateError, RunConfig, decode_state, encode_state
 from lightning_dsd.version import __version__
 
+#: Why a target that a gradient criterion cannot rank stays dense for a cycle: its window holds no step of it.
+NO_WINDOW = "no optimizer step in the gradient window"
 #: A transition warns when a tensor has at least this share of its output units cut off from every input.
 DISCONNECTED_WARNING_SHARE = 0.1
 
@@ -320,26 +328,23 @@ class DSDEngine:
             self._window.detach()
             self._window = None
 
-    def _scores(self, stage: Stage, pruning: Mapping[str, Tensor]) -> Optional[dict[str, Tensor]]:
-        """The scores of ``importance`` for the weights a transition prunes (``None`` for magnitude), refused
-        when the window counted no optimizer step."""
+    def _scores(self, pruning: Mapping[str, Tensor]) -> Optional[dict[str, Tensor]]:
+        """The scores of ``importance`` for the weights a transition prunes (``None`` for magnitude); each of
+        them has steps in the window (see :meth:`_unwindowed`)."""
         importance = self.options.importance
-        if importance == "magnitude":
+        if importance == "magnitude" or not pruning:
             return None
-        window = self._window
-        counted = window.counts if window is not None else {}
-        missing = [name for name in pruning if not counted.get(name)]
-        if missing:
-            raise ValueError(
-                f"{self.owner} cannot rank {shortened(missing, quoted=True)} by"
-                f" `importance={criterion_name(importance)}` at the transition to the sparse phase of cycle"
-                f" {stage.cycle}: its gradient window counted no optimizer"
-                " step of them (no optimizer stepped them in the window, or the run joined or resumed after the"
-                " window had begun without its statistics). Make sure they train before the transition, or use"
-                " importance='magnitude'. Nothing was pruned."
-            )
-        assert window is not None
-        return importance_scores(importance, pruning, window, self.owner)
+        assert self._window is not None
+        return importance_scores(importance, pruning, self._window, self.owner)
+
+    def _unwindowed(self, pruning: Mapping[str, Tensor]) -> list[str]:
+        """The targets a gradient criterion cannot rank at this transition: its window counted no optimizer step
+        of them (trained only since the window ended, such as a backbone unfrozen at the transition, or a run that
+        joined or resumed after the window had begun, without its statistics)."""
+        if self.options.importance == "magnitude":
+            return []
+        counted = self._window.counts if self._window is not None else {}
+        return [name for name in pruning if not counted.get(name)]
 
     @property
     def window_steps(self) -> dict[str, int]:
@@ -434,7 +439,10 @@ class DSDEngine:
             return
         names, left_dense = self.pruned_now()
         pruning = {name: self.targets[name] for name in names}
-        scores = self._scores(stage, pruning) if pruning else None
+        for name in self._unwindowed(pruning):
+            left_dense[name] = NO_WINDOW
+            del pruning[name]
+        scores = self._scores(pruning)
         if scores is not None:  # entries a criterion scores alike cannot be ranked (the same on every rank)
             for name, score in same_magnitude(scores, absolute=False).items():
                 left_dense[name] = f"{SAME_SCORE} {score:g}"
@@ -469,7 +477,7 @@ class DSDEngine:
         if left_dense:
             listed = ", ".join(f"{name} ({reason})" for name, reason in left_dense.items())
             text += f" Left dense in this cycle: {listed}."
-            unranked = (SAME_MAGNITUDE, SAME_SCORE)  # (targets the criterion cannot rank have their own warning)
+            unranked = (SAME_MAGNITUDE, SAME_SCORE, NO_WINDOW)  # (targets the criterion cannot rank: own warning)
             untrained = [name for name, reason in left_dense.items() if not reason.startswith(unranked)]
             if not masks and untrained:
                 rank_zero_warn(
@@ -480,7 +488,18 @@ class DSDEngine:
         self._note(text)
 
     def _warn_about_unranked(self, cycle: int, left_dense: Mapping[str, str]) -> None:
-        """Warn about the targets left dense because the criterion cannot rank their entries (all equal)."""
+        """Warn about the targets left dense because the criterion cannot rank their entries (all equal, or no
+        gradient statistics)."""
+        unwindowed = [name for name, reason in left_dense.items() if reason == NO_WINDOW]
+        if unwindowed:
+            rank_zero_warn(
+                f"DSD cycle {cycle}: left {shortened(unwindowed, quoted=True)} dense in this sparse phase:"
+                f" `importance={criterion_name(self.options.importance)}` ranks by the squared gradients of the"
+                " window before the transition, and it counted no optimizer step of them (they began training"
+                " after it, as a backbone unfrozen at the transition does, or the run joined or resumed after"
+                " the window had begun, without its statistics). They are pruned from the next transition at"
+                " which they have trained through its window."
+            )
         same_magnitude_names = [name for name, reason in left_dense.items() if reason.startswith(SAME_MAGNITUDE)]
         if same_magnitude_names:
             rank_zero_warn(
@@ -633,6 +652,15 @@ class DSDEngine:
         """Watch the first steps of re-dense for a scheduler DSD does not know putting the rate back (see
         :class:`~lightning_dsd.lr.RateWatch`); a warning then, once."""
         self._stop_watching_rates()
+        unknown = [type(unwrapped_scheduler(s)).__name__ for s in self.training.schedulers if not is_known_scheduler(s)]
+        if unknown and self.options.lr_scale != 1:  # said now: the watch only sees the first steps of re-dense
+            rank_zero_warn(
+                f"{self.owner}: re-dense multiplied every learning rate by {self.options.lr_scale:g}, and the"
+                " learning-rate state of the schedulers DSD knows (torch's, timm's, BackboneFinetuning); it does"
+                f" not know {', '.join(unknown)}. If one computes the rate from learning-rate state of its own, its"
+                " next step puts the rate back, and re-dense trains at the old rate. Use a torch or timm scheduler,"
+                f" or multiply its learning-rate state by {self.options.lr_scale:g} at re-dense yourself."
+            )
         if self.options.lr_scale != 1 and before != after:
             last_step = 2 if self.options.interval == "step" else None  # else: the first step after an epoch end
             self._rate_watch = RateWatch(self.training.optimizers, before, after, self.options.lr_scale,

@@ -127,7 +127,7 @@ class GradientWindow:
         self.sums: dict[str, Tensor] = {}
         self.counts: dict[str, int] = {}
         self._handles: list[RemovableHandle] = []
-        self._hooked: list[int] = []
+        self._hooked: list[tuple[int, ...]] = []  # each hooked optimizer and its parameters, by id
 
     @property
     def is_full(self) -> bool:
@@ -141,8 +141,10 @@ class GradientWindow:
 
     def attach(self, optimizers: Sequence[Optimizer]) -> None:
         """Count the steps of ``optimizers`` (each hooked once for the targets it updates); a no-op when these
-        optimizers are hooked already or the window is full."""
-        if self.is_full or [id(o) for o in optimizers] == self._hooked:
+        optimizers, with the same parameters (a param group added since, e.g. by ``BackboneFinetuning``, is
+        hooked too), are hooked already, or the window is full."""
+        owned = [(id(o), *(id(p) for group in o.param_groups for p in group["params"])) for o in optimizers]
+        if self.is_full or owned == self._hooked:
             return
         self.detach()
         by_id = {id(p): name for name, p in self.targets.items()}
@@ -150,7 +152,7 @@ class GradientWindow:
             names = [by_id[id(p)] for group in optimizer.param_groups for p in group["params"] if id(p) in by_id]
             if names:
                 self._handles.append(optimizer.register_step_post_hook(partial(self._after_step, names)))
-        self._hooked = [id(o) for o in optimizers]
+        self._hooked = owned
 
     def detach(self) -> None:
         """Remove the hooks (the statistics are kept)."""

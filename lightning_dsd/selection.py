@@ -171,7 +171,8 @@ class Selection:
         if self.input_convolution:
             lines.append(
                 f"Left dense by default: the convolution that reads the input ({shortened(self.input_convolution)}),"
-                " as in the paper; name it in `include` to prune it."
+                " as in the paper (the first convolution registered; if another one reads the input, `exclude` that"
+                " one); to prune it too, use `include` patterns that name every target, e.g. `include=['*.weight']`."
             )
         if self.left_out:
             left = "; ".join(f"{kind} x{len(names)} ({shortened(names)})" for kind, names in self.left_out.items())

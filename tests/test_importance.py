@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import pytest
@@ -433,3 +434,48 @@ def test_infinite_scores_are_refused_with_how_to_keep_a_weight():
                                          r" only.* give it a large finite score"):
         dsd.step()
     assert not dsd.masks
+
+
+class BackboneAndHead(LightningModule):
+    """A backbone that BackboneFinetuning unfreezes (adding its param group to the optimizer) and a head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = nn.Sequential(nn.Linear(6, 8), nn.ReLU())
+        self.head = nn.Linear(8, 2)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self.head(self.backbone(x)), y)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(filter(lambda p: p.requires_grad, self.parameters()), lr=0.1)
+
+
+@pytest.mark.parametrize("unfreeze_at", [2, 3])
+def test_a_backbone_that_joins_the_optimizer_in_or_after_the_window_is_ranked_or_left_dense_never_a_crash(
+        unfreeze_at):
+    """Found by an adversarial review: a param group added during the window was never hooked, and the
+    transition refused the run after its dense phase. Unfrozen at the window's epoch (2), the backbone is hooked
+    and ranked (DSD's hooks first: the group joins after the window opened); unfrozen at the transition (3, its
+    hooks first: trainable when DSD prunes), it has no statistics and stays dense for the cycle, said."""
+    from lightning.pytorch.callbacks import BackboneFinetuning
+
+    with seeded(0):
+        model = BackboneAndHead()
+    dsd = DSDCallback(0.5, 3, 1, 1, importance="obd", importance_steps=2)
+    finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=unfreeze_at, backbone_initial_ratio_lr=1.0)
+    x = torch.randn(32, 6)
+    loader = DataLoader(TensorDataset(x, (x[:, 0] > 0).long()), batch_size=8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        callbacks = [dsd, finetuning] if unfreeze_at == 2 else [finetuning, dsd]
+        make_trainer(callbacks, max_epochs=4).fit(model, loader)
+    unranked = [str(w.message) for w in caught if "counted no optimizer step of them" in str(w.message)]
+    if unfreeze_at == 2:
+        assert "backbone.0.weight" in dsd.masks and not unranked
+    else:
+        assert "backbone.0.weight" not in dsd.masks and dsd._engine._left_dense["backbone.0.weight"] == \
+            "no optimizer step in the gradient window"
+        assert len(unranked) == 1 and "`backbone.0.weight`" in unranked[0]
+    assert "head.weight" in dsd.masks

@@ -369,3 +369,24 @@ def test_with_a_step_clock_the_rate_watch_ends_at_the_second_step_of_redense_wit
         dsd.step()
     # step 0 dense, 1 sparse (the constraint's hook), 2-4 re-dense: the watch judges at the second and goes
     assert watching == [0, 1, 1, 1, 0]
+
+
+def test_a_scheduler_dsd_does_not_know_is_named_at_redense_even_when_it_steps_after_the_watch():
+    """Found by an adversarial review: a scheduler stepped every other epoch put the rate back after the watch had
+    stopped, and nothing was said. Now the re-dense itself names it."""
+    with seeded(0):
+        model = ConvLSTMNet()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    schedule = FromItsOwnStart(optimizer)
+    dsd = DSD(model, optimizer, 0.5, 1, 1, 4, schedulers=[schedule])
+    with pytest.warns(UserWarning, match=r"DSD: re-dense multiplied every learning rate by 0.1, .* it does not know"
+                                         r" FromItsOwnStart. If one computes the rate from learning-rate state of"
+                                         r" its own, its next step puts the rate back"):
+        for epoch in range(6):
+            for x, y in make_loader():
+                optimizer.zero_grad()
+                nn.functional.cross_entropy(model(x), y).backward()
+                optimizer.step()
+            if epoch % 2:
+                schedule.step()  # every other epoch: after the watch has judged
+            dsd.step()

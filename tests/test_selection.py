@@ -164,8 +164,9 @@ def test_the_convolution_that_reads_the_input_is_left_dense_by_default_said_so_a
     model = model_type()
     selection = select_parameters(model)
     assert first not in selection.selected and selection.input_convolution == [first]
-    assert (f"Left dense by default: the convolution that reads the input ({first}), as in the paper; name it in"
-            " `include` to prune it.") in selection.summary()
+    assert (f"Left dense by default: the convolution that reads the input ({first}), as in the paper (the first"
+            " convolution registered; if another one reads the input, `exclude` that one); to prune it too, use"
+            " `include` patterns that name every target, e.g. `include=['*.weight']`.") in selection.summary()
     assert len(selection.selected) == (3 if model_type is TinyResNet else 5)  # every other connection weight
     included = select_parameters(model, include=["*.weight", "*_weight"])
     assert first in included.selected and included.input_convolution == []
