@@ -488,37 +488,29 @@ class DSDEngine:
         self._note(text)
 
     def _warn_about_unranked(self, cycle: int, left_dense: Mapping[str, str]) -> None:
-        """Warn about the targets left dense because the criterion cannot rank their entries (all equal, or no
-        gradient statistics)."""
-        unwindowed = [name for name, reason in left_dense.items() if reason == NO_WINDOW]
-        if unwindowed:
-            rank_zero_warn(
-                f"DSD cycle {cycle}: left {shortened(unwindowed, quoted=True)} dense in this sparse phase:"
-                f" `importance={criterion_name(self.options.importance)}` ranks by the squared gradients of the"
-                " window before the transition, and it counted no optimizer step of them (they began training"
-                " after it, as a backbone unfrozen at the transition does, or the run joined or resumed after"
-                " the window had begun, without its statistics). They are pruned from the next transition at"
-                " which they have trained through its window."
-            )
-        same_magnitude_names = [name for name, reason in left_dense.items() if reason.startswith(SAME_MAGNITUDE)]
-        if same_magnitude_names:
-            rank_zero_warn(
-                f"DSD cycle {cycle}: left {shortened(same_magnitude_names, quoted=True)} dense in this sparse phase:"
-                " in each, every weight has the same magnitude, so magnitude cannot rank them and pruning would cut by"
-                " position (index order). This is a layer that has not trained yet from a zero (or constant) init,"
-                " such as LoRA's `lora_B` with `dense_epochs=0`. Train a dense phase first (`dense_epochs` >= 1) to"
-                " prune it from this cycle on, or `exclude` it to keep it dense on purpose."
-            )
-        same_score_names = [name for name, reason in left_dense.items() if reason.startswith(SAME_SCORE)]
-        if same_score_names:
-            rank_zero_warn(
-                f"DSD cycle {cycle}: left {shortened(same_score_names, quoted=True)} dense in this sparse phase: in"
-                f" each, every weight has the same score under `importance={criterion_name(self.options.importance)}`"
-                " (compared in float32), so it cannot rank them and pruning would cut by position (index order)."
-                " With 'obd' this is a layer whose gradient was zero throughout the window (a unit that never"
-                " fires, an expert no token was routed to); with a callable, scores that do not depend on the"
-                " weight. `exclude` it, or rank it by magnitude."
-            )
+        """Warn about the targets left dense because the criterion cannot rank their entries (no gradient
+        statistics, or all equal), one warning per reason."""
+        criterion = f"`importance={criterion_name(self.options.importance)}`"
+        why = {
+            NO_WINDOW: f"{criterion} ranks by the squared gradients of the window before the transition, and it"
+            " counted no optimizer step of them (they began training after it, as a backbone unfrozen at the"
+            " transition does, or the run joined or resumed after the window had begun, without its statistics)."
+            " They are pruned from the next transition at which they have trained through its window.",
+            SAME_MAGNITUDE: "in each, every weight has the same magnitude, so magnitude cannot rank them and pruning"
+            " would cut by position (index order). This is a layer that has not trained yet from a zero (or"
+            " constant) init, such as LoRA's `lora_B` with `dense_epochs=0`. Train a dense phase first"
+            " (`dense_epochs` >= 1) to prune it from this cycle on, or `exclude` it to keep it dense on purpose.",
+            SAME_SCORE: f"in each, every weight has the same score under {criterion} (compared in float32), so it"
+            " cannot rank them and pruning would cut by position (index order). With 'obd' this is a layer whose"
+            " gradient was zero throughout the window (a unit that never fires, an expert no token was routed"
+            " to); with a callable, scores that do not depend on the weight. `exclude` it, or rank it by"
+            " magnitude.",
+        }
+        for reason, explanation in why.items():
+            names = [name for name, given in left_dense.items() if given.startswith(reason)]
+            if names:
+                rank_zero_warn(f"DSD cycle {cycle}: left {shortened(names, quoted=True)} dense in this sparse phase:"
+                               f" {explanation}")
 
     def _criterion_note(self, steps: int) -> str:
         """Which criterion chose the masks, as the transition note says it."""
