@@ -53,9 +53,9 @@ import torch
 from torch import Tensor, nn
 
 from lightning_dsd import DSD, Phase
-from lightning_dsd.plan import MaskPlan
-from lightning_dsd.statistics import detectable as detectable_difference
-from lightning_dsd.statistics import interval
+from lightning_dsd.rules.plan import MaskPlan
+from lightning_dsd.tools.statistics import detectable as detectable_difference
+from lightning_dsd.tools.statistics import interval
 
 WEIGHT_DECAYS = (1e-5, 1e-4, 1e-3)
 
@@ -167,7 +167,7 @@ class Task:
             self.train_text, self.val_text, self.vocabulary = encoded[:split], encoded[split:], len(symbols)
             self.context, self.steps_per_epoch = 64, 100
             return
-        from lightning_dsd.demo import load_data
+        from lightning_dsd.tools.demo import load_data
 
         data = load_data("mnist1d")
         x, y = data.train.tensors
@@ -182,7 +182,7 @@ class Task:
         torch.manual_seed(seed)
         if self.model == "charlm":
             return CharTransformer(self.vocabulary)
-        from lightning_dsd.demo import build_network
+        from lightning_dsd.tools.demo import build_network
 
         return Wrapped(build_network(self.model, self.length, self.classes))
 
@@ -415,12 +415,12 @@ def run_seed(family: Family, seed: int) -> dict[str, Any]:
 
 
 # ----------------------------------------------------------------------------------------------- statistics
-# The statistics are lightning_dsd.statistics', the ones `python -m lightning_dsd.compare` prints.
+# The statistics are lightning_dsd.tools.statistics', the ones `python -m lightning_dsd.compare` prints.
 
 
 def detectable(differences: Sequence[float], scale: float) -> str:
     """The smallest true mean difference this many seeds find with 80% power at the 5% level, given the spread
-    of the paired differences seen: (t_0.975 + t_0.8) x sd / sqrt(n) (see lightning_dsd.statistics)."""
+    of the paired differences seen: (t_0.975 + t_0.8) x sd / sqrt(n) (see lightning_dsd.tools.statistics)."""
     return f"{detectable_difference(differences, scale):.2f}" if len(differences) >= 2 else ""
 
 

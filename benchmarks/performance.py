@@ -48,10 +48,10 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dsd import DSDCallback
-from lightning_dsd.constraint import SparseConstraint
-from lightning_dsd.masks import magnitude_masks, pack_mask
-from lightning_dsd.plan import MaskPlan
-from lightning_dsd.selection import select_parameters
+from lightning_dsd.rules.constraint import SparseConstraint
+from lightning_dsd.rules.masks import magnitude_masks, pack_mask
+from lightning_dsd.rules.plan import MaskPlan
+from lightning_dsd.rules.selection import select_parameters
 
 warnings.filterwarnings("ignore")
 logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
@@ -449,7 +449,7 @@ def _global_threshold_rank(rank: int, processes: int, count: int, width: int, re
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_dsd.sharding import local_part
+    from lightning_dsd.rules.sharding import local_part
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29518")
     dist.init_process_group("gloo", rank=rank, world_size=processes)
@@ -508,7 +508,7 @@ def _sharded_rank(
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
 
-    from lightning_dsd.sharding import local_part
+    from lightning_dsd.rules.sharding import local_part
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29517")
     dist.init_process_group("gloo", rank=rank, world_size=processes)

@@ -1,6 +1,8 @@
 """Dense-Sparse-Dense training (Han et al., ICLR 2017): a PyTorch Lightning callback, ``DSD`` for Lightning
-Fabric and plain PyTorch loops, and ``lightning_dsd.huggingface.DSDTrainerCallback`` for ``transformers.Trainer``
-(imported from its module, so ``import lightning_dsd`` never imports transformers), over one engine.
+Fabric and plain PyTorch loops, and ``lightning_dsd.huggingface.DSDTrainerCallback`` for
+``transformers.Trainer`` (imported from its module, so ``import lightning_dsd`` never imports transformers),
+over one engine (:mod:`lightning_dsd.rules`) behind three doors (:mod:`lightning_dsd.doors`), with tools
+around a run (:mod:`lightning_dsd.tools`).
 
 Examples:
     >>> from lightning_dsd import DSDCallback, Phase
@@ -8,12 +10,12 @@ Examples:
     True
 """
 
-from lightning_dsd.callback import DSDCallback
-from lightning_dsd.checkpoint import FinalPhaseCheckpoint
-from lightning_dsd.loop import DSD
-from lightning_dsd.phases import Phase
-from lightning_dsd.selection import LayerSpec
-from lightning_dsd.sensitivity import SensitivityTable, sensitivity_scan
+from lightning_dsd.doors.lightning.callback import DSDCallback
+from lightning_dsd.doors.lightning.checkpoint import FinalPhaseCheckpoint
+from lightning_dsd.doors.loop import DSD
+from lightning_dsd.rules.phases import Phase
+from lightning_dsd.rules.selection import LayerSpec
+from lightning_dsd.tools.sensitivity import SensitivityTable, sensitivity_scan
 from lightning_dsd.version import __version__
 
 __all__ = [

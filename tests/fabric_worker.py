@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_dsd import DSD, Phase
-from lightning_dsd.sharding import FullMasks, full_tensor, local_part
+from lightning_dsd.rules.sharding import FullMasks, full_tensor, local_part
 
 EPOCHS = 4  # dense 1, sparse 2, re-dense 1
 

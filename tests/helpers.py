@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import socket
 import subprocess
@@ -23,7 +22,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dsd import DSDCallback, Phase
 
-logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+#: This folder (helpers, and the scripts multi-process tests launch) and the repository root.
+TESTS = Path(__file__).resolve().parent
+ROOT = TESTS.parent
 
 
 def sorted_global_keep(weights: dict[str, torch.Tensor], sparsity: float) -> dict[str, torch.Tensor]:

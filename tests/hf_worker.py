@@ -13,9 +13,9 @@ import torch
 from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from lightning_dsd.huggingface import STATE_FILE, DSDTrainerCallback
-from lightning_dsd.masks import unpack_mask
-from lightning_dsd.sharding import local_part
+from lightning_dsd.doors.transformers.callback import STATE_FILE, DSDTrainerCallback
+from lightning_dsd.rules.masks import unpack_mask
+from lightning_dsd.rules.sharding import local_part
 
 
 class Tokens(Dataset):

@@ -31,7 +31,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.data import DataLoader, TensorDataset
 
 from lightning_dsd import DSDCallback, Phase
-from lightning_dsd.sharding import FullMasks, full_tensor, local_part
+from lightning_dsd.rules.sharding import FullMasks, full_tensor, local_part
 
 MESHES = {"fsdp": (2, 1), "fsdp_root": (2, 1), "tp": (1, 2), "2d": (2, 2), "gpt2": (2, 1)}
 

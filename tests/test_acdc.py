@@ -16,7 +16,7 @@ from torch import nn
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_dsd import DSD, DSDCallback, Phase
-from lightning_dsd.plan import MaskPlan
+from lightning_dsd.rules.plan import MaskPlan
 
 # D 1 | S 1 (0.5) R 1 | S 2 (0.7) R 1 | final S 2 (0.7): 8 epochs.
 ACDC = dict(sparsity=(0.5, 0.7), dense_epochs=1, sparse_epochs=(1, 2), redense_epochs=(1, 1),

@@ -19,9 +19,9 @@ peft = pytest.importorskip("peft")
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from lightning_dsd import DSD  # noqa: E402
-from lightning_dsd.huggingface import STATE_FILE, DSDTrainerCallback  # noqa: E402
+from lightning_dsd.doors.transformers.callback import STATE_FILE, DSDTrainerCallback  # noqa: E402
 
-RANK_ZERO_LOGGER = "lightning.pytorch.utilities.rank_zero"
+RANK_ZERO_LOGGER = "lightning_dsd"
 PREFIX = "base_model.model.model.layers"
 
 

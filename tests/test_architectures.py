@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 
 import lightning_dsd
 from lightning_dsd import DSDCallback
-from lightning_dsd.selection import select_parameters
+from lightning_dsd.rules.selection import select_parameters
 
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
@@ -163,7 +163,7 @@ def test_every_phase_on_a_real_architecture(architecture, caplog):
     dsd = DSDCallback((0.5, "2:4"), dense_epochs=2, sparse_epochs=3, redense_epochs=2, interval="step")
     recorder, lrs = StepRecorder(dsd), LearningRates()
     loader = DataLoader(_Batches(make_batch), batch_size=None)
-    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+    with caplog.at_level(logging.INFO, logger="lightning_dsd"):
         make_trainer([dsd, recorder, lrs], max_epochs=-1, max_steps=12).fit(module, loader)
 
     # The default targets are the ones the README's table promises.
@@ -201,7 +201,7 @@ def test_gpt2_tied_embedding_is_pruned_once_as_the_output_layer_and_stays_tied(c
         model, _, make_batch = gpt2()
     dsd = DSDCallback(0.5, dense_epochs=1, sparse_epochs=2, redense_epochs=1, interval="step")
     recorder = StepRecorder(dsd)
-    with caplog.at_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero"):
+    with caplog.at_level(logging.INFO, logger="lightning_dsd"):
         make_trainer([dsd, recorder], max_epochs=-1, max_steps=4).fit(
             LanguageModel(model), DataLoader(_Batches(make_batch), batch_size=None))
     assert model.lm_head.weight is model.transformer.wte.weight

@@ -170,7 +170,7 @@ def test_manual_optimization_with_two_optimizers_param_groups_and_a_frozen_layer
 
     dsd = DSDCallback(0.5, 1, 1, 1)
     recorder = StepRecorder(dsd)
-    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    caplog.set_level(logging.INFO, logger="lightning_dsd")
     make_trainer([dsd, LearningRates(), recorder], max_epochs=3).fit(TwoOptimizerGAN(), make_loader())
 
     assert sorted(dsd.target_names) == ["discriminator.0.weight", "discriminator.3.weight", "frozen.weight",

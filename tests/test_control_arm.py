@@ -16,8 +16,8 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from torch.utils.tensorboard import SummaryWriter
 
 from lightning_dsd import DSD, DSDCallback, Phase
-from lightning_dsd.reporting import read_run_record
-from lightning_dsd.state import CheckpointStateError
+from lightning_dsd.rules.reporting import read_run_record
+from lightning_dsd.rules.state import CheckpointStateError
 
 ARMS = {"dsd": {}, "llr": {"prune": False}, "dense": {"prune": False, "lr_scale": 1.0}}
 STEPS_PER_EPOCH = 4  # make_loader(): 64 samples, batches of 16

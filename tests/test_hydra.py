@@ -1,6 +1,6 @@
 """DSD built by Hydra from YAML, as Hydra users write it: ``hydra.utils.instantiate`` of a ``_target_`` config and
 a real ``@hydra.main`` app. YAML 1.1 (which OmegaConf reads) makes an unquoted ``2:4`` the base-60 integer 124;
-every door reads it back as ``"2:4"`` with a warning to quote it (:func:`lightning_dsd.arguments.read_base_60`),
+every door reads it back as ``"2:4"`` with a warning to quote it (:func:`lightning_dsd.rules.arguments.read_base_60`),
 in ``sparsity`` and in ``layer_sparsity`` values alike.
 """
 
@@ -19,7 +19,7 @@ from omegaconf import OmegaConf
 from torch import nn
 
 from lightning_dsd import DSDCallback
-from lightning_dsd.masks import NMPattern
+from lightning_dsd.rules.masks import NMPattern
 
 BASE_60 = "base-60 integer"  # in the warning that an unquoted N:M was read back from YAML's integer
 

@@ -16,10 +16,10 @@ from helpers import run_worker
 from sharded_worker import grad_weighted
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from lightning_dsd.importance import obd_saliency
-from lightning_dsd.masks import NMPattern
-from lightning_dsd.plan import MaskPlan
-from lightning_dsd.redense import reinitialize_pruned
+from lightning_dsd.rules.importance import obd_saliency
+from lightning_dsd.rules.masks import NMPattern
+from lightning_dsd.rules.plan import MaskPlan
+from lightning_dsd.rules.redense import reinitialize_pruned
 
 WORKER = Path(__file__).with_name("sharded_worker.py")
 TARGETS = ["net.0.weight", "net.2.weight", "net.4.weight"]

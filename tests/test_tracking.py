@@ -14,7 +14,7 @@ from helpers import ConvLSTMNet, make_loader, make_trainer, seeded
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from lightning_dsd import DSDCallback
-from lightning_dsd.trainer_output import hand_to_loggers
+from lightning_dsd.doors.lightning.output import hand_to_loggers
 
 FIGURE = "cycle0_lstm.weight_hh_l0.png"  # the largest targeted layer's figure
 SPARSE_FILES = ["cycle0.ckpt", "cycle0_sparse_state_dict.pt"]
@@ -95,7 +95,7 @@ def test_mlflow_file_store_lists_figures_and_sparse_exports_as_the_runs_artifact
     monkeypatch.chdir(tmp_path)  # mlflow writes under the working directory
     tracking_uri = _file_store(tmp_path, monkeypatch)
     logger = MLFlowLogger(experiment_name="dsd", tracking_uri=tracking_uri)
-    caplog.set_level("INFO", logger="lightning.pytorch.utilities.rank_zero")
+    caplog.set_level("INFO", logger="lightning_dsd")
     with pytest.warns(UserWarning, match=r"figures are saved as PNG under .* and handed to MLFlowLogger as the run's"):
         _fit(tmp_path, logger)
     local_run_dir = os.path.join(str(tmp_path / "mlruns"), logger.experiment_id, logger.run_id)

@@ -10,7 +10,7 @@ import torch
 from helpers import TARGETS, ConvLSTMNet, StepRecorder, make_loader, make_trainer, seeded
 
 from lightning_dsd import DSDCallback, Phase
-from lightning_dsd.masks import magnitude_masks
+from lightning_dsd.rules.masks import magnitude_masks
 
 
 class _DriftingSGD(torch.optim.Optimizer):

@@ -223,7 +223,7 @@ def test_backbone_finetuning_prunes_the_backbone_once_it_trains_and_scales_its_l
     finetuning = BackboneFinetuning(unfreeze_backbone_at_epoch=unfreeze_at, backbone_initial_ratio_lr=0.5,
                                     lambda_func=lambda epoch: 1.0, verbose=False)
     recorder, lrs, probe = StepRecorder(dsd), GroupLearningRates(), ForwardProbe(dsd)
-    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    caplog.set_level(logging.INFO, logger="lightning_dsd")
     with seeded():
         model = BackboneAndHead()
     _fit(model, dsd, [finetuning, recorder, lrs, probe], max_epochs=6)
@@ -246,7 +246,7 @@ def test_the_dsd_door_prunes_a_param_group_added_later_and_leaves_an_unowned_tar
     with seeded():
         model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
     optimizer = torch.optim.SGD(model[4].parameters(), lr=0.1, momentum=0.9)
-    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    caplog.set_level(logging.INFO, logger="lightning_dsd")
     with pytest.warns(UserWarning, match=r"no optimizer updates `0.weight`, `2.weight` yet"):
         dsd = DSD(model, optimizer, 0.5, dense_epochs=1, sparse_epochs=1, redense_epochs=1, log_scalars=False,
                   log_histograms=False, figure_layers=0)
@@ -289,7 +289,7 @@ def test_resuming_from_a_checkpoint_without_dsd_state_starts_the_schedule_where_
 
     dsd = DSDCallback(0.5, 2, 2, 2) if interval == "epoch" else DSDCallback(0.5, 4, 4, 4, interval="step")
     phases, recorder = EpochPhases(dsd), StepRecorder(dsd)
-    caplog.set_level(logging.INFO, logger="lightning.pytorch.utilities.rank_zero")
+    caplog.set_level(logging.INFO, logger="lightning_dsd")
     with pytest.warns() as warned:
         make_trainer([dsd, phases, recorder], max_epochs=9 if interval == "epoch" else 6).fit(
             BuiltInConfigureModel(), make_loader(), ckpt_path=tmp_path / "epoch=2.ckpt")
