@@ -44,11 +44,10 @@ from lightning_dsd.doors.base import ReadsEngine
 from lightning_dsd.rules import log
 from lightning_dsd.rules.arguments import SparsityValue
 from lightning_dsd.rules.constraint import unwrapped_optimizer
-from lightning_dsd.rules.engine import DSDEngine
+from lightning_dsd.rules.engine import DoorTerms, DSDEngine
 from lightning_dsd.rules.importance import Importance
 from lightning_dsd.rules.options import LengthsArgument, check_options, door_options
 from lightning_dsd.rules.phases import Stage
-from lightning_dsd.rules.preflight import refuse_lazy_modules
 from lightning_dsd.rules.selection import LayerSpec, LayerType
 from lightning_dsd.rules.sharding import from_rank_zero
 from lightning_dsd.rules.state import CheckpointStateError
@@ -171,7 +170,6 @@ class DSD(ReadsEngine):
             sparsity, dense_epochs, sparse_epochs, redense_epochs, monitor_required=False, **door_options(locals())
         )
         self._model = _unwrapped_module(model)
-        refuse_lazy_modules(self._model, "DSD", "before `DSD(...)`")
         unwrapped = [unwrapped_optimizer(o) for o in _as_list(optimizers, "optimizers", Optimizer)]
         self._optimizers = list({id(o): o for o in unwrapped}.values())  # one optimizer given twice is one
         many = isinstance(schedulers, (list, tuple))
@@ -179,11 +177,9 @@ class DSD(ReadsEngine):
         self._elapsed = 0
         self._said_finished = False
         self._sink = WriterSink(writer, lambda: self._elapsed)
-        self._engine = DSDEngine(self.options, self, owner="DSD")
+        self._engine = DSDEngine(self.options, self, _TERMS)
         self._engine.bind(self._model, self.select_targets)
-        self._engine.check_optimizers(self._optimizers, every_one_must_own_a_target=True)
-        self._engine.start_reporting()
-        self._engine.update_window(self._elapsed)
+        self._engine.start(self._elapsed, run=None, every_optimizer_owns_a_target=True)
         self._pending_start: Optional[RemovableHandle] = None
         if self._engine.schedule.is_due(0):
             self._pending_start = self._model.register_forward_pre_hook(self._start_before_training, prepend=True)
@@ -252,7 +248,7 @@ class DSD(ReadsEngine):
             self._elapsed -= 1  # and the refused call does not count
             raise
         if self.finished:
-            self._engine.training_ended()
+            self._engine.finish(self._elapsed)
 
     def _counted_stage(self) -> Stage:
         """The stage this :meth:`step` counts: the current one, or, while the transitions due before any training
@@ -296,18 +292,18 @@ class DSD(ReadsEngine):
                 f"its `elapsed` entry is {elapsed!r}, expected the int >= 0 of `DSD.step()` calls"
                 " (a Trainer's checkpoint keeps DSDCallback's state, which has none)"
             )
-        started_at = state.get("schedule", {}).get("started_at") if isinstance(state.get("schedule"), Mapping) else None
-        if isinstance(started_at, int) and elapsed < started_at:
-            raise CheckpointStateError(f"its `elapsed` entry is {elapsed}, before the current phase began"
-                                       f" (`schedule.started_at` = {started_at})")
-        self._engine.load_state_dict({key: value for key, value in state.items() if key != "elapsed"})
+        self._engine.load_state_dict({key: value for key, value in state.items() if key != "elapsed"}, now=elapsed)
         self._elapsed = elapsed
         self._said_finished = False
         if self._pending_start is not None and not self._engine.schedule.is_due(elapsed):
             self._pending_start.remove()
             self._pending_start = None
-        self._engine.resume_sparse_phase()
-        self._engine.update_window(elapsed)
+
+
+_TERMS = DoorTerms(
+    name="DSD", training="loop", resume="load `dsd.load_state_dict(...)` with the model", new="build a new DSD(...)",
+    lazy="before `DSD(...)`",
+)
 
 
 def _as_list(value: Any, name: str, kind: type) -> list[Any]:

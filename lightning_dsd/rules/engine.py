@@ -1,12 +1,25 @@
 """The DSD engine: every rule of a Dense-Sparse-Dense run, for one model and its optimizers, in any loop.
 
-:class:`DSDEngine` owns the schedule, the choice of targets, the masks of a sparse phase and their
-enforcement, the learning-rate change and re-dense restart, the checkpoint state and what is reported at
-each transition. It holds no clock and knows no training framework: a front door tells it where training
-stands (:meth:`DSDEngine.advance_if_due` with the elapsed epochs or optimizer steps) and gives it a
-:class:`Training`, which hands over the model's optimizers and schedulers and where reports go. The three
-front doors are :class:`~lightning_dsd.DSDCallback` (a Lightning ``Trainer``), :class:`~lightning_dsd.DSD`
-(Lightning Fabric and plain PyTorch loops) and :class:`~lightning_dsd.doors.transformers.callback.DSDTrainerCallback`
+:class:`DSDEngine` owns the run: the schedule, the choice of targets, the masks of a sparse phase and their
+enforcement, the learning-rate change and re-dense restart, the checkpoint state, every check made before
+training and what is reported at each transition and at the end. It holds no clock and knows no training
+framework. Every front door drives it through one lifecycle, translating its framework's events:
+
+1. :meth:`~DSDEngine.bind` when the model is final: the targets are chosen, lazy modules shaped or refused;
+2. :meth:`~DSDEngine.start` before the first step: every check before training (the optimizers, a metric that
+   would never come, a restored state against the checkpoint's clock and weights, a door already used by
+   another run, a training too short for the schedule), then reporting, and a restored sparse phase's masks;
+3. :meth:`~DSDEngine.advance_if_due` at each epoch or optimizer step (with the elapsed count),
+   :meth:`~DSDEngine.epoch_ended`, :meth:`~DSDEngine.observe_monitor` after an evaluation, and
+   :meth:`~DSDEngine.stop_now` (whether to stop, with ``stop_at_end``);
+4. :meth:`~DSDEngine.state_dict` / :meth:`~DSDEngine.load_state_dict` (checked, then taken);
+5. :meth:`~DSDEngine.finish` at the end (or :meth:`~DSDEngine.interrupted`): the left-sparse warning, the last
+   records and the report of the model the training returns.
+
+A door gives it a :class:`Training`, which hands over the model's optimizers and schedulers and where reports
+go, and a :class:`DoorTerms`, the door's name and how its users resume. The three front doors are
+:class:`~lightning_dsd.DSDCallback` (a Lightning ``Trainer``), :class:`~lightning_dsd.DSD` (Lightning Fabric and
+plain PyTorch loops) and :class:`~lightning_dsd.doors.transformers.callback.DSDTrainerCallback`
 (``transformers.Trainer``).
 
 Every change DSD makes to weights (pruning, restored masks, a re-dense restart) is followed by
@@ -24,6 +37,7 @@ Examples:
     ...     def sparse_phase_ending(self, cycle, targets): pass
     >>> engine = DSDEngine(check_options(0.5, 1, 1, 1, log_scalars=False, log_histograms=False), Quiet())
     >>> engine.bind(model)
+    >>> engine.start(0, run=None)
     >>> engine.advance_if_due(1)  # one epoch done: prune
     >>> engine.phase.value, int((model[0].weight == 0).sum())
     ('sparse', 8)
@@ -31,7 +45,8 @@ Examples:
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping, Optional, Protocol, Sequence, Union
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -51,6 +66,7 @@ from lightning_dsd.rules.masks import disconnected_units
 from lightning_dsd.rules.options import DSDOptions
 from lightning_dsd.rules.phases import ConvergenceTracker, Moment, Phase, Schedule, Stage, build_stages
 from lightning_dsd.rules.plan import SAME_MAGNITUDE, SAME_SCORE, MaskPlan, check_finite, same_magnitude, shown
+from lightning_dsd.rules.preflight import TrainingLimit, shape_lazy_modules, warn_if_schedule_does_not_fit
 from lightning_dsd.rules.redense import reinitialize_pruned, restart_optimizer_state
 from lightning_dsd.rules.reporting import PhaseReporter, ReportSink, current_seed
 from lightning_dsd.rules.selection import (
@@ -64,6 +80,7 @@ from lightning_dsd.rules.selection import (
 from lightning_dsd.rules.sharding import (
     FullMasks,
     check_placements,
+    count_zeros,
     counts_over_ranks,
     from_rank_zero,
     full_mask,
@@ -79,6 +96,46 @@ from lightning_dsd.version import __version__
 NO_WINDOW = "no optimizer step in the gradient window"
 #: A transition warns when a tensor has at least this share of its output units cut off from every input.
 DISCONNECTED_WARNING_SHARE = 0.1
+
+
+@dataclass(frozen=True)
+class DoorTerms:
+    """How a front door is named in the engine's messages and how its users go on from a checkpoint.
+
+    ``name`` is the door (``"DSDCallback"``); ``training`` is one training run in its terms (``"`fit`"``);
+    ``resume`` says how to go on from a checkpoint (``"resume with `trainer.fit(model, ckpt_path=...)`"``);
+    ``new`` how to start afresh; ``lazy`` where to run a forward pass that shapes lazy modules; ``returner``
+    what hands the trained model back."""
+
+    name: str = "DSDCallback"
+    training: str = "`fit`"
+    resume: str = "resume with `trainer.fit(model, ckpt_path=...)`"
+    new: str = "give the Trainer a new DSDCallback(...)"
+    lazy: str = "before `trainer.fit`, or set `self.example_input_array` in the LightningModule so DSD can run it"
+    returner: str = "the Trainer"
+
+
+class MetricSource(NamedTuple):
+    """What a door can tell before training about the metric a phase waits for: whether it is ``measured``
+    at all and, if not, why (``found``), what to do (``remedy``), and whether that is certain (``refuse``) or
+    the metric may still come from elsewhere (a warning)."""
+
+    measured: bool
+    found: str = ""
+    remedy: str = ""
+    refuse: bool = True
+
+
+class ReturnedCheckpoint(NamedTuple):
+    """A checkpoint the training loaded at its end and returns instead of its last step's model (a best-model
+    reload): where it is, where in the schedule it was saved (in words), whether that is the last phase, what
+    loaded it, and what to do when it is not DSD's result."""
+
+    path: str
+    saved_in: str
+    in_last_phase: bool
+    loaded_by: str
+    remedy: str
 
 
 class Training(Protocol):
@@ -99,12 +156,16 @@ class Training(Protocol):
 
 
 class DSDEngine:
-    """Every DSD rule for one model (see the module docstring). ``owner`` names the front door in messages."""
+    """Every DSD rule for one model (see the module docstring). ``terms`` name the front door in messages;
+    ``stop_at_end`` is whether :meth:`stop_now` ends training once the last phase has run its course."""
 
-    def __init__(self, options: DSDOptions, training: Training, owner: str = "DSDCallback") -> None:
+    def __init__(self, options: DSDOptions, training: Training, terms: DoorTerms = DoorTerms(),
+                 stop_at_end: bool = True) -> None:
         self.options = options
         self.training = training
-        self.owner = owner
+        self.terms = terms
+        self.owner = terms.name
+        self.stop_at_end = stop_at_end
         tracker = None
         if options.waits_for_metric:
             tracker = ConvergenceTracker(options.mode, options.patience, options.min_delta)
@@ -114,8 +175,14 @@ class DSDEngine:
         if not options.prune:
             self.reporter.figure_title = "LLR control (prune=False, nothing pruned): weight distribution"
         self.selection = Selection(selected={})
-        self.plan = MaskPlan(options.cycle_sparsities, options.scope, options.layer_sparsity)
+        self.plan: Optional[MaskPlan] = None  # built at `bind`, with the targets' input dimensions
         self._model: Optional[nn.Module] = None
+        self._run: Any = None  # the training run (a Trainer) of the latest `start`; `None` before any
+        self._started = False
+        self._restored = False  # a state was loaded since the latest `start`, to be checked at the next
+        self._completed = False  # the latest training finished the whole schedule
+        self._stopping_said = False
+        self._last_now = 0  # the latest count a door gave (`start`, `advance_if_due`, `finish`)
         self._constraint: Optional[SparseConstraint] = None
         self._restored_masks: Optional[dict[str, Tensor]] = None
         self._left_dense: dict[str, str] = {}  # targets the current sparse phase does not prune, with why
@@ -154,7 +221,7 @@ class DSDEngine:
 
     @property
     def layer_sparsities(self) -> dict[str, list[Union[float, str]]]:
-        return self.plan.per_layer(list(self.targets))
+        return self.plan.per_layer(list(self.targets)) if self.plan is not None else {}
 
     @property
     def phase_label(self) -> str:
@@ -173,11 +240,14 @@ class DSDEngine:
 
     # ------------------------------------------------------------------ set-up
 
-    def bind(self, model: nn.Module, select: Optional[Callable[[nn.Module], Selection]] = None) -> None:
+    def bind(self, model: nn.Module, select: Optional[Callable[[nn.Module], Selection]] = None,
+             example: Any = None) -> None:
         """Choose the targets in ``model`` (its FSDP2 modules resharded first, so they are the shards the
-        optimizers own), with ``select`` (a door's :meth:`~lightning_dsd.doors.base.ReadsEngine.select_targets`, which
-        a user may override; by default the options' ``include``, ``exclude`` and ``layer_types``), and check
-        everything that can be checked before training."""
+        optimizers own), with ``select`` (a door's :meth:`~lightning_dsd.doors.base.ReadsEngine.select_targets`,
+        which a user may override; by default the options' ``include``, ``exclude`` and ``layer_types``), and check
+        everything about the model that can be checked before training. Lazy modules are shaped by one forward
+        pass of ``example`` (see :func:`~lightning_dsd.rules.preflight.shape_lazy_modules`), or refused."""
+        shape_lazy_modules(model, example, self.owner, self.terms.lazy)
         refuse_flat_shards(model, self.owner)
         reshard_gathered(model)
         options = self.options
@@ -198,7 +268,107 @@ class DSDEngine:
         ``include``, ``exclude`` and ``layer_types``."""
         return select_parameters(model, self.options.include, self.options.exclude, self.options.layer_types)
 
-    def check_optimizers(self, optimizers: Sequence[Optimizer], every_one_must_own_a_target: bool) -> None:
+    def start(self, now: int, run: Any, *, limit: Optional[TrainingLimit] = None,
+              metric_source: Optional[MetricSource] = None, every_optimizer_owns_a_target: bool = False) -> None:
+        """Before the first step of a training run (``run``: the door's Trainer, or ``None``), at ``now`` (its
+        epoch or step count), once :meth:`bind` has chosen the targets and any saved state was loaded.
+
+        Every check before training is made here, in this order, before anything changes: the metric a phase
+        waits for (``metric_source``, see :class:`MetricSource`); the optimizers (each must update a target with
+        ``every_optimizer_owns_a_target``; every learning rate must be a number); whether the schedule goes on
+        (a restored state agrees with the checkpoint's clock and weights; a door whose schedule an earlier
+        training finished, or left midway with another ``run``, or whose count went back, is refused; a run
+        resumed without DSD's state is joined at ``now``); and a training ``limit`` that ends before the
+        schedule does (a warning). Then the run's record is written, a restored sparse phase's masks are
+        enforced and the gradient window opens if due."""
+        if metric_source is not None:
+            self._check_metric_source(metric_source)
+        self._check_optimizers(self.training.optimizers, every_optimizer_owns_a_target)
+        self._continue_or_join(now, run)
+        warn_if_schedule_does_not_fit(self.schedule, limit)
+        self._run, self._started, self._restored, self._completed = run, True, False, False
+        self._stopping_said = False
+        self._last_now = now
+        self._start_reporting()
+        self._resume_sparse_phase()
+        self.update_window(now)
+
+    def _continue_or_join(self, now: int, run: Any) -> None:
+        """Whether this training continues the schedule (see :meth:`start`)."""
+        unit, terms = self.options.interval, self.terms
+        if self._restored:
+            self._check_restored(now)
+        elif not self._started:
+            if now > 0:
+                self._join(now, "the checkpoint holds no DSD state")
+        elif self._completed:
+            raise RuntimeError(
+                f"This {terms.name} already ran its whole schedule in an earlier {terms.training}"
+                f" ({' -> '.join(s.phase.value for s in self.schedule.stages)}), so another {terms.training} with"
+                f" it would train without DSD. To run DSD again, {terms.new}; to go on from a saved run,"
+                f" {terms.resume}."
+            )
+        elif run is not self._run:
+            raise RuntimeError(
+                f"This {terms.name} stopped in the {self.phase.value} phase of cycle {self.cycle} (begun at {unit}"
+                f" {self.schedule.started_at}) of an earlier {terms.training} with another Trainer, whose {unit}"
+                f" count this Trainer does not share (it is at {unit} {now}). To go on from that run,"
+                f" {terms.resume} from its checkpoint; to run DSD afresh, {terms.new}."
+            )
+        elif now < self._last_now:
+            raise RuntimeError(
+                f"This {terms.name} already ran in an earlier {terms.training} up to {unit} {self._last_now} (the"
+                f" {self.phase.value} phase of cycle {self.cycle}), so a new one from {unit} {now} would start in the"
+                f" middle of its schedule. To run DSD afresh, {terms.new}; to go on, {terms.resume}."
+            )
+
+    def stop_now(self, now: int, stopping: bool = False) -> bool:
+        """Whether the door should stop training at ``now``: ``stop_at_end`` is set, the last phase has run its
+        course and the training is not ``stopping`` already. Said once."""
+        if not (self.stop_at_end and self.is_finished(now)) or stopping:
+            return False
+        if not self._stopping_said:
+            self._stopping_said = True
+            log.info(f"DSD finished its last phase ({self.phase.value}, cycle {self.cycle}): stopping.")
+        return True
+
+    def finish(self, now: int, returned: Optional[ReturnedCheckpoint] = None) -> None:
+        """At the end of a training run, at ``now``: a warning when it stopped inside a sparse phase (unless
+        the training returns a loaded checkpoint, ``returned``), the last records (histograms, the cycle's
+        figure; in the final sparse phase the closing note and the door's export), and one line on the model
+        the training returns: that checkpoint, or the last step's model, with the exact zeros its targets hold
+        (counted on the model itself; a collective for sharded weights)."""
+        self._completed = self.is_finished(now)
+        self._last_now = max(self._last_now, now)
+        if returned is None:
+            self._warn_if_left_sparse(now)
+        self._training_ended()
+        self._report_returned_model(now, returned)
+
+    def interrupted(self, now: int) -> None:
+        """Training ended by an exception or an interrupt at ``now``: the left-sparse warning, if it applies."""
+        self._warn_if_left_sparse(now)
+
+    def _report_returned_model(self, now: int, returned: Optional[ReturnedCheckpoint]) -> None:
+        targets = {name: param.detach() for name, param in self.targets.items()}
+        zeros = sum(count_zeros(targets).values())
+        total = sum(param.numel() for param in targets.values())
+        held = f"its {len(targets)} targeted tensors hold {zeros} exact zeros of {total} weights"
+        unit = self.options.interval
+        returner = self.terms.returner
+        if returned is None:
+            log.info(f"{self.owner}: {returner} returns the model of the last step ({unit} {now}), in the"
+                     f" {self.phase_label} phase of cycle {self.cycle}; {held}.")
+            return
+        message = (f"{self.owner}: {returner} returns its best checkpoint ({returned.loaded_by}), {returned.path},"
+                   f" saved {returned.saved_in}; {held}. DSD's schedule itself stopped at {unit} {now} in the"
+                   f" {self.phase_label} phase of cycle {self.cycle}.")
+        if returned.in_last_phase:
+            log.info(message)
+        else:
+            log.warn(f"{message} This model is not DSD's result, a model of its last phase: {returned.remedy}.")
+
+    def _check_optimizers(self, optimizers: Sequence[Optimizer], every_one_must_own_a_target: bool) -> None:
         """Before training: where the user named the optimizers for DSD, refuse one that updates none of the
         targets (usually one built for another copy of the model); warn about trainable targets that no
         optimizer updates yet (they stay dense unless one owns them at a transition, see :meth:`pruned_now`)."""
@@ -255,15 +425,15 @@ class DSDEngine:
         return from_rank_zero((pruned, left_dense))
 
     @property
-    def trainable_targets(self) -> dict[str, nn.Parameter]:
+    def _trainable_targets(self) -> dict[str, nn.Parameter]:
         """The targets that train now (``requires_grad``): what the sparsity scalars show."""
         return {name: param for name, param in self.targets.items() if param.requires_grad}
 
     @property
-    def histogram_targets(self) -> dict[str, nn.Parameter]:
+    def _histogram_targets(self) -> dict[str, nn.Parameter]:
         """The trainable targets that ``histogram_layers`` picks: what the histograms and figures show."""
         patterns = self.options.histogram_layers
-        trainable = self.trainable_targets.items()
+        trainable = self._trainable_targets.items()
         return {name: p for name, p in trainable if patterns is None or matches_any(name, patterns)}
 
     def _warn_about_unmatched_patterns(self, model: nn.Module) -> None:
@@ -284,21 +454,28 @@ class DSDEngine:
     # ------------------------------------------------------------------ the schedule
 
     def advance_if_due(self, now: int) -> None:
-        """Make every transition due at ``now`` (elapsed epochs or optimizer steps since training began).
+        """Make every transition due at ``now`` (elapsed epochs or optimizer steps since training began), one
+        after the other.
 
-        The call happens whole or not at all: what can refuse (the masks, from non-finite weights) is decided
-        before the weights change, a refusal puts the schedule back where the call found it (earlier
-        transitions of the same call included), and a report that fails to be written is warned about, not
-        raised, so it cannot leave a phase that says "sparse" without its masks."""
-        before, due_scalars = self.schedule.state_dict(), self._due_scalars
+        Each transition happens whole or not at all: what can refuse it (the masks, from non-finite weights) is
+        decided before its weights or learning rates change, and a report that fails to be written is warned
+        about, not raised, so it cannot leave a phase that says "sparse" without its masks. A refused transition
+        leaves the schedule where the transitions before it, in the same call, left it (a re-dense that was made
+        stays made, with its learning-rate change, and is not made again): the next call tries the refused one
+        again."""
+        self._last_now = max(self._last_now, now)
         try:
-            self._advance_while_due(now)
-        except Exception:
-            self.schedule.load_state_dict(before)
-            self._due_scalars = due_scalars
-            raise
-        self.update_window(now)
-        self._log_due_scalars()
+            while self.schedule.is_due(now):
+                before, due_scalars = self.schedule.state_dict(), self._due_scalars
+                try:
+                    self._transition(now)
+                except Exception:
+                    self.schedule.load_state_dict(before)
+                    self._due_scalars = due_scalars
+                    raise
+        finally:
+            self.update_window(now)
+            self._log_due_scalars()
 
     # ------------------------------------------------------------------ the gradient window of `importance`
 
@@ -351,20 +528,20 @@ class DSDEngine:
         """The optimizer steps the open gradient window has counted, per target (empty when it is closed)."""
         return dict(self._window.counts) if self._window is not None else {}
 
-    def _advance_while_due(self, now: int) -> None:
-        while self.schedule.is_due(now):
-            finished = self.schedule.stage
-            if finished.phase is Phase.SPARSE:
-                self._record(Moment.END_OF_SPARSE, finished.cycle)
-                self.training.sparse_phase_ending(finished.cycle, self.targets)
-            upcoming = self.schedule.stages[self.schedule.index + 1]
-            if upcoming.phase is Phase.SPARSE:
-                self._prune(upcoming, now)
-            else:
-                self.schedule.advance(now)
-                self._redense(finished)
+    def _transition(self, now: int) -> None:
+        """The one transition due now: into a sparse phase (prune) or out of one (re-dense)."""
+        finished = self.schedule.stage
+        if finished.phase is Phase.SPARSE:
+            self._record(Moment.END_OF_SPARSE, finished.cycle)
+            self.training.sparse_phase_ending(finished.cycle, self.targets)
+        upcoming = self.schedule.stages[self.schedule.index + 1]
+        if upcoming.phase is Phase.SPARSE:
+            self._prune(upcoming, now)
+        else:
+            self.schedule.advance(now)
+            self._redense(finished)
 
-    def join(self, now: int, why: str) -> None:
+    def _join(self, now: int, why: str) -> None:
         """Start the schedule at ``now`` rather than 0: DSD joins a run that has already trained (``why``), and
         its phase lengths count from there. Said in one line."""
         self.schedule.join(now)
@@ -378,9 +555,9 @@ class DSDEngine:
         log.info(f"{self.owner} joins this run at {unit} {now} ({why}), and its phases count from there:"
                        f" {', '.join(spans)}.")
 
-    def warn_if_left_sparse(self, now: int, remedy: str) -> None:
+    def _warn_if_left_sparse(self, now: int) -> None:
         """Say so when training stops inside a sparse phase (early stopping, a time limit, an interrupt): the
-        model holds its pruned zeros and was not re-densed; ``remedy`` says how to finish, in the door's terms.
+        model holds its pruned zeros and was not re-densed, and how to finish, in the door's terms.
         Nothing is said in the final sparse phase (``final_sparse_epochs``): there the run ends sparse by design."""
         if self.phase is not Phase.SPARSE or self.schedule.in_final_sparse_phase:
             return
@@ -388,21 +565,21 @@ class DSDEngine:
         planned = "" if length is None else f", planned to end at {unit} {self.schedule.started_at + length}"
         log.warn(
             f"Training stopped in the sparse phase of cycle {self.cycle} (at {unit} {now}{planned}): the model holds"
-            f" the pruned zeros ({len(self.masks)} pruned tensors) and was not re-densed. To finish DSD, {remedy}"
-            " from a checkpoint of this run; the sparse model as it is can be used as such."
+            f" the pruned zeros ({len(self.masks)} pruned tensors) and was not re-densed. To finish DSD,"
+            f" {self.terms.resume} from a checkpoint of this run; the sparse model as it is can be used as such."
         )
 
-    def check_metric_source(self, measured: bool, found: str, remedy: str, *, refuse: bool) -> None:
+    def _check_metric_source(self, source: MetricSource) -> None:
         """Before training, when a phase runs until ``monitor`` converges: where the door can tell that the metric
-        is never computed (``measured`` false, ``found`` says why), refuse (``refuse``: it is certain, a phase would
-        never end) or warn (the metric may still come from elsewhere), with ``remedy``. The same words in every
-        door; a door whose metric comes with each check (``DSD.step(metric)``) has nothing to check here."""
-        if measured or not self.options.waits_for_metric:
+        is never computed (see :class:`MetricSource`), refuse (it is certain: a phase would never end) or warn (the
+        metric may still come from elsewhere). The same words in every door; a door whose metric comes with each
+        check (``DSD.step(metric)``) has nothing to check here."""
+        if source.measured or not self.options.waits_for_metric:
             return
         waiting = ", ".join(f"`{name}`" for name in self.options.waiting_lengths)
         message = (f"{self.owner}: {waiting} = None runs a phase until `monitor={self.options.monitor!r}` converges,"
-                   f" but {found}. {remedy}")
-        if refuse:
+                   f" but {source.found}. {source.remedy}")
+        if source.refuse:
             raise ValueError(message)
         log.warn(message)
 
@@ -454,10 +631,11 @@ class DSDEngine:
         self._warn_about_unranked(stage.cycle, left_dense)
         self._left_dense = left_dense
         steps = max(self.window_steps.values(), default=0)
+        assert self.plan is not None, "a transition before bind"
         masks = self.plan.decide(pruning, stage.cycle, scores) if pruning else {}
         self.schedule.advance(now)
         self.update_window(now)  # the statistics have served: let them go
-        self.enforce(masks)
+        self._enforce(masks)
         self._record(Moment.AFTER_PRUNING, stage.cycle)
         learning_rates = current_learning_rates(self.training.optimizers)
         self._log_scalars(learning_rates)
@@ -555,7 +733,7 @@ class DSDEngine:
             )
         return f" Output units cut off from every input: {listed}."
 
-    def enforce(self, masks: Mapping[str, Tensor]) -> None:
+    def _enforce(self, masks: Mapping[str, Tensor]) -> None:
         """Start enforcing ``masks`` (this rank's parts): zero the pruned weights, their gradients and optimizer
         state, hook the optimizers, and drop FSDP2's gathered copies of the changed weights."""
         self.release()
@@ -564,16 +742,13 @@ class DSDEngine:
         self._restored_masks = None
         self._weights_changed()
 
-    def check_restored(self, now: int) -> None:
+    def _check_restored(self, now: int) -> None:
         """Refuse a restored state that contradicts the checkpoint's own clock and weights (``now``: where the
         training resumes from the same checkpoint): a phase begun after ``now``, or masks that prune weights the
         restored model holds as non-zero (the state of another run, or damaged). A collective for sharded
         weights."""
-        unit, started_at = self.options.interval, self.schedule.started_at
-        if started_at > now:
-            raise CheckpointStateError(f"its `schedule.started_at` is {unit} {started_at}, after {unit} {now}, where"
-                                       " the training resumes from the same checkpoint")
-        live = self.pruned_but_nonzero()
+        self._check_started_by(self.schedule.started_at, now)
+        live = self._pruned_but_nonzero()
         if live:
             listed = ", ".join(f"`{name}`: {count}" for name, count in live.items())
             raise CheckpointStateError(
@@ -582,8 +757,15 @@ class DSDEngine:
                 " runs, or one of them is damaged"
             )
 
+    def _check_started_by(self, started_at: int, now: int) -> None:
+        """Refuse a restored phase that begins after ``now``, where the training resumes from the checkpoint."""
+        unit = self.options.interval
+        if started_at > now:
+            raise CheckpointStateError(f"its `schedule.started_at` is {unit} {started_at}, after {unit} {now}, where"
+                                       " the training resumes from the same checkpoint")
+
     @torch.no_grad()
-    def pruned_but_nonzero(self) -> dict[str, int]:
+    def _pruned_but_nonzero(self) -> dict[str, int]:
         """In a sparse phase restored from a checkpoint, before its masks are enforced: how many entries each
         mask prunes whose weight is not zero (a collective for sharded weights). A consistent checkpoint has
         none: the sparse phase kept every pruned weight at exactly zero."""
@@ -597,10 +779,10 @@ class DSDEngine:
         counts = counts_over_ranks(weights, live)
         return {name: count for name, count in zip(weights, counts.tolist(), strict=True) if count}
 
-    def resume_sparse_phase(self) -> None:
+    def _resume_sparse_phase(self) -> None:
         """At the start of training in a sparse phase (a resume): enforce the restored masks."""
         if self.phase is Phase.SPARSE and self.options.prune:
-            self.enforce(self._restored_masks if self._restored_masks is not None else self.masks)
+            self._enforce(self._restored_masks if self._restored_masks is not None else self.masks)
 
     def _redense(self, finished: Stage) -> None:
         restarted = 0
@@ -705,7 +887,7 @@ class DSDEngine:
                            " DSD go on, the report is missing.")
 
     def _record(self, moment: Moment, cycle: int) -> None:
-        self._report(lambda sink: self.reporter.record(sink, moment, cycle, self.histogram_targets))
+        self._report(lambda sink: self.reporter.record(sink, moment, cycle, self._histogram_targets))
 
     def _draw_figure(self, cycle: int) -> None:
         self._report(lambda sink: self.reporter.draw_figure(sink, cycle))
@@ -719,11 +901,11 @@ class DSDEngine:
         """Make the scalars of now (after this transition or epoch end) the step's: logged once, by
         :meth:`_log_due_scalars`, so a step with an epoch end and transitions gets one value, the last."""
         lrs = learning_rates if learning_rates is not None else current_learning_rates(self.training.optimizers)
-        self._due_scalars = (self.trainable_targets, lrs)
+        self._due_scalars = (self._trainable_targets, lrs)
 
     def flush_scalars(self) -> None:
         """Log the scalars held for this step now: for a door that knows no transition follows at this step and
-        whose loggers may close before :meth:`training_ended` (the ``transformers`` integrations end their runs
+        whose loggers may close before :meth:`_training_ended` (the ``transformers`` integrations end their runs
         at ``on_train_end``, before a user's callback)."""
         self._log_due_scalars()
 
@@ -733,16 +915,16 @@ class DSDEngine:
             self._due_scalars = None
             self._report(lambda sink: self.reporter.log_scalars(sink, self.phase, self.cycle, weights, lrs))
 
-    def start_reporting(self) -> None:
-        """Before the first step: the run's record (see :meth:`run_record`) and the TensorBoard chart layout."""
-        self._report(lambda sink: self.reporter.write_run_record(sink, self.run_record()))
+    def _start_reporting(self) -> None:
+        """Before the first step: the run's record (see :meth:`_run_record`) and the TensorBoard chart layout."""
+        self._report(lambda sink: self.reporter.write_run_record(sink, self._run_record()))
         self._report(self.reporter.write_chart_layout)
 
-    def run_record(self) -> dict[str, Any]:
+    def _run_record(self) -> dict[str, Any]:
         """What :mod:`lightning_dsd.tools.compare` reads from the log: the arm (``"dsd"``, ``"llr"`` or ``"dense"``,
         from the options), the seed (see :func:`~lightning_dsd.rules.reporting.current_seed`), the schedule and every
         option."""
-        config = self.run_config()
+        config = self._run_config()
         return {"arm": self.options.arm, "seed": current_seed(), "lightning_dsd": __version__,
                 "schedule": {"interval": config.interval, "stages": config.stages}, "options": self.options.as_record()}
 
@@ -754,9 +936,9 @@ class DSDEngine:
             self._rate_watch.epoch_ended()
         every = self.options.histogram_every_n_epochs
         if every and (epoch + 1) % every == 0:
-            self._report(lambda sink: self.reporter.log_timeline(sink, self.histogram_targets))
+            self._report(lambda sink: self.reporter.log_timeline(sink, self._histogram_targets))
 
-    def training_ended(self) -> None:
+    def _training_ended(self) -> None:
         """The last look: the histograms of the moment training stopped at, and the cycle's figure. In the final
         sparse phase (the run ends sparse) also the closing note and the door's sparse export."""
         self.release()
@@ -780,19 +962,33 @@ class DSDEngine:
         sparse = self.phase is Phase.SPARSE
         masks = FullMasks(self.masks, self.targets) if sparse else {}
         window = self._window.state_dict() if self._window is not None and self._window.counts else None
-        return encode_state(self.schedule.state_dict(), masks, self.run_config(), self._left_dense if sparse else {},
+        return encode_state(self.schedule.state_dict(), masks, self._run_config(), self._left_dense if sparse else {},
                             window)
 
-    def load_state_dict(self, state: Any) -> None:
+    def load_state_dict(self, state: Any, now: Optional[int] = None) -> None:
         """Check a saved DSD state against this run (see :mod:`lightning_dsd.rules.state`), then take it; a damaged
-        or mismatched state raises before anything changes. The masks apply at :meth:`resume_sparse_phase`."""
+        or mismatched state raises before anything changes. Without ``now`` (a Trainer restores its callbacks
+        before training begins) it is checked against the checkpoint's clock and weights at the next
+        :meth:`start`, where a sparse phase's masks apply. With ``now``, the count it resumes at (a loop restoring
+        its state mid-run), it is checked against that count and a sparse phase's masks apply at once (not against
+        the weights, which a loop may load after DSD's state: the masks zero what they prune either way)."""
+        self._load(state, now)
+        self._restored = now is None
+        if now is not None:
+            self._resume_sparse_phase()
+            self.update_window(now)
+
+    def _load(self, state: Any, now: Optional[int]) -> None:
         shapes = {name: list(param.shape) for name, param in self.targets.items()}
 
         def check_masks(masks: Mapping[str, Tensor], cycle: int, left_dense: Mapping[str, str]) -> None:
             pruned = {name: param for name, param in self.targets.items() if name not in left_dense}
+            assert self.plan is not None, "load_state_dict before bind"
             self.plan.check_masks(pruned, masks, cycle)
 
-        schedule, masks, left_dense, window = decode_state(state, self.run_config(), check_masks, shapes)
+        schedule, masks, left_dense, window = decode_state(state, self._run_config(), check_masks, shapes)
+        if now is not None:  # checked against the count it resumes at before anything changes
+            self._check_started_by(int(schedule["started_at"]), now)
         if self._constraint is not None:  # a sparse phase this run had started gives way to the saved one
             self._constraint.detach()
             self._constraint = None
@@ -808,8 +1004,8 @@ class DSDEngine:
         self._restored_masks = local_masks or None
         self._left_dense = left_dense
 
-    def run_config(self) -> RunConfig:
-        sparsities = self.plan.sparsities
+    def _run_config(self) -> RunConfig:
+        sparsities = self.options.cycle_sparsities
         stages = [[s.phase.value, s.cycle, s.length, 0.0 if s.phase is Phase.DENSE else shown(sparsities[s.cycle])]
                   for s in self.schedule.stages]
         layer_sparsity = self.options.layer_sparsity

@@ -162,22 +162,19 @@ class Schedule:
         return self.index == len(self.stages) - 1
 
     @property
-    def ends_sparse(self) -> bool:
-        """Whether the schedule ends on a sparse phase (a final sparse phase after the last re-dense)."""
-        return len(self.stages) > 1 and self.stages[-1].phase is Phase.SPARSE
-
-    @property
     def in_final_sparse_phase(self) -> bool:
-        """Whether the current stage is the final sparse phase, where the run ends sparse by design."""
-        return self.is_last and self.ends_sparse
+        """Whether the current stage is the final sparse phase (after the last re-dense), where the run ends
+        sparse by design."""
+        return self.is_last and self.index > 0 and self.stage.phase is Phase.SPARSE
 
     def is_due(self, now: int) -> bool:
         """Whether the current stage has run its course (the last stage is never left)."""
         return not self.is_last and self.is_over(now)
 
     @property
-    def waits_for_metric(self) -> bool:
-        """Whether the current stage runs until the monitored metric converges (its length is ``None``)."""
+    def stage_waits_for_metric(self) -> bool:
+        """Whether the current stage runs until the monitored metric converges (its length is ``None``; compare
+        :attr:`~lightning_dsd.rules.options.DSDOptions.waits_for_metric`: whether some phase does)."""
         return self.stage.length is None
 
     def is_over(self, now: int) -> bool:
@@ -195,7 +192,7 @@ class Schedule:
 
     def observe(self, value: float) -> None:
         """Feed one check of the monitored metric to the current stage's convergence tracker."""
-        if self.tracker is not None and self.tracker.update(value) and self.waits_for_metric:
+        if self.tracker is not None and self.tracker.update(value) and self.stage_waits_for_metric:
             self.converged = True
 
     def join(self, now: int) -> None:

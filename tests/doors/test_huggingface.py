@@ -367,7 +367,7 @@ def test_dense_epochs_0_evaluates_the_pretrained_model_first_then_prunes_before_
                       callbacks=[dsd, AtEvaluation()])
     trainer.train()
     assert phases == [(0, "dense"), (1, "sparse"), (2, "sparse"), (3, "redense")]
-    with pytest.raises(RuntimeError, match="already ran in an earlier `train\\(\\)`"):
+    with pytest.raises(RuntimeError, match="already ran its whole schedule in an earlier `train\\(\\)`"):
         trainer.train()
 
 

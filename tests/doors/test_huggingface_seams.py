@@ -173,7 +173,7 @@ def test_without_load_best_model_at_end_the_report_names_the_last_steps_model_an
     zeros = zeros_in(model, dsd.target_names)
     assert zeros > 0
     report = messages(heard, "the Trainer returns the model of the last step")
-    assert len(report) == 1 and f"(2), in the sparse phase of cycle 0; its {len(dsd.target_names)} targeted" \
+    assert len(report) == 1 and f"(step 2), in the sparse phase of cycle 0; its {len(dsd.target_names)} targeted" \
         f" tensors hold {zeros} exact zeros" in report[0]
     assert messages(heard, "the sparse model as it is can be used as such")
 

@@ -433,8 +433,10 @@ def test_lazy_modules_and_an_elapsed_count_before_the_phase_are_refused_clearly(
     dsd = DSD(model, optimizer, 0.5, 1, 2, 1, schedulers=scheduler)  # one scheduler, not in a list
     _train(model, optimizer, scheduler, dsd, 2)
     state = {**dsd.state_dict(), "elapsed": 0}
-    with pytest.raises(CheckpointStateError, match=r"`elapsed` entry is 0, before the current phase began"):
-        DSD(*_model_and_optimizer()[:2], 0.5, 1, 2, 1).load_state_dict(state)
+    fresh = DSD(*_model_and_optimizer()[:2], 0.5, 1, 2, 1)
+    with pytest.raises(CheckpointStateError, match=r"`schedule.started_at` is epoch 1, after epoch 0, where the"):
+        fresh.load_state_dict(state)
+    assert (fresh.phase, fresh.elapsed, fresh.masks) == (Phase.DENSE, 0, {}), "refused before anything changed"
 
 
 @pytest.mark.parametrize(

@@ -15,8 +15,10 @@ from helpers import ROOT, ConvLSTMNet, StepRecorder, make_loader, make_trainer, 
 from hf_helpers import Tokens, arguments, gpt2
 from lightning.pytorch import LightningModule
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.tensorboard import SummaryWriter
 from transformers import Trainer
 
 from lightning_dsd import DSD, DSDCallback, Phase
@@ -24,6 +26,7 @@ from lightning_dsd.huggingface import DSDTrainerCallback
 from lightning_dsd.rules.importance import GradientWindow
 from lightning_dsd.rules.masks import NMPattern
 from lightning_dsd.rules.plan import MaskPlan
+from lightning_dsd.rules.reporting import RUN_RECORD_TAG, read_run_record
 
 
 def permuted_scores(name: str, weight: torch.Tensor, grad_sq: torch.Tensor) -> torch.Tensor:
@@ -286,20 +289,31 @@ def test_a_callable_of_the_wrong_shape_is_refused_at_the_transition_and_nothing_
     assert dsd.phase is Phase.DENSE and torch.equal(model[0].weight, before)
 
 
-def test_the_note_and_the_run_record_name_the_criterion(caplog):
+def _logged_run_record(log_dir) -> dict:
+    """The run record as ``compare`` reads it: the ``dsd/run`` text in the TensorBoard log."""
+    events = EventAccumulator(str(log_dir), size_guidance={"tensors": 0})
+    events.Reload()
+    text = events.Tensors(f"{RUN_RECORD_TAG}/text_summary")[0].tensor_proto.string_val[0].decode()
+    return read_run_record(text)
+
+
+def test_the_note_and_the_run_record_name_the_criterion(caplog, tmp_path):
     with seeded(0):
         model = nn.Sequential(nn.Linear(4, 4))
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    dsd = DSD(model, optimizer, 0.5, 1, 1, 1, importance="obd")
+    with SummaryWriter(tmp_path / "obd") as writer:
+        dsd = DSD(model, optimizer, 0.5, 1, 1, 1, importance="obd", writer=writer)
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     with caplog.at_level("INFO", logger="lightning_dsd"):
         dsd.step()
     assert "lowest OBD saliency ½·h·w² pruned (importance='obd'; h, the mean squared gradient, over 1 optimizer" \
            " steps)" in caplog.text
-    record = dsd._engine.run_record()
+    record = _logged_run_record(tmp_path / "obd")
     assert record["arm"] == "obd" and record["options"]["importance"] == "obd"
-    custom = DSD(model, optimizer, 0.5, 1, 1, 1, importance=permuted_scores)._engine.run_record()
+    with SummaryWriter(tmp_path / "custom") as writer:
+        DSD(model, optimizer, 0.5, 1, 1, 1, importance=permuted_scores, writer=writer)
+    custom = _logged_run_record(tmp_path / "custom")
     assert custom["arm"] == "custom" and custom["options"]["importance"] == "test_importance.permuted_scores"
 
 

@@ -31,10 +31,9 @@ from lightning_dsd.doors.lightning.limits import training_limit
 from lightning_dsd.doors.lightning.output import ProgressBarPhase, TrainerSink
 from lightning_dsd.rules import log
 from lightning_dsd.rules.arguments import SparsityValue, check_bool, check_choice
-from lightning_dsd.rules.engine import DSDEngine
+from lightning_dsd.rules.engine import DSDEngine, MetricSource
 from lightning_dsd.rules.importance import Importance
 from lightning_dsd.rules.options import LengthsArgument, check_options, door_options
-from lightning_dsd.rules.preflight import shape_lazy_modules, warn_if_schedule_does_not_fit
 from lightning_dsd.rules.selection import LayerSpec, LayerType, uninitialized_parameters
 
 
@@ -179,19 +178,20 @@ class DSDCallback(ReadsEngine, Callback):
         if self.export_sparse is not None and not self.options.prune:
             raise ValueError(f"`export_sparse={export_sparse!r}` saves the pruned model of each sparse phase, but"
                              " `prune=False` (the LLR control) prunes nothing. Leave `export_sparse` out of this arm.")
-        self.stop_at_end = check_bool("stop_at_end", stop_at_end)
         self.exported_sparse_models: list[dict[str, Any]] = []
         self._trainer: Optional[pl.Trainer] = None
         self._sink: Optional[TrainerSink] = None
-        self._engine = DSDEngine(self.options, self)
+        self._engine = DSDEngine(self.options, self, stop_at_end=check_bool("stop_at_end", stop_at_end))
         self._progress_bar = ProgressBarPhase()
         self._check_on_train_epoch_end = True
-        self._schedule_completed = False
-        self._trained_with: Optional[pl.Trainer] = None  # the Trainer of the last fit that trained
         self._bound_this_fit = False
         self._training_this_fit = False
         self._pending_state: Optional[dict[str, Any]] = None  # a checkpoint's state, read before the targets are
-        self._state_loaded_this_fit = False
+
+    @property
+    def stop_at_end(self) -> bool:
+        """Whether training stops once DSD's last phase has run its course."""
+        return self._engine.stop_at_end
 
     # ------------------------------------------------------------------ what the engine asks of a Trainer
 
@@ -227,7 +227,7 @@ class DSDCallback(ReadsEngine, Callback):
         if stage != TrainerFn.FITTING:
             return
         self._trainer, self._sink = trainer, TrainerSink(trainer)
-        self._bound_this_fit = self._state_loaded_this_fit = self._training_this_fit = False
+        self._bound_this_fit = self._training_this_fit = False
         self._pending_state = None  # one left by a fit that failed before `on_fit_start` is not this fit's
         self._check_strategy(trainer)
         self._check_other_callbacks(trainer)
@@ -245,12 +245,11 @@ class DSDCallback(ReadsEngine, Callback):
         # built there, meta-device weights materialized there, FSDP2/TP sharding) and the strategy's own set-up.
         # A checkpoint's DSD state read before this point (every strategy but ModelParallelStrategy restores
         # callbacks earlier) is checked and taken now, against these targets.
+        example = None
         if uninitialized_parameters(pl_module):  # shaped as Lightning's model summary shapes them
             example = pl_module.example_input_array
-            transferred = None if example is None else pl_module._apply_batch_transfer_handler(example)
-            shape_lazy_modules(pl_module, transferred, "DSDCallback", "before `trainer.fit`, or set"
-                               " `self.example_input_array` in the LightningModule so DSD can run it")
-        self._engine.bind(pl_module, self.select_targets)
+            example = None if example is None else pl_module._apply_batch_transfer_handler(example)
+        self._engine.bind(pl_module, self.select_targets, example)
         self._bound_this_fit = True
         if self._pending_state is not None:
             state, self._pending_state = self._pending_state, None
@@ -271,51 +270,24 @@ class DSDCallback(ReadsEngine, Callback):
                 " (and/or `parallelize_module`) in your LightningModule's `configure_model`."
             )
 
-    def _check_schedule_continues(self, trainer: "pl.Trainer") -> None:
-        """At train start, after a checkpoint (if any) was restored: refuse a callback whose schedule another
-        ``fit`` already ran to its end, or left midway with another ``Trainer`` (whose clock this one does not
-        share); let DSD join, from now, a run resumed from a checkpoint without DSD state."""
-        engine = self._engine
-        if self._state_loaded_this_fit:
-            engine.check_restored(self._now(trainer))
-            return
-        if self._schedule_completed:
-            raise RuntimeError(
-                "This DSDCallback already ran its whole schedule in an earlier `fit`"
-                f" ({' -> '.join(f'{s.phase.value}' for s in engine.schedule.stages)}), so another `fit` with"
-                " it would train without DSD. To run DSD again, give the Trainer a new DSDCallback(...); to go on"
-                " from a saved run, resume with `trainer.fit(model, ckpt_path=...)`."
-            )
-        if self._trained_with is not None and self._trained_with is not trainer:
-            raise RuntimeError(
-                f"This DSDCallback stopped in the {engine.phase.value} phase of cycle {engine.cycle} (begun at"
-                f" {self.interval} {engine.schedule.started_at}) of an earlier `fit` with another Trainer, whose"
-                f" {self.interval} count this Trainer does not share (it is at {self.interval} {self._now(trainer)})."
-                " To go on from that run, resume it with `trainer.fit(model, ckpt_path=...)` from its checkpoint;"
-                " to run DSD afresh, give this Trainer a new DSDCallback(...)."
-            )
-        if self._trained_with is None and self._now(trainer) > 0:
-            self._engine.join(self._now(trainer), "the checkpoint holds no DSD state")
-
-    def _check_monitor_is_read(self, trainer: "pl.Trainer") -> None:
-        """Without a validation loop, a metric that a phase waits for can only be logged in training: refuse when
-        DSD would never read it (it reads after each validation, with ``check_val_every_n_epoch`` or
-        ``val_check_interval`` set), warn otherwise (``training_step`` may log it)."""
+    def _metric_source(self, trainer: "pl.Trainer") -> MetricSource:
+        """Without a validation loop, a metric that a phase waits for can only be logged in training: DSD would
+        never read it when it reads after each validation (``check_val_every_n_epoch`` or ``val_check_interval``
+        set: refused); otherwise ``training_step`` may log it (a warning)."""
         if trainer.enable_validation:
-            return
+            return MetricSource(measured=True)
         no_validation = ("this Trainer runs no validation loop (no `val_dataloader` with a `validation_step`, or"
                          " `limit_val_batches=0`)")
         if self._check_on_train_epoch_end:
-            self._engine.check_metric_source(
+            return MetricSource(
                 False, f"{no_validation}, so the metric can only come from what the LightningModule logs in training",
                 f"Log it there (`self.log({self.monitor!r}, ...)` in `training_step`) or add a validation loop: DSD"
                 " raises at the first epoch end without it.", refuse=False)
-        else:
-            self._engine.check_metric_source(
-                False, f"{no_validation} and, with `check_val_every_n_epoch={trainer.check_val_every_n_epoch}`,"
-                f" `val_check_interval={trainer.val_check_interval}`, DSD reads the metric after validation: never",
-                "Add a validation loop that logs it, or set `check_val_every_n_epoch=1, val_check_interval=1.0` so"
-                " that DSD reads it at each training epoch end, or give that phase a length.", refuse=True)
+        return MetricSource(
+            False, f"{no_validation} and, with `check_val_every_n_epoch={trainer.check_val_every_n_epoch}`,"
+            f" `val_check_interval={trainer.val_check_interval}`, DSD reads the metric after validation: never",
+            "Add a validation loop that logs it, or set `check_val_every_n_epoch=1, val_check_interval=1.0` so"
+            " that DSD reads it at each training epoch end, or give that phase a length.", refuse=True)
 
     def _check_other_callbacks(self, trainer: "pl.Trainer") -> None:
         callbacks: list[Callback] = trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init
@@ -338,13 +310,8 @@ class DSDCallback(ReadsEngine, Callback):
 
     @override
     def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._check_monitor_is_read(trainer)
-        self._check_schedule_continues(trainer)
-        self._trained_with = trainer
-        warn_if_schedule_does_not_fit(self._engine.schedule, training_limit(trainer, self.interval))
-        self._engine.check_optimizers(trainer.optimizers, every_one_must_own_a_target=False)
-        self._engine.start_reporting()
-        self._engine.resume_sparse_phase()
+        self._engine.start(self._now(trainer), trainer, limit=training_limit(trainer, self.interval),
+                           metric_source=self._metric_source(trainer))
         self._training_this_fit = True
 
     @override
@@ -387,14 +354,12 @@ class DSDCallback(ReadsEngine, Callback):
 
     @override
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
-        self._schedule_completed = self._engine.is_finished(self._now(trainer))
-        self._engine.warn_if_left_sparse(self._now(trainer), "resume with `trainer.fit(model, ckpt_path=...)`")
-        self._engine.training_ended()
+        self._engine.finish(self._now(trainer))
 
     @override
     def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
         if self._training_this_fit:
-            self._engine.warn_if_left_sparse(self._now(trainer), "resume with `trainer.fit(model, ckpt_path=...)`")
+            self._engine.interrupted(self._now(trainer))
 
     @override
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
@@ -420,9 +385,8 @@ class DSDCallback(ReadsEngine, Callback):
                                      f"Log it with `self.log({self.monitor!r}, ...)` or name one of them.")
 
     def _stop_if_finished(self, trainer: "pl.Trainer", now: int) -> None:
-        if self.stop_at_end and self._engine.is_finished(now) and not trainer.should_stop:
+        if self._engine.stop_now(now, stopping=trainer.should_stop):
             trainer.should_stop = True
-            log.info(f"DSD finished its last phase ({self.phase.value}, cycle {self.cycle}): stopping.")
 
     # ------------------------------------------------------------------ checkpointing
 
@@ -441,8 +405,6 @@ class DSDCallback(ReadsEngine, Callback):
             self._pending_state = state_dict
             return
         self._engine.load_state_dict(state_dict)
-        self._schedule_completed = False
-        self._state_loaded_this_fit = True
 
 
 #: Weight averaging: SWA, and the ``WeightAveraging`` family (``EMAWeightAveraging``, ...) of Lightning >= 2.6.

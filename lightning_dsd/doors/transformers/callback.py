@@ -93,17 +93,26 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 from lightning_dsd.doors.base import ReadsEngine
 from lightning_dsd.rules import log
 from lightning_dsd.rules.arguments import check_bool, check_choice
-from lightning_dsd.rules.engine import DSDEngine
+from lightning_dsd.rules.engine import DoorTerms, DSDEngine, MetricSource, ReturnedCheckpoint
 from lightning_dsd.rules.options import KEYWORD_OPTIONS, LengthsArgument, check_options
 from lightning_dsd.rules.phases import Phase
-from lightning_dsd.rules.preflight import TrainingLimit, refuse_lazy_modules, warn_if_schedule_does_not_fit
-from lightning_dsd.rules.sharding import count_zeros, from_rank_zero
+from lightning_dsd.rules.preflight import TrainingLimit, refuse_lazy_modules
+from lightning_dsd.rules.sharding import from_rank_zero
 from lightning_dsd.rules.state import CheckpointStateError
 
 #: The file DSD writes inside each ``checkpoint-<step>`` folder.
 STATE_FILE = "dsd_state.pt"
 #: The key of DSD's record in ``TrainerState.stateful_callbacks`` (saved in ``trainer_state.json``).
 RECORD_KEY = "lightning_dsd"
+
+#: How the engine names this door and its users' ways to resume.
+_TERMS = DoorTerms(
+    name="DSDTrainerCallback",
+    training="`train()`",
+    resume="resume with `trainer.train(resume_from_checkpoint=...)`",
+    new="give the Trainer a new DSDTrainerCallback(...)",
+    lazy="before `Trainer(model=...)`, which takes no example input",
+)
 
 #: ``best_model_phase``: the checkpoints among which the Trainer's best model is chosen.
 BEST_MODEL_PHASES = ("final", "any")
@@ -163,9 +172,8 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
                 " is Lightning's: here every `checkpoint-N` folder of the sparse phase holds the sparse model.)"
             )
         self.options = check_options(sparsity, dense_epochs, sparse_epochs, redense_epochs, **options)
-        self.stop_at_end = check_bool("stop_at_end", stop_at_end)
         self.best_model_phase = check_choice("best_model_phase", best_model_phase, BEST_MODEL_PHASES)
-        self._engine = DSDEngine(self.options, self, owner="DSDTrainerCallback")
+        self._engine = DSDEngine(self.options, self, _TERMS, stop_at_end=check_bool("stop_at_end", stop_at_end))
         self._trainer: Optional[Trainer] = None
         self._optimizers: list[Optimizer] = []
         self._schedulers: list[Any] = []
@@ -177,6 +185,11 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self._training = False
         self._trial: Any = None  # the hyperparameter-search trial of the last `train()`
         self._said_no_folder = False
+
+    @property
+    def stop_at_end(self) -> bool:
+        """Whether ``control.should_training_stop`` is set once DSD's last phase has run its course."""
+        return self._engine.stop_at_end
 
     # ------------------------------------------------------------------ what the engine asks of a door
 
@@ -210,23 +223,12 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         trial = getattr(self._trainer, "_trial", None)  # set for each run of `hyperparameter_search`
         # A new trial of a search, or the training after it (which runs without a trial): a run of its own.
         new_trial, self._trial = trial is not self._trial, trial
-        if self._started:
-            if not resuming and not new_trial:
-                raise RuntimeError(
-                    "This DSDTrainerCallback already ran in an earlier `train()`, so a new one from step 0 would"
-                    " start in the middle of its schedule. Give the Trainer a new DSDTrainerCallback(...), or"
-                    " resume with `trainer.train(resume_from_checkpoint=...)`."
-                )
-            if new_trial:
-                name = state.trial_name or getattr(trial, "number", None)  # an Optuna trial's number
-                run = ("a new trial of the hyperparameter search" + ("" if name is None else f" ({name})")
-                       if trial is not None else "the training after the hyperparameter search")
-                log.info(f"DSDTrainerCallback starts its schedule afresh for {run}.")
-            self._engine = DSDEngine(self.options, self, owner="DSDTrainerCallback")
-        self._engine.check_metric_source(
-            args.eval_strategy != "no", "`eval_strategy='no'`: the Trainer never evaluates, so that phase would never"
-            " end", "Evaluate with `eval_strategy='epoch'` (or `'steps'` and `eval_steps`) and an `eval_dataset`, or"
-            " give that phase a length.", refuse=True)
+        if self._started and new_trial:
+            name = state.trial_name or getattr(trial, "number", None)  # an Optuna trial's number
+            run = ("a new trial of the hyperparameter search" + ("" if name is None else f" ({name})")
+                   if trial is not None else "the training after the hyperparameter search")
+            log.info(f"DSDTrainerCallback starts its schedule afresh for {run}.")
+            self._engine = DSDEngine(self.options, self, _TERMS, stop_at_end=self.stop_at_end)
         model = kwargs.get("model")
         if not isinstance(model, nn.Module):
             raise RuntimeError(f"DSDTrainerCallback needs the model at `on_train_begin`; the Trainer passed {model!r}.")
@@ -234,25 +236,24 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         scheduler = kwargs.get("lr_scheduler")  # accelerate's AcceleratedScheduler: lr.py scales the one it wraps
         self._schedulers = [] if scheduler is None else [scheduler]
         self._engine.bind(model, self.select_targets)
-        self._engine.check_optimizers(self._optimizers, every_one_must_own_a_target=False)
         token = self._restore(args, state) if resuming else None  # checked and taken before anything is written
-        if resuming and token is None:
-            self._engine.join(self._now(state), "the checkpoint holds no DSD state")
-        if token is not None:  # the restored state must agree with the checkpoint's own clock and weights
-            self._engine.check_restored(self._now(state))
         self._token = token or from_rank_zero(uuid.uuid4().hex)
         self._sink = TrainerSink(self._trainer, args, state, self.options)
+        self._engine.start(
+            self._now(state), self._trainer,
+            limit=training_limit(args, state, kwargs.get("train_dataloader"), self.interval),
+            metric_source=MetricSource(
+                args.eval_strategy != "no", "`eval_strategy='no'`: the Trainer never evaluates, so that phase would"
+                " never end", "Evaluate with `eval_strategy='epoch'` (or `'steps'` and `eval_steps`) and an"
+                " `eval_dataset`, or give that phase a length."),
+        )
         self._sink.say_what_is_skipped()
         _records(state)[RECORD_KEY] = {"token": self._token, "file": STATE_FILE}
-        warn_if_schedule_does_not_fit(self._engine.schedule,
-                                      training_limit(args, state, kwargs.get("train_dataloader"), self.interval))
         self._say_how_the_best_model_is_chosen(args)
         self._hold_best_model_record(args, state)
         if resuming:
             self._drop_a_restored_best_model_record_of_an_earlier_phase(args, state)
         self._started = self._training = True
-        self._engine.start_reporting()
-        self._engine.resume_sparse_phase()
         self._hook_gradients()
 
     # ------------------------------------------------------------------ the best model
@@ -377,9 +378,8 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self._stop_if_finished(state, control)
 
     def _stop_if_finished(self, state: TrainerState, control: TrainerControl) -> None:
-        if self.stop_at_end and self._engine.is_finished(self._now(state)) and not control.should_training_stop:
+        if self._engine.stop_now(self._now(state), stopping=control.should_training_stop):
             control.should_training_stop = True
-            log.info(f"DSD finished its last phase ({self.phase.value}, cycle {self.cycle}): stopping.")
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
@@ -388,36 +388,15 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         if self._sink is not None:
             self._sink.integrations_closed()
         loaded = state.best_model_checkpoint if args.load_best_model_at_end else None
-        if loaded is None:
-            self._engine.warn_if_left_sparse(self._now(state),
-                                             "resume with `trainer.train(resume_from_checkpoint=...)`")
-        self._engine.training_ended()
-        self._report_the_returned_model(state, loaded)
+        returned = None
+        if loaded is not None:
+            returned = ReturnedCheckpoint(loaded, *self._phase_of_checkpoint(loaded), "load_best_model_at_end",
+                                          "keep best_model_phase='final' (the default) to choose the best model"
+                                          " among those only")
+        self._engine.finish(self._now(state), returned)
         self._hold_best_model_record(args, state)
         if self._sink is not None:
             self._sink.close()
-
-    def _report_the_returned_model(self, state: TrainerState, loaded: Optional[str]) -> None:
-        """Say which model ``train()`` returns: the best checkpoint the Trainer loaded (``load_best_model_at_end``,
-        before ``on_train_end``), with the phase it was saved in (read from its ``dsd_state.pt``), or the last
-        step's; and the exact zeros its targets hold, counted on the model itself."""
-        targets = {name: param.detach() for name, param in self._engine.targets.items()}
-        zeros = sum(count_zeros(targets).values())
-        total = sum(param.numel() for param in targets.values())
-        held = f"its {len(targets)} targeted tensors hold {zeros} exact zeros of {total} weights"
-        if loaded is None:
-            log.info(f"DSDTrainerCallback: the Trainer returns the model of the last step ({state.global_step}),"
-                           f" in the {self.phase_label} phase of cycle {self.cycle}; {held}.")
-            return
-        saved_in, in_last_phase = self._phase_of_checkpoint(loaded)
-        message = (f"DSDTrainerCallback: the Trainer returns its best checkpoint (load_best_model_at_end), {loaded},"
-                   f" saved {saved_in}; {held}. DSD's schedule itself stopped at step {state.global_step} in the"
-                   f" {self.phase_label} phase of cycle {self.cycle}.")
-        if in_last_phase:
-            log.info(message)
-        else:
-            log.warn(f"{message} This model is not DSD's result, a model of its last phase: keep"
-                           " best_model_phase='final' (the default) to choose the best model among those only.")
 
     def _phase_of_checkpoint(self, folder: str) -> tuple[str, bool]:
         """Where ``folder``'s ``dsd_state.pt`` places it (``"at step N in the sparse phase of cycle 0"``), and
