@@ -5,9 +5,9 @@ quantities: the param groups' ``lr``, ``initial_lr``, ``max_lr`` and ``min_lr`` 
 scheduler's own ``base_lrs``, ``min_lrs`` (ReduceLROnPlateau), ``max_lrs`` (CyclicLR), ``eta_min``
 (cosine schedules) and ``_last_lr``. Multiplying all of them by the same factor makes every later learning
 rate exactly ``factor`` times what it would have been. Schedulers that wrap others (SequentialLR,
-ChainedScheduler) are followed into their children. Lightning's ``BackboneFinetuning`` schedules the
-backbone's param group itself, from its ``previous_backbone_lr`` (and ``backbone_initial_lr``, when given):
-handed over as a scheduler, it is scaled the same way.
+ChainedScheduler) are followed into their children. Anything else that keeps learning-rate state of its own
+can be handed over as a scheduler that scales itself (:class:`ScalesItself`: a door wraps Lightning's
+``BackboneFinetuning`` so).
 
 timm's schedulers (subclasses of ``timm.scheduler.scheduler.Scheduler``, recognised by the class's name so that
 timm stays optional) recompute every group's rate at each ``step(epoch)``/``step_update(num_updates)`` from
@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import math
 from functools import partial
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Optional, Protocol, Sequence, runtime_checkable
 
 from torch import Tensor
 from torch.optim import Optimizer
@@ -45,11 +45,27 @@ from torch.utils.hooks import RemovableHandle
 
 GROUP_LR_KEYS = ("lr", "initial_lr", "max_lr", "min_lr")
 SCHEDULER_LR_ATTRIBUTES = (
-    "base_lrs", "min_lrs", "max_lrs", "eta_min", "_last_lr", "previous_backbone_lr", "backbone_initial_lr"
+    "base_lrs", "min_lrs", "max_lrs", "eta_min", "_last_lr"
 )
 #: The base class of timm's schedulers, by its full name (timm is not imported).
 TIMM_SCHEDULER = "timm.scheduler.scheduler.Scheduler"
 TIMM_LR_ATTRIBUTES = ("base_values", "warmup_lr_init", "warmup_steps", "lr_min", "restore_lr")
+
+
+@runtime_checkable
+class ScalesItself(Protocol):
+    """A scheduler-like object that keeps learning-rate state of its own and multiplies it by ``factor`` when
+    asked (re-dense), so that its later rates are ``factor`` times what they would have been.
+
+    Examples:
+        >>> class Warmup:
+        ...     peak = 1.0
+        ...     def scale_learning_rate(self, factor): self.peak *= factor
+        >>> warmup = Warmup(); scale_learning_rates([], [warmup], 0.1); warmup.peak, is_known_scheduler(warmup)
+        (0.1, True)
+    """
+
+    def scale_learning_rate(self, factor: float) -> None: ...
 
 
 def _scaled(value: Any, factor: float) -> Any:
@@ -103,6 +119,9 @@ def _scale_scheduler(scheduler: Any, factor: float, seen: set[int]) -> None:
     if id(scheduler) in seen:
         return
     seen.add(id(scheduler))
+    if isinstance(scheduler, ScalesItself):
+        scheduler.scale_learning_rate(factor)
+        return
     timm = is_timm_scheduler(scheduler)
     if timm and getattr(scheduler, "param_group_field", "lr") != "lr":
         return
@@ -126,8 +145,7 @@ def is_timm_scheduler(scheduler: Any) -> bool:
 
 def is_known_scheduler(scheduler: Any) -> bool:
     """Whether :func:`scale_learning_rates` knows every learning-rate-valued state of ``scheduler``: torch's
-    schedulers, timm's and Lightning's ``BackboneFinetuning`` (also behind a wrapper, see
-    :func:`unwrapped_scheduler`).
+    schedulers, timm's and any that :class:`ScalesItself` (also behind a wrapper, see :func:`unwrapped_scheduler`).
 
     Examples:
         >>> import torch
@@ -136,7 +154,7 @@ def is_known_scheduler(scheduler: Any) -> bool:
         (True, False)
     """
     scheduler = unwrapped_scheduler(scheduler)
-    return _is_scheduler(scheduler) or hasattr(scheduler, "previous_backbone_lr")
+    return _is_scheduler(scheduler) or isinstance(scheduler, ScalesItself)
 
 
 def current_learning_rates(optimizers: Iterable[Optimizer]) -> list[list[float]]:

@@ -27,6 +27,7 @@ from typing_extensions import override
 
 from lightning_dsd.doors.base import ReadsEngine
 from lightning_dsd.doors.lightning.export import export_sparse_model
+from lightning_dsd.doors.lightning.finetuning import BackboneRates
 from lightning_dsd.doors.lightning.limits import training_limit
 from lightning_dsd.doors.lightning.output import ProgressBarPhase, TrainerSink
 from lightning_dsd.rules import log
@@ -204,7 +205,8 @@ class DSDCallback(ReadsEngine, Callback):
         """The Trainer's schedulers, and the ``BackboneFinetuning`` callbacks that schedule a param group."""
         if self._trainer is None:
             return []
-        finetuning = [cb for cb in self._trainer.callbacks if isinstance(cb, BackboneFinetuning)]  # type: ignore[attr-defined]
+        callbacks = self._trainer.callbacks  # type: ignore[attr-defined]  # set by Lightning at init
+        finetuning = [BackboneRates(cb) for cb in callbacks if isinstance(cb, BackboneFinetuning)]
         return [config.scheduler for config in self._trainer.lr_scheduler_configs] + finetuning
 
     @property
