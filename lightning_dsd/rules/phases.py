@@ -70,7 +70,8 @@ def build_stages(
 ) -> tuple[Stage, ...]:
     """Lay out D S D (S D ...): one dense phase, then a sparse and a re-dense phase per cycle (one per sparsity),
     and, unless ``final`` is 0, a final sparse phase of that length (AC/DC's: the run ends sparse), numbered
-    as cycle ``cycles``. ``sparse`` and ``redense`` are one length for every cycle or one per cycle.
+    as cycle ``cycles``. ``sparse`` and ``redense`` are one length for every cycle or one per cycle (their count
+    checked by :func:`~lightning_dsd.rules.options.check_options`).
 
     The re-dense phase of one cycle is the dense phase the next cycle prunes from, as in the paper's
     DeepSpeech 2 run (50% then 25%).
@@ -81,8 +82,8 @@ def build_stages(
         >>> [(s.phase.value, s.cycle, s.length) for s in build_stages(2, 2, (5, 5), 5, final=20)][-3:]
         [('sparse', 1, 5), ('redense', 1, 5), ('sparse', 2, 20)]
     """
-    sparse_lengths = _per_cycle(sparse, cycles, "sparse")
-    redense_lengths = _per_cycle(redense, cycles, "redense")
+    sparse_lengths = _per_cycle(sparse, cycles)
+    redense_lengths = _per_cycle(redense, cycles)
     stages = [Stage(Phase.DENSE, 0, dense)]
     for cycle in range(cycles):
         stages.append(Stage(Phase.SPARSE, cycle, sparse_lengths[cycle]))
@@ -92,12 +93,9 @@ def build_stages(
     return tuple(stages)
 
 
-def _per_cycle(length: Union[Optional[int], Sequence[Optional[int]]], cycles: int, what: str) -> list[Optional[int]]:
-    if length is None or isinstance(length, int):
-        return [length] * cycles
-    if len(length) != cycles:
-        raise ValueError(f"{len(length)} {what} lengths for {cycles} cycles: give one per cycle")
-    return list(length)
+def _per_cycle(length: Union[Optional[int], Sequence[Optional[int]]], cycles: int) -> list[Optional[int]]:
+    """One length per cycle (a sequence is one per cycle already: the options checked its count)."""
+    return [length] * cycles if length is None or isinstance(length, int) else list(length)
 
 
 class ConvergenceTracker:
