@@ -301,8 +301,12 @@ class DSD(ReadsEngine):
 
 
 _TERMS = DoorTerms(
-    name="DSD", training="loop", resume="load `dsd.load_state_dict(...)` with the model", new="build a new DSD(...)",
+    name="DSD",
+    training="loop",
+    resume="load `dsd.load_state_dict(...)` with the model",
+    new="build a new DSD(...)",
     lazy="before `DSD(...)`",
+    returner="the loop",
 )
 
 

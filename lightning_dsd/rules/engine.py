@@ -188,7 +188,7 @@ class DSDEngine:
         self._left_dense: dict[str, str] = {}  # targets the current sparse phase does not prune, with why
         self._rate_watch: Optional[RateWatch] = None  # from a re-dense to its first scheduler steps
         # The scalars due at the sink's current step (weights, learning rates), logged once at the end of
-        # ``advance_if_due`` or ``training_ended``: an epoch end and the transitions after it share a step.
+        # ``advance_if_due`` or ``finish``: an epoch end and the transitions after it share a step.
         self._due_scalars: Optional[tuple[dict[str, nn.Parameter], list[list[float]]]] = None
         self._window: Optional[GradientWindow] = None  # the gradient statistics of `importance`, while open
 

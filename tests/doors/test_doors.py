@@ -291,3 +291,29 @@ def test_a_joined_run_that_does_not_fit_says_where_the_phase_began_in_both_doors
     assert schedule_warnings(hf) == [
         "The DSD schedule needs 9 steps (1 + 2 + 2, the current dense phase from step 4), but the Trainer has"
         " max_steps=6: training will stop in the sparse phase. Set max_steps=9 to run every phase."]
+
+
+def _zeros(model: nn.Module, names: list[str]) -> int:
+    return sum(int((model.get_parameter(name) == 0).sum()) for name in names)
+
+
+def test_every_door_ends_with_one_line_on_the_model_it_returns_its_zeros_counted_on_the_model(caplog):
+    caplog.set_level("INFO", logger="lightning_dsd")
+    model = ConvLSTMNet()
+    dsd = DSDCallback(0.5, 1, 2, 1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the schedule does not fit: it stops inside the sparse phase, on purpose
+        make_trainer([dsd], max_epochs=2).fit(model, make_loader())
+    names = dsd.target_names
+    total = sum(model.get_parameter(name).numel() for name in names)
+    assert f"DSDCallback: the Trainer returns the model of the last step (epoch 2), in the sparse phase of cycle 0;" \
+        f" its {len(names)} targeted tensors hold {_zeros(model, names)} exact zeros of {total} weights." in caplog.text
+    assert _zeros(model, names) >= total // 2
+
+    plain = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 2))
+    loop = DSD(plain, torch.optim.SGD(plain.parameters(), lr=0.1), 0.5, 1, 1, 1)
+    for _ in range(3):
+        loop.step()
+    assert loop.finished
+    assert "DSD: the loop returns the model of the last step (epoch 3), in the redense phase of cycle 0; its 2" \
+        f" targeted tensors hold {_zeros(plain, loop.target_names)} exact zeros of 80 weights." in caplog.text
