@@ -41,8 +41,8 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dsd.doors.base import ReadsEngine
+from lightning_dsd.doors.lightning.cli import SparsityValue
 from lightning_dsd.rules import log
-from lightning_dsd.rules.arguments import SparsityValue
 from lightning_dsd.rules.constraint import unwrapped_optimizer
 from lightning_dsd.rules.engine import DSDEngine
 from lightning_dsd.rules.importance import Importance

@@ -26,11 +26,12 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dsd.doors.base import ReadsEngine
+from lightning_dsd.doors.lightning.cli import SparsityValue
 from lightning_dsd.doors.lightning.export import export_sparse_model
 from lightning_dsd.doors.lightning.limits import training_limit
 from lightning_dsd.doors.lightning.output import ProgressBarPhase, TrainerSink
 from lightning_dsd.rules import log
-from lightning_dsd.rules.arguments import SparsityValue, check_bool, check_choice
+from lightning_dsd.rules.arguments import check_bool, check_choice
 from lightning_dsd.rules.engine import DSDEngine
 from lightning_dsd.rules.importance import Importance
 from lightning_dsd.rules.options import LengthsArgument, check_options, door_options
