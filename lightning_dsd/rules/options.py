@@ -1,11 +1,12 @@
 """The options of a DSD run, declared once and checked once, whichever front door takes them.
 
-:class:`DSDOptions` is the one declaration: each keyword option is a field with its default and its check.
-The front doors (``DSDCallback``, ``DSD``, ``DSDTrainerCallback``) keep explicit signatures, which IDEs and
-jsonargparse read, and hand their arguments to :func:`check_options` (:func:`door_options` picks them from
-the door's ``locals()``); a test holds every door's defaults to the declaration's. Each message names the
-argument, says what is allowed and shows what was passed (see :mod:`lightning_dsd.rules.arguments`). The meaning
-of every option is written once, in :class:`~lightning_dsd.DSDCallback`'s docstring.
+:class:`DSDOptions` is the one declaration: each keyword option is a field with its default and its check,
+side by side. The checks are the functions of this module, each raising before anything trains with a message
+that names the argument, says what is allowed and shows what was passed. The front doors (``DSDCallback``,
+``DSD``, ``DSDTrainerCallback``) keep explicit signatures, which IDEs and jsonargparse read, and hand their
+arguments to :func:`check_options` (:func:`door_options` picks them from the door's ``locals()``); a test holds
+every door's defaults to the declaration's. The meaning of every option is written once, in
+:class:`~lightning_dsd.DSDCallback`'s docstring.
 
 Examples:
     >>> options = check_options(0.5, 10, 10, 10)
@@ -19,25 +20,16 @@ Examples:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields, is_dataclass
+from functools import partial
+from numbers import Integral, Real
 from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
+from torch import nn
 from typing_extensions import Annotated
 
-from lightning_dsd.rules.arguments import (
-    check_bool,
-    check_choice,
-    check_cycle_lengths,
-    check_every_n,
-    check_figure_layers,
-    check_layer_sparsity,
-    check_layer_types,
-    check_length,
-    check_non_negative_int,
-    check_patterns,
-    check_real,
-    check_sparsities,
-)
+from lightning_dsd.rules import log
 from lightning_dsd.rules.constraint import MASK_STORAGES
 from lightning_dsd.rules.importance import Importance, check_importance, criterion_name
 from lightning_dsd.rules.masks import NMPattern, Sparsity
@@ -57,18 +49,277 @@ CycleLengths = Union[Optional[int], tuple[Optional[int], ...]]
 #: does not postpone its annotations); to type checkers it is the plain union.
 LengthsArgument = Optional[Annotated[Union[int, Sequence[Optional[int]]], "one length, or one per cycle"]]
 
+# ------------------------------------------------------------------ the checks: each returns the checked value or
+# raises, before anything trains, naming the option, saying what is allowed and showing what was passed
 
-def _choice(*allowed: str) -> Callable[[str, Any], Any]:
-    return lambda name, value: check_choice(name, value, allowed)
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, Real) and not isinstance(value, bool)
 
 
-def _monitor(name: str, value: Any) -> Optional[str]:
+def _as_int(value: Any) -> Optional[int]:
+    """``value`` as an ``int`` when it is an integer (numpy's included), never a bool; else ``None``."""
+    return int(value) if isinstance(value, Integral) and not isinstance(value, bool) else None
+
+
+def check_choice(name: str, value: Any, allowed: Sequence[str]) -> str:
+    """One of ``allowed``."""
+    if value not in allowed:
+        raise ValueError(f"`{name}` must be one of {list(allowed)}. Found: {value!r}.")
+    return value
+
+
+def check_non_negative_int(name: str, value: Any, *, positive: bool = False) -> int:
+    """An int >= 0 (>= 1 when ``positive``), numpy's included, never a bool."""
+    number = _as_int(value)
+    if number is None or number < int(positive):
+        raise ValueError(f"`{name}` must be an int >= {int(positive)}. Found: {value!r}.")
+    return number
+
+
+def check_real(name: str, value: Any, *, positive: bool = False) -> float:
+    """A finite number (> 0 when ``positive``), as a float."""
+    if not _is_real(value) or math.isnan(value) or math.isinf(value) or (positive and value <= 0):
+        allowed = "a finite number > 0" if positive else "a finite number"
+        raise ValueError(f"`{name}` must be {allowed}. Found: {value!r}.")
+    return float(value)
+
+
+def check_patterns(name: str, value: Any) -> Optional[tuple[str, ...]]:
+    """Glob patterns: ``None``, one string, or a non-empty sequence of strings."""
+    if value is None:
+        return None
+    patterns = (value,) if isinstance(value, str) else value
+    if (
+        not isinstance(patterns, Sequence)
+        or not patterns
+        or not all(isinstance(p, str) and p for p in patterns)
+    ):
+        raise ValueError(
+            f"`{name}` must be None, a glob pattern string or a non-empty sequence of them"
+            f" (matched against `model.named_parameters()` names, e.g. 'features.0.*'). Found: {value!r}."
+        )
+    return tuple(patterns)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """A bool (not a truthy value: ``1`` and ``"yes"`` are refused)."""
+    if not isinstance(value, bool):
+        raise TypeError(f"`{name}` must be a bool. Found: {value!r}.")
+    return value
+
+
+def check_every_n(name: str, value: Any) -> Optional[int]:
+    """``None`` (never) or an int >= 1."""
+    if value is None:
+        return None
+    number = _as_int(value)
+    if number is None or number < 1:
+        raise ValueError(f"`{name}` must be None or an int >= 1. Found: {value!r}.")
+    return number
+
+
+def check_fraction(value: Any, rule: str) -> float:
+    """``value`` as a float strictly between 0 and 1, else a ``ValueError`` with ``rule``."""
+    if not _is_real(value) or math.isnan(value) or not 0 < value < 1:
+        raise ValueError(f"{rule} Found: {value!r}.")
+    return float(value)
+
+
+_SPARSITY_RULE = (
+    "`sparsity` must be a float in (0, 1) (the fraction of weights pruned) or an 'N:M' pattern such as '2:4',"
+    " or a non-empty sequence of them, one per DSD cycle."
+)
+
+
+def _base_60_digits(value: Any) -> Optional[tuple[int, int]]:
+    """``(N, M)`` with ``value == 60 * N + M`` and ``0 <= M < 60``, for a whole number ``value >= 60`` (what YAML 1.1
+    makes of an unquoted ``N:M``, or jsonargparse's float of it); else ``None``."""
+    if not _is_real(value) or not math.isfinite(value) or value != int(value) or value < 60:
+        return None
+    n, m = divmod(int(value), 60)
+    return n, m
+
+
+def read_base_60(value: Any) -> Optional[NMPattern]:
+    """The ``N:M`` pattern a whole-number sparsity was written as, with a warning to quote it; ``None`` for
+    anything else. YAML 1.1 (PyYAML, OmegaConf and so Hydra, jsonargparse and so ``LightningCLI``) reads an unquoted
+    ``2:4`` as the base-60 integer ``2 * 60 + 4 = 124``; an integer ``60 * N + M`` (``M < 60``) of a valid
+    pattern (``0 < N < M``) is read back as that pattern (also as the float ``124.0``). No whole number is a valid
+    sparsity, so this never changes a valid value.
+
+    Examples:
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always")
+        ...     read_base_60(124), read_base_60(0.5), read_base_60(242)  # 242 is 4:2, no valid pattern
+        (NMPattern(n=2, m=4), None, None)
+        >>> print(caught[0].message)  # doctest: +ELLIPSIS
+        Read the sparsity 124 as the N:M pattern '2:4': YAML 1.1 reads an unquoted 2:4 as the base-60 integer ...
+    """
+    digits = _base_60_digits(value)  # an int, or the whole-number float jsonargparse may make of it
+    if digits is None or not 0 < digits[0] < digits[1]:
+        return None
+    n, m = digits
+    log.warn(
+        f"Read the sparsity {value:g} as the N:M pattern '{n}:{m}': YAML 1.1 reads an unquoted {n}:{m} as the"
+        f" base-60 integer {n} * 60 + {m} = {value:g}. Quote the pattern ('{n}:{m}') to silence this warning; if you"
+        " meant a fraction of the weights, write a float in (0, 1) such as 0.5."
+    )
+    return NMPattern(n, m)
+
+
+def check_sparsity(value: Any, rule: str = _SPARSITY_RULE) -> Sparsity:
+    """One sparsity: a float in (0, 1) or an ``"N:M"`` pattern, or YAML's base-60 integer of one (read back by
+    :func:`read_base_60`, with a warning). A whole number that YAML would have made of an invalid ``N:M`` is
+    refused with that reading spelled out.
+
+    Examples:
+        >>> check_sparsity(242)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `sparsity` must be ... Found: 242, which is how YAML 1.1 reads an unquoted 4:2 ...
+    """
+    if isinstance(value, str):
+        try:
+            return NMPattern.parse(value)
+        except ValueError as error:
+            raise ValueError(f"{rule} Found: {value!r} ({error})") from None
+    pattern = read_base_60(value)
+    if pattern is not None:
+        return pattern
+    digits = _base_60_digits(value)
+    if digits is not None:
+        n, m = digits
+        raise ValueError(
+            f"{rule} Found: {value!r}, which is how YAML 1.1 reads an unquoted {n}:{m} (the base-60 integer"
+            f" {n} * 60 + {m}), and {n}:{m} is no N:M pattern (integers 0 < N < M). Quote the pattern you meant,"
+            " as in '2:4', or write a float in (0, 1)."
+        )
+    return check_fraction(value, rule)
+
+
+def check_sparsities(value: Any) -> tuple[Sparsity, ...]:
+    """One sparsity per cycle, from a float, an ``"N:M"`` string, or a sequence of them.
+
+    Examples:
+        >>> check_sparsities(0.5), check_sparsities((0.5, "2:4"))
+        ((0.5,), (0.5, NMPattern(n=2, m=4)))
+        >>> check_sparsities(1.5)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `sparsity` must be a float in (0, 1) (the fraction of weights pruned) ... Found: 1.5.
+    """
+    if isinstance(value, bytes) or (not _is_real(value) and not isinstance(value, (str, Sequence))):
+        raise ValueError(f"{_SPARSITY_RULE} Found: {value!r}.")
+    values = [value] if _is_real(value) or isinstance(value, str) else list(value)
+    if not values:
+        raise ValueError(f"{_SPARSITY_RULE} Found an empty sequence: {value!r}.")
+    return tuple(check_sparsity(v) for v in values)
+
+
+def check_length(name: str, value: Any) -> Optional[int]:
+    """A phase length: an int >= 0, or ``None`` for "until the monitored metric converges"."""
+    if value is None:
+        return None
+    length = _as_int(value)
+    if length is None or length < 0:
+        raise ValueError(
+            f"`{name}` must be an int >= 0, or None to run the phase until `monitor` converges. Found: {value!r}."
+        )
+    return length
+
+
+def check_cycle_lengths(name: str, value: Any, cycles: int) -> Union[Optional[int], tuple[Optional[int], ...]]:
+    """A phase length for every cycle (as :func:`check_length`), or a sequence of them, one per cycle.
+
+    Examples:
+        >>> check_cycle_lengths("sparse_epochs", [5, 5, 20], cycles=3)
+        (5, 5, 20)
+        >>> check_cycle_lengths("sparse_epochs", [5, 5], cycles=3)  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `sparse_epochs` gives 2 lengths, but `sparsity` gives 3 cycles: ...
+    """
+    if isinstance(value, (str, bytes)) or not isinstance(value, Sequence):
+        return check_length(name, value)
+    lengths = tuple(check_length(f"{name}[{i}]", length) for i, length in enumerate(value))
+    if len(lengths) != cycles:
+        raise ValueError(
+            f"`{name}` gives {len(lengths)} length{'s' if len(lengths) != 1 else ''}, but `sparsity` gives"
+            f" {cycles} cycle{'s' if cycles != 1 else ''}: pass one length for every cycle, or a sequence of"
+            f" exactly {cycles} (one per cycle, in order). Found: {name}={value!r}."
+        )
+    return lengths
+
+
+# The checks of one option each.
+
+
+def check_monitor(name: str, value: Any) -> Optional[str]:
+    """The metric a phase of length ``None`` waits for: ``None``, or a non-empty name."""
     if value is not None and not (isinstance(value, str) and value):
         raise ValueError(f"`{name}` must be None or the name of a logged metric. Found: {value!r}.")
     return value
 
 
-def _option(default: Any, check: Callable[[str, Any], Any]) -> Any:
+def check_layer_types(name: str, value: Any) -> Optional[dict[Any, Any]]:
+    """Declared linear-like layers: a mapping from a module class (or its ``"module.QualName"``) to a
+    :class:`~lightning_dsd.rules.selection.LayerSpec`."""
+    if value is None:
+        return None
+    rule = (
+        f"`{name}` must map nn.Module subclasses (or their 'module.QualName' strings) to a LayerSpec,"
+        " e.g. {MyLinear: LayerSpec(weights=('weight',), input_dim=0)}."
+    )
+    if not isinstance(value, Mapping) or not value:
+        raise ValueError(f"{rule} Found: {value!r}.")
+    for key, spec in value.items():
+        is_module_type = isinstance(key, type) and issubclass(key, nn.Module)
+        if not (is_module_type or (isinstance(key, str) and "." in key)) or not isinstance(spec, LayerSpec):
+            raise ValueError(f"{rule} Found the entry {key!r}: {spec!r}.")
+    return dict(value)
+
+
+def check_figure_layers(name: str, value: Any) -> "int | tuple[str, ...]":
+    """How many of the largest layers get the figure (an int >= 0), or glob patterns picking them."""
+    rule = f"`{name}` must be an int >= 0 (how many of the largest layers) or glob patterns. Found: {value!r}."
+    number = _as_int(value)
+    if number is not None:
+        if number < 0:
+            raise ValueError(rule)
+        return number
+    if value is None or isinstance(value, bool):
+        raise ValueError(rule)
+    return check_patterns(name, value)  # type: ignore[return-value]  # not None: value is not None
+
+
+def check_layer_sparsity(name: str, value: Any) -> Optional[dict[str, Sparsity]]:
+    """Per-layer overrides: a mapping from parameter-name glob to a sparsity (float or ``"N:M"``)."""
+    if value is None:
+        return None
+    rule = (
+        f"`{name}` must map parameter-name glob patterns to a sparsity (a float in (0, 1) or 'N:M'),"
+        " e.g. {'lstm.*': 0.8}."
+    )
+    if not isinstance(value, Mapping) or not value or not all(isinstance(k, str) and k for k in value):
+        raise ValueError(f"{rule} Found: {value!r}.")
+    return {pattern: check_sparsity(sparsity, rule) for pattern, sparsity in value.items()}
+
+
+# ------------------------------------------------------------------ the declaration
+
+
+#: What a field's check is given (the option's name and what was passed) and returns (the checked value).
+Check = Callable[[str, Any], Any]
+
+
+def _one_of(*allowed: str) -> Check:
+    """The check of an option that takes one of ``allowed`` (:func:`check_choice`)."""
+    return lambda name, value: check_choice(name, value, allowed)
+
+
+def _option(default: Any, check: Check) -> Any:
     """A keyword option: its default and the check that turns what a user passed into its checked value."""
     return field(default=default, metadata={"check": check})
 
@@ -79,32 +330,35 @@ class DSDOptions:
     doors share (see :class:`~lightning_dsd.DSDCallback` for what each means). Each keyword option is a field
     with its default and its check; :func:`check_options` builds one from a door's arguments."""
 
-    sparsities: tuple[Sparsity, ...]
-    lengths: tuple[Optional[int], CycleLengths, CycleLengths]
+    # The positional arguments, checked by `check_options` (the lengths against the number of cycles).
+    sparsities: tuple[Sparsity, ...]  # check_sparsities
+    lengths: tuple[Optional[int], CycleLengths, CycleLengths]  # check_length, check_cycle_lengths
+
+    # The keyword options: `name: type = _option(default, check)`.
     final_sparse_epochs: Optional[int] = _option(0, check_length)
-    interval: str = _option("epoch", _choice(*INTERVALS))
-    monitor: Optional[str] = _option(None, _monitor)
-    mode: str = _option("min", _choice("min", "max"))
+    interval: str = _option("epoch", _one_of(*INTERVALS))
+    monitor: Optional[str] = _option(None, check_monitor)
+    mode: str = _option("min", _one_of("min", "max"))
     patience: int = _option(3, check_non_negative_int)
     min_delta: float = _option(0.0, check_real)
-    lr_scale: float = _option(0.1, lambda name, value: check_real(name, value, positive=True))
+    lr_scale: float = _option(0.1, partial(check_real, positive=True))
     include: Optional[tuple[str, ...]] = _option(None, check_patterns)
     exclude: Optional[tuple[str, ...]] = _option(None, check_patterns)
-    layer_types: Optional[dict[LayerType, LayerSpec]] = _option(None, lambda _, value: check_layer_types(value))
-    scope: str = _option("layer", _choice(*SCOPES))
+    layer_types: Optional[dict[LayerType, LayerSpec]] = _option(None, check_layer_types)
+    scope: str = _option("layer", _one_of(*SCOPES))  # and, with the sparsities, what `MaskPlan` refuses
     log_histograms: bool = _option(True, check_bool)
     histogram_every_n_epochs: Optional[int] = _option(None, check_every_n)
     histogram_layers: Optional[tuple[str, ...]] = _option(None, check_patterns)
     log_scalars: bool = _option(True, check_bool)
-    figure_layers: Union[int, tuple[str, ...]] = _option(2, lambda _, value: check_figure_layers(value))
-    layer_sparsity: Optional[dict[str, Sparsity]] = _option(None, lambda _, value: check_layer_sparsity(value))
-    redense_init: str = _option("zero", _choice(*REDENSE_INITS))
-    redense_state: str = _option("pruned", _choice(*REDENSE_STATES))
+    figure_layers: Union[int, tuple[str, ...]] = _option(2, check_figure_layers)
+    layer_sparsity: Optional[dict[str, Sparsity]] = _option(None, check_layer_sparsity)
+    redense_init: str = _option("zero", _one_of(*REDENSE_INITS))
+    redense_state: str = _option("pruned", _one_of(*REDENSE_STATES))
     seed: int = _option(0, check_non_negative_int)
-    mask_storage: str = _option("weight_dtype", _choice(*MASK_STORAGES))
+    mask_storage: str = _option("weight_dtype", _one_of(*MASK_STORAGES))
     prune: bool = _option(True, check_bool)
-    importance: Importance = _option("magnitude", check_importance)
-    importance_steps: int = _option(100, lambda name, value: check_non_negative_int(name, value, positive=True))
+    importance: Importance = _option("magnitude", check_importance)  # and, with the lengths, `_check_window`
+    importance_steps: int = _option(100, partial(check_non_negative_int, positive=True))
 
     @property
     def ends_sparse(self) -> bool:

@@ -31,10 +31,9 @@ from lightning_dsd.doors.lightning.export import export_sparse_model
 from lightning_dsd.doors.lightning.limits import training_limit
 from lightning_dsd.doors.lightning.output import ProgressBarPhase, TrainerSink
 from lightning_dsd.rules import log
-from lightning_dsd.rules.arguments import check_bool, check_choice
 from lightning_dsd.rules.engine import DSDEngine
 from lightning_dsd.rules.importance import Importance
-from lightning_dsd.rules.options import LengthsArgument, check_options, door_options
+from lightning_dsd.rules.options import LengthsArgument, check_bool, check_choice, check_options, door_options
 from lightning_dsd.rules.preflight import shape_lazy_modules, warn_if_schedule_does_not_fit
 from lightning_dsd.rules.selection import LayerSpec, LayerType, uninitialized_parameters
 

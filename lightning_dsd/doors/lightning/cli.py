@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from lightning_dsd.rules.arguments import read_base_60
+from lightning_dsd.rules.options import read_base_60
 
 
 class SparsityValue(str):
@@ -24,15 +24,15 @@ class SparsityValue(str):
 
     - a string holding ``":"`` (a quoted ``'2:4'`` in YAML, ``--...sparsity 2:4`` on the command line)
       becomes a ``SparsityValue`` unchanged, valid or not, so
-      :func:`~lightning_dsd.rules.arguments.check_sparsity` shows the error;
+      :func:`~lightning_dsd.rules.options.check_sparsity` shows the error;
     - an integer ``60 * N + M`` of a valid ``N:M``, which is how YAML 1.1 reads an unquoted ``N:M`` (``124``
       from ``2:4`` in a YAML file or in a ``[2:4, 0.5]`` list), becomes that ``N:M`` (``"2:4"``), with a
-      warning to quote it (see :func:`~lightning_dsd.rules.arguments.read_base_60`, which
-      :func:`~lightning_dsd.rules.arguments.check_sparsity` applies in every door);
+      warning to quote it (see :func:`~lightning_dsd.rules.options.read_base_60`, which
+      :func:`~lightning_dsd.rules.options.check_sparsity` applies in every door);
     - anything else is refused, so jsonargparse goes on to ``float`` (``0.5``) and then ``str``;
     - it is dumped (``--print_config``, the ``config.yaml`` ``LightningCLI`` saves) as a quoted ``'2:4'``.
 
-    The value is validated where every sparsity is, by :func:`~lightning_dsd.rules.arguments.check_sparsity`.
+    The value is validated where every sparsity is, by :func:`~lightning_dsd.rules.options.check_sparsity`.
 
     Examples:
         >>> SparsityValue.from_parsed("2:4"), SparsityValue.from_parsed("4:2")
@@ -46,7 +46,7 @@ class SparsityValue(str):
         Traceback (most recent call last):
         ...
         ValueError: not an 'N:M' pattern: 0.5.
-        >>> from lightning_dsd.rules.arguments import check_sparsity
+        >>> from lightning_dsd.rules.options import check_sparsity
         >>> check_sparsity(SparsityValue("2:4"))
         NMPattern(n=2, m=4)
     """
@@ -56,7 +56,7 @@ class SparsityValue(str):
     @classmethod
     def from_parsed(cls, value: Any) -> "SparsityValue":
         """``value`` as jsonargparse parsed it (a string, or YAML's base-60 integer) as ``"N:M"`` text; YAML's
-        integer is read back by :func:`~lightning_dsd.rules.arguments.read_base_60`, which warns."""
+        integer is read back by :func:`~lightning_dsd.rules.options.read_base_60`, which warns."""
         if isinstance(value, str) and ":" in value:
             return cls(value)
         pattern = read_base_60(value)

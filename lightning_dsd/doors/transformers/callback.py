@@ -92,9 +92,8 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lightning_dsd.doors.base import ReadsEngine
 from lightning_dsd.rules import log
-from lightning_dsd.rules.arguments import check_bool, check_choice
 from lightning_dsd.rules.engine import DSDEngine
-from lightning_dsd.rules.options import KEYWORD_OPTIONS, LengthsArgument, check_options
+from lightning_dsd.rules.options import KEYWORD_OPTIONS, LengthsArgument, check_bool, check_choice, check_options
 from lightning_dsd.rules.phases import Phase
 from lightning_dsd.rules.preflight import TrainingLimit, refuse_lazy_modules, warn_if_schedule_does_not_fit
 from lightning_dsd.rules.sharding import count_zeros, from_rank_zero
