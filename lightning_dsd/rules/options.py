@@ -24,10 +24,10 @@ import math
 from dataclasses import dataclass, field, fields, is_dataclass
 from functools import partial
 from numbers import Integral, Real
-from typing import Any, Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Generic, Mapping, NoReturn, Optional, Sequence, TypeVar, Union, overload
 
 from torch import nn
-from typing_extensions import Annotated
+from typing_extensions import Annotated, Never
 
 from lightning_dsd.rules import log
 from lightning_dsd.rules.constraint import MASK_STORAGES
@@ -37,6 +37,8 @@ from lightning_dsd.rules.phases import Phase, build_stages
 from lightning_dsd.rules.plan import SCOPES, MaskPlan
 from lightning_dsd.rules.redense import REDENSE_INITS, REDENSE_STATES
 from lightning_dsd.rules.selection import LayerSpec, LayerType
+
+T = TypeVar("T")
 
 INTERVALS = ("epoch", "step")
 LENGTH_NAMES = ("dense_epochs", "sparse_epochs", "redense_epochs")
@@ -509,23 +511,64 @@ def door_options(arguments: Mapping[str, Any]) -> dict[str, Any]:
     return {name: arguments[name] for name in KEYWORD_OPTIONS if name in arguments}
 
 
+class Option(Generic[T]):
+    """The typed, read-only read of one checked option on a front door: ``door.<name>`` is
+    ``door.options.<name>``, of the field's type to type checkers (so a misspelt option is an error there, not an
+    ``Any``), and writing it raises. Declared once, in :class:`ReadsOptions`, for every field of
+    :class:`DSDOptions`."""
+
+    name: str
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.name = name
+
+    @overload
+    def __get__(self, door: None, owner: type) -> Option[T]: ...
+
+    @overload
+    def __get__(self, door: ReadsOptions, owner: type) -> T: ...
+
+    def __get__(self, door: Optional[ReadsOptions], owner: type) -> Union[Option[T], T]:
+        if door is None:  # read on the class: the descriptor itself
+            return self
+        return getattr(door.options, self.name)  # of the field's type, as declared
+
+    def __set__(self, door: ReadsOptions, value: Never) -> NoReturn:
+        raise AttributeError(f"`{self.name}` is a checked DSD option, read-only once the door is built. Build a new"
+                             f" {type(door).__name__} with {self.name}={value!r}.")
+
+
 class ReadsOptions:
-    """Every checked option as a read-only attribute of a front door, named as its keyword (``dsd.scope``,
-    ``dsd.lr_scale``, ...), and the positional ones as ``dsd.sparsities`` and ``dsd.lengths``: the attributes
-    are the fields of :class:`DSDOptions`, read from ``self.options``."""
+    """Every checked option as a typed, read-only attribute of a front door, named as its keyword
+    (``dsd.scope``, ``dsd.lr_scale``, ...), and the positional ones as ``dsd.sparsities`` and ``dsd.lengths``:
+    one :class:`Option` per field of :class:`DSDOptions`, with the field's type, read from ``self.options``
+    (a test holds these to the declaration)."""
 
     options: DSDOptions
 
-    def __getattr__(self, name: str) -> Any:  # only called for names the door itself does not have
-        if name in _OPTION_FIELDS and "options" in vars(self):
-            return getattr(self.options, name)
-        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _OPTION_FIELDS:
-            raise AttributeError(f"`{name}` is a checked DSD option, read-only once the door is built. Build a new"
-                                 f" {type(self).__name__} with {name}={value!r}.")
-        super().__setattr__(name, value)
-
-
-_OPTION_FIELDS = frozenset(f.name for f in fields(DSDOptions))
+    sparsities: Option[tuple[Sparsity, ...]] = Option()
+    lengths: Option[tuple[Optional[int], CycleLengths, CycleLengths]] = Option()
+    final_sparse_epochs: Option[Optional[int]] = Option()
+    interval: Option[str] = Option()
+    monitor: Option[Optional[str]] = Option()
+    mode: Option[str] = Option()
+    patience: Option[int] = Option()
+    min_delta: Option[float] = Option()
+    lr_scale: Option[float] = Option()
+    include: Option[Optional[tuple[str, ...]]] = Option()
+    exclude: Option[Optional[tuple[str, ...]]] = Option()
+    layer_types: Option[Optional[dict[LayerType, LayerSpec]]] = Option()
+    scope: Option[str] = Option()
+    log_histograms: Option[bool] = Option()
+    histogram_every_n_epochs: Option[Optional[int]] = Option()
+    histogram_layers: Option[Optional[tuple[str, ...]]] = Option()
+    log_scalars: Option[bool] = Option()
+    figure_layers: Option[Union[int, tuple[str, ...]]] = Option()
+    layer_sparsity: Option[Optional[dict[str, Sparsity]]] = Option()
+    redense_init: Option[str] = Option()
+    redense_state: Option[str] = Option()
+    seed: Option[int] = Option()
+    mask_storage: Option[str] = Option()
+    prune: Option[bool] = Option()
+    importance: Option[Importance] = Option()
+    importance_steps: Option[int] = Option()

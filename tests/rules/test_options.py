@@ -5,13 +5,17 @@ construction with a message naming the argument, the value and what is allowed."
 from __future__ import annotations
 
 import inspect
+import re
+import typing
+from dataclasses import fields
 
 import pytest
 import torch
+from helpers import ROOT
 from torch import nn
 
 from lightning_dsd import DSD, DSDCallback
-from lightning_dsd.rules.options import KEYWORD_OPTIONS, DSDOptions, check_options, door_options
+from lightning_dsd.rules.options import KEYWORD_OPTIONS, DSDOptions, Option, ReadsOptions, check_options, door_options
 from lightning_dsd.rules.selection import LayerSpec
 
 POSITIONAL = ["sparsity", "dense_epochs", "sparse_epochs", "redense_epochs"]
@@ -61,6 +65,48 @@ def test_every_option_is_a_read_only_attribute_of_each_door():
             door.scope = "layer"
         with pytest.raises(AttributeError, match=r"has no attribute 'scop'"):
             door.scop  # noqa: B018
+
+
+def test_every_field_has_its_typed_read_with_the_fields_type():
+    reads = {name: read for name, read in vars(ReadsOptions).items() if isinstance(read, Option)}
+    assert list(reads) == [f.name for f in fields(DSDOptions)], "one read per field, in the declaration's order"
+    read_types, field_types = typing.get_type_hints(ReadsOptions), typing.get_type_hints(DSDOptions)
+    for name in reads:
+        assert read_types[name] == Option[field_types[name]], name
+
+
+def test_no_door_reads_options_through_getattr_which_would_make_every_read_any():
+    for door in DOOR_ONLY:
+        assert issubclass(door, ReadsOptions)
+        assert not any("__getattr__" in vars(cls) for cls in door.__mro__ if cls is not object), door
+
+
+TYPO = """from lightning_dsd.doors.base import ReadsEngine
+
+
+def reads(door: ReadsEngine) -> None:
+    reveal_type(door.lr_scale)
+    reveal_type(door.seed)
+    door.intervall
+    door.scope = "global"
+"""
+
+
+def test_mypy_types_each_read_and_refuses_a_misspelt_option_and_a_write(tmp_path):
+    api = pytest.importorskip("mypy.api")
+    source = tmp_path / "door_reads.py"
+    source.write_text(TYPO)
+    package = ROOT / "lightning_dsd"
+    # Only the reads' own modules are checked, every other import taken as Any: seconds, not the package's minute.
+    stdout, stderr, status = api.run([
+        "--follow-imports=skip", "--config-file=", f"--cache-dir={tmp_path / 'cache'}", "--no-error-summary",
+        str(source), str(package / "rules" / "options.py"), str(package / "doors" / "base.py"),
+    ])
+    assert re.search(r'door_reads.py:5: note: Revealed type is "(builtins\.)?float"', stdout), stdout + stderr
+    assert re.search(r'door_reads.py:6: note: Revealed type is "(builtins\.)?int"', stdout), stdout
+    assert 'door_reads.py:7: error: "ReadsEngine" has no attribute "intervall"' in stdout, stdout
+    assert re.search(r'door_reads.py:8: error: Incompatible types in assignment .*"Never"', stdout), stdout
+    assert stdout.count("error:") == 2 and status == 1, stdout
 
 
 def test_per_cycle_lengths_and_a_final_sparse_phase_are_checked_once_for_every_door():
