@@ -5,8 +5,8 @@ side by side. The checks are the functions of this module, each raising before a
 that names the argument, says what is allowed and shows what was passed. The front doors (``DSDCallback``,
 ``DSD``, ``DSDTrainerCallback``) keep explicit signatures, which IDEs and jsonargparse read, and hand their
 arguments to :func:`check_options` (:func:`door_options` picks them from the door's ``locals()``); a test holds
-every door's defaults to the declaration's. The meaning of every option is written once, in
-:class:`~lightning_dsd.DSDCallback`'s docstring.
+every door's defaults to the declaration's. The meaning of every option is written once, under its field of
+:class:`DSDOptions`; the doors document only what is theirs.
 
 Examples:
     >>> options = check_options(0.5, 10, 10, 10)
@@ -328,39 +328,140 @@ def _option(default: Any, check: Check) -> Any:
 
 @dataclass(frozen=True)
 class DSDOptions:
-    """Everything that decides what DSD does, checked: the one declaration of every option that the front
-    doors share (see :class:`~lightning_dsd.DSDCallback` for what each means). Each keyword option is a field
-    with its default and its check; :func:`check_options` builds one from a door's arguments."""
+    """Everything that decides what DSD does, checked: the one declaration of every option the front doors
+    share, and the one place each is documented. Each keyword option is declared as
+    ``name: type = _option(default, check)``, its meaning written under it; the doors take the keywords with these
+    names and defaults, and every field is read on a door under its name (``dsd.lr_scale``, see
+    :class:`ReadsOptions`). :func:`check_options` builds one from a door's arguments."""
 
-    # The positional arguments, checked by `check_options` (the lengths against the number of cycles).
-    sparsities: tuple[Sparsity, ...]  # check_sparsities
-    lengths: tuple[Optional[int], CycleLengths, CycleLengths]  # check_length, check_cycle_lengths
+    sparsities: tuple[Sparsity, ...]
+    """The sparsity of each cycle, from a door's first argument ``sparsity``: the fraction of weights a sparse
+    phase prunes, in (0, 1), or an ``"N:M"`` pattern (keep the N largest of every M consecutive weights along the
+    input dimension); one value, or a sequence of them, one per cycle (``(0.5, 0.25)`` runs D S D S D). Checked
+    by :func:`check_sparsities` (YAML's base-60 reading of an unquoted ``N:M`` is read back, see
+    :func:`read_base_60`)."""
 
-    # The keyword options: `name: type = _option(default, check)`.
+    lengths: tuple[Optional[int], CycleLengths, CycleLengths]
+    """A door's ``(dense_epochs, sparse_epochs, redense_epochs)``, counted in what ``interval`` says:
+
+    - ``dense_epochs``: length of the first dense phase; ``0`` prunes before the first step (the paper's use on
+      pre-trained models); ``None`` runs it until ``monitor`` converges.
+    - ``sparse_epochs``: length of each sparse phase, likewise, or a sequence of lengths, one per cycle (a
+      sequence whose length is not the number of cycles is refused).
+    - ``redense_epochs``: length of each re-dense phase, likewise (one length, or one per cycle).
+
+    Checked by :func:`check_length` and :func:`check_cycle_lengths`."""
+
     final_sparse_epochs: Optional[int] = _option(0, check_length)
+    """Length of a final sparse phase after the last re-dense, whose masks are decided afresh (by ``importance``)
+    at the last cycle's sparsity (numbered cycle ``len(sparsities)``); the run then ends sparse, as AC/DC does
+    (Peste et al., NeurIPS 2021; see the AC/DC recipe in the docs): the zeros hold to the last step, in the
+    final model, its ``state_dict`` and the last checkpoint (and ``DSDCallback``'s ``export_sparse`` saves it
+    when training ends). ``0`` (the default): no final phase, the run ends re-densed; ``None``: until
+    ``monitor`` converges (then the training's own limits, the ``Trainer``'s or your loop's, end the run)."""
+
     interval: str = _option("epoch", _one_of(*INTERVALS))
+    """``"epoch"`` or ``"step"``: what the lengths count (optimizer steps for ``"step"``)."""
+
     monitor: Optional[str] = _option(None, check_monitor)
+    """Metric that decides convergence for phases given as ``None``; a phase of length ``None`` needs one. It is
+    read, and required, only while some phase waits for it."""
+
     mode: str = _option("min", _one_of("min", "max"))
+    """``"min"`` or ``"max"``: which direction of ``monitor`` is an improvement."""
+
     patience: int = _option(3, check_non_negative_int)
+    """Checks without improvement after which a phase has converged."""
+
     min_delta: float = _option(0.0, check_real)
+    """Smallest change of ``monitor`` that counts as an improvement."""
+
     lr_scale: float = _option(0.1, partial(check_real, positive=True))
+    """Factor applied to every learning rate at each re-dense (paper: 0.1): every learning rate, scheduler
+    included, becomes ``lr_scale`` times what it would have been, and each further re-dense multiplies it by
+    ``lr_scale`` again."""
+
     include: Optional[tuple[str, ...]] = _option(None, check_patterns)
+    """Glob patterns over parameter names that replace the default targets (the connection weights of
+    linear-like layers, see :mod:`lightning_dsd.rules.selection`; embeddings are left dense unless tied to an
+    output layer, and so is the ``Conv2d``/``Conv3d`` that reads the input, as in the paper:
+    ``include=["*.weight"]`` brings it back in a CNN)."""
+
     exclude: Optional[tuple[str, ...]] = _option(None, check_patterns)
+    """Glob patterns over parameter names never to prune (e.g. ``"stem.*"``)."""
+
     layer_types: Optional[dict[LayerType, LayerSpec]] = _option(None, check_layer_types)
-    scope: str = _option("layer", _one_of(*SCOPES))  # and, with the sparsities, what `MaskPlan` refuses
+    """Your own linear-like modules: a mapping from the module class (or its ``"module.QualName"``) to a
+    :class:`~lightning_dsd.rules.selection.LayerSpec` naming its connection weights and their input dimension,
+    e.g. ``{MyLinear: LayerSpec(input_dim=0)}``."""
+
+    scope: str = _option("layer", _one_of(*SCOPES))
+    """``"layer"`` (a threshold per tensor, the paper's) or ``"global"`` (one over all targets; with neither
+    ``layer_sparsity`` nor ``"N:M"`` patterns, which :class:`~lightning_dsd.rules.plan.MaskPlan` refuses)."""
+
     log_histograms: bool = _option(True, check_bool)
+    """Log weight histograms to TensorBoard at the five moments of every cycle."""
+
     histogram_every_n_epochs: Optional[int] = _option(None, check_every_n)
+    """Also log a histogram timeline every this many epochs (``None``: never)."""
+
     histogram_layers: Optional[tuple[str, ...]] = _option(None, check_patterns)
+    """Glob patterns picking the targeted layers that get histograms (``None``: all)."""
+
     log_scalars: bool = _option(True, check_bool)
+    """Log phase, cycle, measured sparsity and learning rates (at every epoch end and every transition) to every
+    logger, and a text note of every transition to TensorBoard."""
+
     figure_layers: Union[int, tuple[str, ...]] = _option(2, check_figure_layers)
+    """The five-panel figure is drawn for this many of the largest targeted layers, or for the targeted layers
+    matching these glob patterns; ``0`` turns it off."""
+
     layer_sparsity: Optional[dict[str, Sparsity]] = _option(None, check_layer_sparsity)
+    """Per-layer overrides, a mapping from parameter-name glob to a sparsity (float or ``"N:M"``) used in every
+    cycle; the first matching pattern wins. Needs ``scope="layer"``."""
+
     redense_init: str = _option("zero", _one_of(*REDENSE_INITS))
+    """How pruned weights restart at re-dense: ``"zero"`` (the paper's) or ``"small_normal"`` (normal noise with
+    a tenth of the standard deviation of the layer's surviving weights, drawn from a generator seeded with
+    ``seed`` and the cycle)."""
+
     redense_state: str = _option("pruned", _one_of(*REDENSE_STATES))
+    """How the optimizer state of the pruned tensors restarts at each re-dense: ``"pruned"`` (the paper's: zero
+    at the pruned entries, the rest kept) or ``"all"`` (AC/DC's: the whole state of every pruned tensor is
+    dropped and the optimizer builds it afresh, so Adam's moments and its step count restart together, bias
+    correction included)."""
+
     seed: int = _option(0, check_non_negative_int)
+    """Seed of the random re-dense initialisation (``redense_init="small_normal"``)."""
+
     mask_storage: str = _option("weight_dtype", _one_of(*MASK_STORAGES))
+    """How masks are kept during sparse phases: ``"weight_dtype"`` (one element of the weight's dtype per
+    weight, applied with a fused multiply: the fastest measured) or ``"bool"`` (1 byte per weight, applied by
+    the same fused multiply; bool multiplies run at about 0.4 of copy speed on the CPU, see the performance
+    docs)."""
+
     prune: bool = _option(True, check_bool)
-    importance: Importance = _option("magnitude", check_importance)  # and, with the lengths, `_check_window`
+    """``False`` runs the paper's LLR control instead of DSD: the same clock and transitions, the learning rate
+    drops by ``lr_scale`` exactly where DSD would re-dense, and no weight is ever pruned (no masks, no zeroed
+    optimizer state, no restart). With ``lr_scale=1.0`` as well it is the plain dense baseline. Every run
+    records its arm (``dsd``, ``llr`` or ``dense``; ``obd`` or ``custom`` for another ``importance``, see
+    :attr:`arm`), seed and options in its log, for :mod:`lightning_dsd.tools.compare`; see "Does it help my
+    model?" in the docs."""
+
+    importance: Importance = _option("magnitude", check_importance)
+    """Which weights a sparse phase prunes (see :mod:`lightning_dsd.rules.importance`): ``"magnitude"`` (the
+    paper's ``|w|``), ``"obd"`` (Optimal Brain Damage's saliency ``½·h·w²``, with ``h`` the mean squared
+    gradient of each weight over a window of optimizer steps just before the transition, the empirical Fisher's
+    estimate of the Hessian's diagonal), or a callable ``f(name, weight, grad_sq)`` returning a tensor of scores
+    of ``weight``'s shape (``grad_sq``: that mean squared gradient). The lowest scores are pruned, with the
+    counts, tie-breaking and N:M groups of magnitudes. Phases before a sparse phase then need fixed lengths
+    (the window must know where the transition is)."""
+
     importance_steps: int = _option(100, partial(check_non_negative_int, positive=True))
+    """The window's length, in optimizer steps: with ``interval="step"`` the last ``importance_steps`` steps
+    before each transition to a sparse phase (all of the phase when it is shorter); with ``interval="epoch"``
+    the first ``importance_steps`` optimizer steps of the last epoch before it (an epoch's end is not known in
+    steps). Outside the window no hook runs."""
 
     @property
     def ends_sparse(self) -> bool:

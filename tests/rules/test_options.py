@@ -4,6 +4,7 @@ construction with a message naming the argument, the value and what is allowed."
 
 from __future__ import annotations
 
+import ast
 import inspect
 import re
 import typing
@@ -79,6 +80,23 @@ def test_no_door_reads_options_through_getattr_which_would_make_every_read_any()
     for door in DOOR_ONLY:
         assert issubclass(door, ReadsOptions)
         assert not any("__getattr__" in vars(cls) for cls in door.__mro__ if cls is not object), door
+
+
+def test_every_field_is_documented_under_its_declaration():
+    """The meaning of each option is written once, as the docstring under its field (which mkdocstrings renders)."""
+    source = (ROOT / "lightning_dsd" / "rules" / "options.py").read_text()
+    declaration = next(node for node in ast.walk(ast.parse(source))
+                       if isinstance(node, ast.ClassDef) and node.name == "DSDOptions")
+    body = declaration.body
+    documented = {
+        statement.target.id: body[i + 1].value.value
+        for i, statement in enumerate(body[:-1])
+        if isinstance(statement, ast.AnnAssign) and isinstance(statement.target, ast.Name)
+        and isinstance(body[i + 1], ast.Expr) and isinstance(body[i + 1].value, ast.Constant)
+        and isinstance(body[i + 1].value.value, str)
+    }
+    names = [f.name for f in fields(DSDOptions)]
+    assert [name for name in names if len(documented.get(name, "").split()) < 5] == [], "each field needs a meaning"
 
 
 TYPO = """from lightning_dsd.doors.base import ReadsEngine
