@@ -16,6 +16,7 @@ from helpers import ROOT
 from torch import nn
 
 from lightning_dsd import DSD, DSDCallback
+from lightning_dsd.huggingface import DSDTrainerCallback
 from lightning_dsd.rules.options import KEYWORD_OPTIONS, DSDOptions, Option, ReadsOptions, check_options, door_options
 from lightning_dsd.rules.selection import LayerSpec
 
@@ -23,6 +24,7 @@ POSITIONAL = ["sparsity", "dense_epochs", "sparse_epochs", "redense_epochs"]
 DOOR_ONLY = {  # what a door takes beyond the shared options, and the shared options a door leaves out
     DSDCallback: ({"stop_at_end", "export_sparse"}, set()),
     DSD: ({"model", "optimizers", "schedulers", "writer"}, {"monitor"}),  # DSD.step(metric) replaces monitor
+    DSDTrainerCallback: ({"stop_at_end", "best_model_phase"}, set()),
 }
 
 
@@ -30,6 +32,8 @@ DOOR_ONLY = {  # what a door takes beyond the shared options, and the shared opt
 def test_every_door_offers_the_declared_options_with_the_declared_defaults(door):
     parameters = inspect.signature(door.__init__).parameters
     own, left_out = DOOR_ONLY[door]
+    assert not [n for n, p in parameters.items() if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)], "explicit, for IDEs"
+    assert own <= set(parameters)
     keywords = {n: p.default for n, p in parameters.items() if p.kind is p.KEYWORD_ONLY and n not in own}
     assert keywords == {n: d for n, d in KEYWORD_OPTIONS.items() if n not in left_out}
     assert list(keywords) == [n for n in KEYWORD_OPTIONS if n not in left_out], "in the declaration's order"
@@ -58,7 +62,8 @@ def test_every_option_is_a_read_only_attribute_of_each_door():
     callback = DSDCallback(0.5, 1, 2, 3, scope="global", patience=5)
     model = nn.Linear(4, 4)
     loop = DSD(model, torch.optim.SGD(model.parameters(), lr=0.1), 0.5, 1, 2, 3, scope="global", patience=5)
-    for door in (callback, loop):
+    trainer_callback = DSDTrainerCallback(0.5, 1, 2, 3, scope="global", patience=5)
+    for door in (callback, loop, trainer_callback):
         for name in ("sparsities", "lengths", *KEYWORD_OPTIONS):
             assert getattr(door, name) == getattr(door.options, name), name
         assert (door.scope, door.patience, door.lengths) == ("global", 5, (1, 2, 3))
