@@ -1,6 +1,6 @@
 """DSD built by Hydra from YAML, as Hydra users write it: ``hydra.utils.instantiate`` of a ``_target_`` config and
 a real ``@hydra.main`` app. YAML 1.1 (which OmegaConf reads) makes an unquoted ``2:4`` the base-60 integer 124;
-every door reads it back as ``"2:4"`` with a warning to quote it (:func:`lightning_dsd.rules.arguments.read_base_60`),
+every door reads it back as ``"2:4"`` with a warning to quote it (:func:`lightning_dsd.rules.options.read_base_60`),
 in ``sparsity`` and in ``layer_sparsity`` values alike.
 """
 

@@ -1,8 +1,9 @@
 """``DSD``: Dense-Sparse-Dense training in your own loop, plain PyTorch or Lightning Fabric.
 
-The same engine as :class:`~lightning_dsd.DSDCallback` (:mod:`lightning_dsd.rules.engine`), with the same options,
-checks, masks, enforcement, learning-rate change, re-dense restart, checkpoint state and reports; you tell it
-when an epoch (or an optimizer step) is done with :meth:`DSD.step`.
+The same engine as :class:`~lightning_dsd.DSDCallback` (:mod:`lightning_dsd.rules.engine`), with the same options
+(:class:`~lightning_dsd.rules.options.DSDOptions`), checks, masks, enforcement, learning-rate change, re-dense
+restart, checkpoint state and reports; you tell it when an epoch (or an optimizer step) is done with
+:meth:`DSD.step`.
 
 Between steps nothing else is needed: the pruned entries' gradients are zeroed by a step pre-hook of each
 optimizer (after backward, and so after any gradient clipping: call :meth:`DSD.mask_gradients` before
@@ -41,8 +42,8 @@ from torch.optim import Optimizer
 from torch.utils.hooks import RemovableHandle
 
 from lightning_dsd.doors.base import ReadsEngine
+from lightning_dsd.doors.lightning.cli import SparsityValue
 from lightning_dsd.rules import log
-from lightning_dsd.rules.arguments import SparsityValue
 from lightning_dsd.rules.constraint import unwrapped_optimizer
 from lightning_dsd.rules.engine import DoorTerms, DSDEngine
 from lightning_dsd.rules.importance import Importance
@@ -116,19 +117,21 @@ class DSD(ReadsEngine):
             are the model's own, without wrapper prefixes).
         optimizers: the optimizer, or a list of them, that train the targeted weights (Fabric's wrappers are
             fine). Each must update some target, and every target must be updated by one.
-        sparsity: as for :class:`~lightning_dsd.DSDCallback`.
-        dense_epochs: as for :class:`~lightning_dsd.DSDCallback`; this and the next two lengths count
-            :meth:`step` calls, and ``None`` runs the phase until the metric given to :meth:`step` converges
-            (``mode``, ``patience``, ``min_delta``).
-        sparse_epochs: likewise (one length, or one per cycle).
-        redense_epochs: likewise (one length, or one per cycle).
+        sparsity: the sparsity of each cycle (:attr:`~lightning_dsd.rules.options.DSDOptions.sparsities`).
+        dense_epochs: the length of the first dense phase; this and the next two are
+            :attr:`~lightning_dsd.rules.options.DSDOptions.lengths`. Here they count :meth:`step` calls, and
+            ``None`` runs the phase until the metric given to :meth:`step` converges (``mode``, ``patience``,
+            ``min_delta``).
+        sparse_epochs: the length of each sparse phase, or one per cycle.
+        redense_epochs: the length of each re-dense phase, or one per cycle.
         schedulers: the learning-rate scheduler, or a list of them, to keep the re-dense learning-rate change
             through.
         writer: where histograms, scalars and transition notes go: a ``SummaryWriter`` (on rank zero; other
             ranks may pass ``None``), or ``None`` for console notes only.
 
-    Every other keyword has the name, default and meaning it has for :class:`~lightning_dsd.DSDCallback`;
-    ``prune=False`` runs the paper's LLR control on the same clock, nothing pruned.
+    Every other keyword is an option of :class:`~lightning_dsd.rules.options.DSDOptions`, which declares its
+    default, its check and its meaning once for every door (``monitor`` excepted: the metric comes with
+    :meth:`step`); ``prune=False`` runs the paper's LLR control on the same clock, nothing pruned.
     """
 
     def __init__(

@@ -34,7 +34,7 @@ Examples:
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -71,6 +71,32 @@ def shown(sparsity: Sparsity) -> Union[float, str]:
     return str(sparsity) if isinstance(sparsity, NMPattern) else sparsity
 
 
+def check_scope(
+    scope: Any, sparsities: Sequence[Sparsity] = (), layer_sparsity: Optional[Mapping[str, Sparsity]] = None
+) -> str:
+    """``scope`` checked, with what it takes: one of :data:`SCOPES`; ``"global"`` sets one threshold over all
+    targets, so it takes neither ``layer_sparsity`` nor N:M ``sparsities``. The one check of ``scope``, for the
+    options and for :class:`MaskPlan`.
+
+    Examples:
+        >>> check_scope("global", (0.5,))
+        'global'
+        >>> check_scope("global", (NMPattern(2, 4),))  # doctest: +ELLIPSIS
+        Traceback (most recent call last):
+        ...
+        ValueError: `scope='global'` sets one threshold over all targets, so it takes neither ...
+    """
+    if scope not in SCOPES:
+        raise ValueError(f"`scope` must be one of {list(SCOPES)}. Found: {scope!r}.")
+    if scope == "global" and (layer_sparsity or any(isinstance(s, NMPattern) for s in sparsities)):
+        overrides = {p: shown(s) for p, s in layer_sparsity.items()} if layer_sparsity else None
+        raise ValueError(
+            "`scope='global'` sets one threshold over all targets, so it takes neither `layer_sparsity` nor"
+            f" 'N:M' patterns. Found: layer_sparsity={overrides!r}, sparsity={[shown(s) for s in sparsities]!r}."
+        )
+    return str(scope)
+
+
 @dataclass(frozen=True)
 class MaskPlan:
     """The sparsity of every cycle, how it is spread over the targets, and the targets' input dimensions.
@@ -88,15 +114,7 @@ class MaskPlan:
     input_dims: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.scope not in SCOPES:
-            raise ValueError(f"`scope` must be one of {list(SCOPES)}. Found: {self.scope!r}.")
-        if self.scope == "global" and (self.layer_sparsity or any(isinstance(s, NMPattern) for s in self.sparsities)):
-            overrides = {p: shown(s) for p, s in self.layer_sparsity.items()} if self.layer_sparsity else None
-            raise ValueError(
-                "`scope='global'` sets one threshold over all targets, so it takes neither `layer_sparsity` nor"
-                f" 'N:M' patterns. Found: layer_sparsity={overrides!r},"
-                f" sparsity={[shown(s) for s in self.sparsities]!r}."
-            )
+        check_scope(self.scope, self.sparsities, self.layer_sparsity)
 
     def global_sparsity(self, cycle: int) -> Optional[float]:
         """The one sparsity over all targets in ``cycle`` under ``scope="global"``; ``None`` per layer."""

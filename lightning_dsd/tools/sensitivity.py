@@ -27,9 +27,9 @@ from lightning_utilities.core.imports import RequirementCache
 from torch import nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lightning_dsd.rules.arguments import check_fraction, check_patterns
 from lightning_dsd.rules.importance import Importance, check_importance, criterion_name, obd_saliency
 from lightning_dsd.rules.masks import magnitude_masks, score_masks
+from lightning_dsd.rules.options import check_fraction, check_patterns
 from lightning_dsd.rules.selection import select_parameters
 
 Metric = Callable[[nn.Module, Iterable[Any]], float]

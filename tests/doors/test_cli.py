@@ -1,7 +1,7 @@
 """Every sparsity option through a real ``LightningCLI``, from a YAML config and from the command line.
 
 jsonargparse tries ``float`` first in ``Union[float, str]`` and YAML 1.1 reads ``2:4`` as the base-60 integer
-124, so without :class:`~lightning_dsd.rules.arguments.SparsityValue` an ``"N:M"`` pattern reached the callback as
+124, so without :class:`~lightning_dsd.doors.lightning.cli.SparsityValue` an ``"N:M"`` pattern reached the callback as
 ``124.0``. These tests build the callback the way a user does and read back what it holds.
 """
 

@@ -26,15 +26,15 @@ from torch.optim import Optimizer
 from typing_extensions import override
 
 from lightning_dsd.doors.base import ReadsEngine
+from lightning_dsd.doors.lightning.cli import SparsityValue
 from lightning_dsd.doors.lightning.export import export_sparse_model
 from lightning_dsd.doors.lightning.finetuning import BackboneRates
 from lightning_dsd.doors.lightning.limits import training_limit
 from lightning_dsd.doors.lightning.output import ProgressBarPhase, TrainerSink
 from lightning_dsd.rules import log
-from lightning_dsd.rules.arguments import SparsityValue, check_bool, check_choice
 from lightning_dsd.rules.engine import DSDEngine, MetricSource
 from lightning_dsd.rules.importance import Importance
-from lightning_dsd.rules.options import LengthsArgument, check_options, door_options
+from lightning_dsd.rules.options import LengthsArgument, check_bool, check_choice, check_options, door_options
 from lightning_dsd.rules.selection import LayerSpec, LayerType, uninitialized_parameters
 
 
@@ -47,84 +47,28 @@ class DSDCallback(ReadsEngine, Callback):
     pruned weights restart from zero (with zeroed optimizer state) and every learning rate, scheduler
     included, becomes ``lr_scale`` times what it would have been. Several sparsities run several cycles
     (``(0.5, 0.25)`` runs D S D S D); each re-dense multiplies the learning rate by ``lr_scale`` again.
-    With ``final_sparse_epochs`` the run ends sparse, as AC/DC does (Peste et al., NeurIPS 2021): after the
-    last re-dense one more sparse phase prunes afresh, by magnitude, at the last cycle's sparsity, and the
-    final model holds its zeros (see the AC/DC recipe in the docs).
+    With ``final_sparse_epochs`` the run ends sparse, as AC/DC does: after the last re-dense one more sparse
+    phase prunes afresh at the last cycle's sparsity, and the final model holds its zeros.
 
     The model is never reparametrized: its ``state_dict``, parameters and forward pass stay those of the
     plain model in every phase.
 
     Args:
-        sparsity: fraction of weights pruned in the sparse phase, in (0, 1), or an ``"N:M"`` pattern (keep
-            the N largest of every M consecutive weights along the input dimension), or one per cycle.
-        dense_epochs: length of the first dense phase; ``0`` prunes before the first step (the paper's use
-            on pre-trained models); ``None`` runs it until ``monitor`` converges.
-        sparse_epochs: length of each sparse phase, likewise, or a sequence of lengths, one per cycle (a
-            sequence whose length is not the number of cycles is refused).
-        redense_epochs: length of each re-dense phase, likewise (one length, or one per cycle).
-        final_sparse_epochs: length of a final sparse phase after the last re-dense, whose masks are decided
-            afresh (by ``importance``) at the last cycle's sparsity (numbered cycle
-            ``len(sparsity)``); the run then ends sparse: the zeros hold to the last step, in the final
-            model, its ``state_dict`` and the last checkpoint, and ``export_sparse`` saves it when training
-            ends. ``0`` (the default): no final phase, the run ends re-densed; ``None``: until ``monitor``
-            converges (then the ``Trainer``'s own limits end the run).
-        interval: ``"epoch"`` or ``"step"``: what the lengths count (optimizer steps for ``"step"``).
-        monitor: metric that decides convergence for phases given as ``None``.
-        mode: ``"min"`` or ``"max"``: which direction of ``monitor`` is an improvement.
-        patience: checks without improvement after which a phase has converged.
-        min_delta: smallest change of ``monitor`` that counts as an improvement.
-        lr_scale: factor applied to every learning rate at each re-dense (paper: 0.1).
-        include: glob patterns over parameter names that replace the default targets (the connection
-            weights of linear-like layers, see :mod:`lightning_dsd.rules.selection`; embeddings are left dense
-            unless tied to an output layer, and so is the ``Conv2d``/``Conv3d`` that reads the input, as in
-            the paper: ``include=["*.weight"]`` brings it back in a CNN).
-        exclude: glob patterns over parameter names never to prune (e.g. ``"stem.*"``).
-        layer_types: your own linear-like modules: a mapping from the module class (or its
-            ``"module.QualName"``) to a :class:`~lightning_dsd.rules.selection.LayerSpec` naming its connection
-            weights and their input dimension, e.g. ``{MyLinear: LayerSpec(input_dim=0)}``.
-        scope: ``"layer"`` (a threshold per tensor, the paper's) or ``"global"`` (one over all targets).
+        sparsity: the sparsity of each cycle (:attr:`~lightning_dsd.rules.options.DSDOptions.sparsities`).
+        dense_epochs: the length of the first dense phase, in epochs (or optimizer steps with ``interval="step"``);
+            this and the next two are :attr:`~lightning_dsd.rules.options.DSDOptions.lengths`.
+        sparse_epochs: the length of each sparse phase, or one per cycle.
+        redense_epochs: the length of each re-dense phase, or one per cycle.
         stop_at_end: stop the ``Trainer`` when the last phase ends.
-        log_histograms: log weight histograms to TensorBoard at the five moments of every cycle.
-        histogram_every_n_epochs: also log a histogram timeline every this many epochs (``None``: never).
-        histogram_layers: glob patterns picking the targeted layers that get histograms (``None``: all).
-        log_scalars: log phase, cycle, measured sparsity and learning rates (at every epoch end and every
-            transition) to every logger, and a text note of every transition to TensorBoard.
-        figure_layers: the five-panel figure is drawn for this many of the largest targeted layers, or for
-            the targeted layers matching these glob patterns; ``0`` turns it off.
-        layer_sparsity: per-layer overrides, a mapping from parameter-name glob to a sparsity (float or
-            ``"N:M"``) used in every cycle; the first matching pattern wins. Needs ``scope="layer"``.
         export_sparse: at the end of each sparse phase, save the sparse model under
             ``<output directory>/dsd_sparse/`` (see :func:`~lightning_dsd.doors.lightning.output.output_directory`):
             ``"checkpoint"`` (a normal Lightning checkpoint) or ``"sparse"``
             (that, plus a ``state_dict`` whose pruned tensors are torch sparse tensors).
-        redense_init: how pruned weights restart at re-dense: ``"zero"`` (the paper's) or
-            ``"small_normal"`` (normal noise with a tenth of the standard deviation of the layer's
-            surviving weights, drawn from a generator seeded with ``seed`` and the cycle).
-        redense_state: how the optimizer state of the pruned tensors restarts at each re-dense:
-            ``"pruned"`` (the paper's: zero at the pruned entries, the rest kept) or ``"all"`` (AC/DC's: the
-            whole state of every pruned tensor is dropped and the optimizer builds it afresh, so Adam's
-            moments and its step count restart together, bias correction included).
-        seed: seed of the random re-dense initialisation.
-        mask_storage: how masks are kept during sparse phases: ``"weight_dtype"`` (one element of the
-            weight's dtype per weight, applied with a fused multiply: the fastest measured) or ``"bool"``
-            (1 byte per weight, applied by the same fused multiply; bool multiplies run at about 0.4 of copy
-            speed on the CPU, see the performance docs).
-        prune: ``False`` runs the paper's LLR control instead of DSD: the same clock and transitions, the learning
-            rate drops by ``lr_scale`` exactly where DSD would re-dense, and no weight is ever pruned (no masks,
-            no zeroed optimizer state, no restart). With ``lr_scale=1.0`` as well it is the plain dense baseline.
-            Every run records its arm (``dsd``, ``llr`` or ``dense``), seed and options in its log, for
-            :mod:`lightning_dsd.tools.compare`; see "Does it help my model?" in the docs.
-        importance: which weights a sparse phase prunes (see :mod:`lightning_dsd.rules.importance`): ``"magnitude"``
-            (the paper's ``|w|``), ``"obd"`` (Optimal Brain Damage's saliency ``½·h·w²``, with ``h`` the mean squared
-            gradient of each weight over a window of optimizer steps just before the transition, the empirical
-            Fisher's estimate of the Hessian's diagonal), or a callable ``f(name, weight, grad_sq)`` returning a
-            tensor of scores of ``weight``'s shape (``grad_sq``: that mean squared gradient). The lowest scores are
-            pruned, with the counts, tie-breaking and N:M groups of magnitudes. Phases before a sparse phase
-            then need fixed lengths (the window must know where the transition is).
-        importance_steps: the window's length, in optimizer steps: with ``interval="step"`` the last
-            ``importance_steps`` steps before each transition to a sparse phase (all of the phase when it is
-            shorter); with ``interval="epoch"`` the first ``importance_steps`` optimizer steps of the last epoch
-            before it (an epoch's end is not known in steps). Outside the window no hook runs.
+
+    Every other keyword is an option of :class:`~lightning_dsd.rules.options.DSDOptions`, which declares its
+    default, its check and its meaning once for every door. Here ``monitor`` names a metric the
+    ``LightningModule`` logs (``self.log``), checked after each validation run (or at each training epoch end
+    when validation runs every epoch or not at all).
 
     The current phase is shown in the progress bar as ``dsd=<phase>``. See :mod:`lightning_dsd.rules.reporting`
     for every TensorBoard tag.

@@ -72,7 +72,7 @@ import os
 import sys
 import uuid
 from functools import partial
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -92,11 +92,12 @@ from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
 
 from lightning_dsd.doors.base import ReadsEngine
 from lightning_dsd.rules import log
-from lightning_dsd.rules.arguments import check_bool, check_choice
 from lightning_dsd.rules.engine import DoorTerms, DSDEngine, MetricSource, ReturnedCheckpoint
-from lightning_dsd.rules.options import KEYWORD_OPTIONS, LengthsArgument, check_options
+from lightning_dsd.rules.importance import Importance
+from lightning_dsd.rules.options import LengthsArgument, check_bool, check_choice, check_options, door_options
 from lightning_dsd.rules.phases import Phase
 from lightning_dsd.rules.preflight import TrainingLimit, refuse_lazy_modules
+from lightning_dsd.rules.selection import LayerSpec, LayerType
 from lightning_dsd.rules.sharding import from_rank_zero
 from lightning_dsd.rules.state import CheckpointStateError
 
@@ -117,20 +118,18 @@ _TERMS = DoorTerms(
 #: ``best_model_phase``: the checkpoints among which the Trainer's best model is chosen.
 BEST_MODEL_PHASES = ("final", "any")
 
-#: The shared keyword options (:data:`~lightning_dsd.rules.options.KEYWORD_OPTIONS`, declared once for every door).
-SHARED_OPTIONS = tuple(KEYWORD_OPTIONS)
-
 
 class DSDTrainerCallback(ReadsEngine, TrainerCallback):
     r"""Train Dense → Sparse → Re-dense inside ``transformers.Trainer``: ``callbacks=[DSDTrainerCallback(...)]``.
 
     Args:
-        sparsity: as for :class:`~lightning_dsd.DSDCallback`.
-        dense_epochs: as for :class:`~lightning_dsd.DSDCallback`: ``interval="epoch"`` counts the Trainer's
-            epochs, ``"step"`` its optimizer steps (``state.global_step``, one per ``gradient_accumulation_steps``
-            batches).
-        sparse_epochs: likewise (one length, or one per cycle).
-        redense_epochs: likewise (one length, or one per cycle).
+        sparsity: the sparsity of each cycle (:attr:`~lightning_dsd.rules.options.DSDOptions.sparsities`).
+        dense_epochs: the length of the first dense phase; this and the next two are
+            :attr:`~lightning_dsd.rules.options.DSDOptions.lengths`. Here ``interval="epoch"`` counts the
+            Trainer's epochs, ``"step"`` its optimizer steps (``state.global_step``, one per
+            ``gradient_accumulation_steps`` batches).
+        sparse_epochs: the length of each sparse phase, or one per cycle.
+        redense_epochs: the length of each re-dense phase, or one per cycle.
         stop_at_end: set ``control.should_training_stop`` when the last phase ends.
         best_model_phase: where the Trainer's best model (``metric_for_best_model``: ``load_best_model_at_end``,
             ``save_strategy="best"``, ``EarlyStoppingCallback``) is chosen. ``"final"`` (the default): among the
@@ -140,11 +139,11 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
             loaded at the end or protected from rotation, and ``EarlyStoppingCallback`` (which counts from
             ``state.best_metric``) cannot stop training before the last phase. ``"any"``: the Trainer's own choice
             among every checkpoint of the run, whatever its phase.
-        **options: every other keyword of :class:`~lightning_dsd.DSDCallback` that the other doors share
-            (:data:`SHARED_OPTIONS`: ``final_sparse_epochs``, ``interval``, ``monitor``, ``lr_scale``, ``include``,
-            ``exclude``, ``scope``, ``layer_sparsity``, ``redense_state``, the logging options, ...), with the
-            name, default, check and meaning it has there. ``monitor`` names a metric of ``on_evaluate``
-            (``"eval_loss"``, ``"eval_accuracy"``).
+
+    Every other keyword is an option of :class:`~lightning_dsd.rules.options.DSDOptions`, which declares its
+    default, its check and its meaning once for every door (``export_sparse`` is Lightning's: here every
+    ``checkpoint-N`` folder of the sparse phase holds the sparse model). Here ``monitor`` names a metric of
+    ``on_evaluate`` (``"eval_loss"``, ``"eval_accuracy"``).
 
     Reports: histograms, transition notes and the figure go to the directory of the Trainer's TensorBoard
     run (``report_to="tensorboard"``: ``TENSORBOARD_LOGGING_DIR`` or ``output_dir/runs/<date_host>``), through
@@ -155,23 +154,39 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
 
     def __init__(
         self,
-        sparsity: Any,
+        sparsity: Union[float, str, Sequence[Union[float, str]]],
         dense_epochs: Optional[int],
         sparse_epochs: LengthsArgument,
         redense_epochs: LengthsArgument,
         *,
         stop_at_end: bool = True,
         best_model_phase: str = "final",
-        **options: Any,
+        final_sparse_epochs: Optional[int] = 0,
+        interval: str = "epoch",
+        monitor: Optional[str] = None,
+        mode: str = "min",
+        patience: int = 3,
+        min_delta: float = 0.0,
+        lr_scale: float = 0.1,
+        include: Optional[Union[str, Sequence[str]]] = None,
+        exclude: Optional[Union[str, Sequence[str]]] = None,
+        layer_types: Optional[Mapping[LayerType, LayerSpec]] = None,
+        scope: str = "layer",
+        log_histograms: bool = True,
+        histogram_every_n_epochs: Optional[int] = None,
+        histogram_layers: Optional[Union[str, Sequence[str]]] = None,
+        log_scalars: bool = True,
+        figure_layers: Union[int, Sequence[str]] = 2,
+        layer_sparsity: Optional[Mapping[str, Union[float, str]]] = None,
+        redense_init: str = "zero",
+        redense_state: str = "pruned",
+        seed: int = 0,
+        mask_storage: str = "weight_dtype",
+        prune: bool = True,
+        importance: Importance = "magnitude",
+        importance_steps: int = 100,
     ) -> None:
-        unknown = sorted(set(options) - set(SHARED_OPTIONS))
-        if unknown:
-            raise TypeError(
-                f"DSDTrainerCallback got unknown keyword(s) {unknown}. It takes the options DSDCallback shares with"
-                f" the other doors: {list(SHARED_OPTIONS)}, and `stop_at_end`, `best_model_phase`. (`export_sparse`"
-                " is Lightning's: here every `checkpoint-N` folder of the sparse phase holds the sparse model.)"
-            )
-        self.options = check_options(sparsity, dense_epochs, sparse_epochs, redense_epochs, **options)
+        self.options = check_options(sparsity, dense_epochs, sparse_epochs, redense_epochs, **door_options(locals()))
         self.best_model_phase = check_choice("best_model_phase", best_model_phase, BEST_MODEL_PHASES)
         self._engine = DSDEngine(self.options, self, _TERMS, stop_at_end=check_bool("stop_at_end", stop_at_end))
         self._trainer: Optional[Trainer] = None
