@@ -1,6 +1,6 @@
 """The Lightning ``Trainer`` door: :class:`DSDCallback`, and what it needs of the Trainer: its training
-limits (:mod:`.limits`), where its output goes (:mod:`.output`), sparse exports (:mod:`.export`),
-:class:`FinalPhaseCheckpoint` (:mod:`.checkpoint`)."""
+limits (:mod:`.limits`), where its output goes (:mod:`.output`), the phase in its progress bar
+(:mod:`.progress`), sparse exports (:mod:`.export`), :class:`FinalPhaseCheckpoint` (:mod:`.checkpoint`)."""
 
 from lightning_dsd.doors.lightning.callback import DSDCallback
 from lightning_dsd.doors.lightning.checkpoint import FinalPhaseCheckpoint

@@ -29,7 +29,8 @@ from lightning_dsd.doors.base import ReadsEngine
 from lightning_dsd.doors.lightning.export import export_sparse_model
 from lightning_dsd.doors.lightning.finetuning import BackboneRates
 from lightning_dsd.doors.lightning.limits import training_limit
-from lightning_dsd.doors.lightning.output import ProgressBarPhase, TrainerSink
+from lightning_dsd.doors.lightning.output import TrainerSink
+from lightning_dsd.doors.lightning.progress import ProgressBarPhase
 from lightning_dsd.rules import log
 from lightning_dsd.rules.arguments import SparsityValue, check_bool, check_choice
 from lightning_dsd.rules.engine import DSDEngine, MetricSource
