@@ -98,6 +98,7 @@ from lightning_dsd.rules.options import KEYWORD_OPTIONS, LengthsArgument, check_
 from lightning_dsd.rules.phases import Phase
 from lightning_dsd.rules.preflight import TrainingLimit, refuse_lazy_modules
 from lightning_dsd.rules.sharding import from_rank_zero
+from lightning_dsd.rules.sinks import FIGURE_FOLDER, WriterSink
 from lightning_dsd.rules.state import CheckpointStateError
 
 #: The file DSD writes inside each ``checkpoint-<step>`` folder.
@@ -177,7 +178,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self._trainer: Optional[Trainer] = None
         self._optimizers: list[Optimizer] = []
         self._schedulers: list[Any] = []
-        self._sink: Optional[TrainerSink] = None
+        self._sink: Optional[TrainerLogSink] = None
         self._token: Optional[str] = None
         self._gradient_hooks: list[RemovableHandle] = []
         self._hooked_cycle: Optional[int] = None
@@ -202,7 +203,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         return self._schedulers
 
     @property
-    def sink(self) -> Optional[TrainerSink]:
+    def sink(self) -> Optional[TrainerLogSink]:
         return self._sink
 
     def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None:
@@ -238,7 +239,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self._engine.bind(model, self.select_targets)
         token = self._restore(args, state) if resuming else None  # checked and taken before anything is written
         self._token = token or from_rank_zero(uuid.uuid4().hex)
-        self._sink = TrainerSink(self._trainer, args, state, self.options)
+        self._sink = TrainerLogSink(self._trainer, args, state, self.options)
         self._engine.start(
             self._now(state), self._trainer,
             limit=training_limit(args, state, kwargs.get("train_dataloader"), self.interval),
@@ -514,48 +515,29 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         )
 
 
-class TrainerSink:
-    """A :class:`~lightning_dsd.rules.reporting.ReportSink` for a ``transformers.Trainer``: scalars through
+class TrainerLogSink(WriterSink):
+    """The :class:`~lightning_dsd.rules.sinks.WriterSink` of a ``transformers.Trainer``: scalars through
     ``Trainer.log`` (every reporting integration gets them), histograms, text and figures through a
-    ``SummaryWriter`` of DSD's own in the Trainer's TensorBoard directory; only rank zero writes."""
+    ``SummaryWriter`` of DSD's own in the Trainer's TensorBoard directory, figures handed to its MLflow and W&B
+    runs too; only rank zero writes."""
 
     def __init__(self, trainer: Optional[Trainer], args: TrainingArguments, state: TrainerState,
                  options: Any) -> None:
         self._trainer = trainer
-        self._state = state
         self._options = options
         self._report_to = list(args.report_to or [])
         directory = tensorboard_directory(trainer, args) if state.is_world_process_zero else None
-        self.directory = directory
-        self._writer: Optional[Any] = None
+        writer: Optional[Any] = None
         if directory is not None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(log_dir=directory)
-        self._logs, self._histograms = from_rank_zero((bool(self._report_to), self._writer is not None))
+            writer = SummaryWriter(log_dir=directory)
+            if trainer is not None:  # name the charts' scalars as the Trainer's TensorBoardCallback writes them
+                writer = TrainPrefixedLayout(writer)
+        super().__init__(writer, lambda: int(state.global_step), directory=directory,
+                         rank_zero=bool(state.is_world_process_zero), logs=bool(self._report_to))
         self._prefix, self._trainer_logs = "", True
         self._uploads = tracking_uploads(trainer) if self.is_rank_zero and directory is not None else []
-
-    @property
-    def is_rank_zero(self) -> bool:
-        return bool(self._state.is_world_process_zero)
-
-    @property
-    def step(self) -> int:
-        return int(self._state.global_step)
-
-    @property
-    def has_loggers(self) -> bool:
-        return self._logs
-
-    @property
-    def has_histograms(self) -> bool:
-        return self._histograms
-
-    def tensorboard(self) -> Optional[Any]:
-        if not self.is_rank_zero or self._writer is None:
-            return None
-        return self._writer if self._trainer is None else TrainPrefixedLayout(self._writer)
 
     def integrations_closed(self) -> None:
         """From ``on_train_end`` on, the Trainer's reporting integrations have ended their runs (they come before
@@ -569,12 +551,8 @@ class TrainerSink:
             return
         if self._trainer is not None and self._trainer_logs:
             self._trainer.log(dict(metrics))
-        elif self._writer is not None:
-            for tag, value in metrics.items():
-                self._writer.add_scalar(self._prefix + tag, value, self.step)
-
-    def figure_directory(self) -> Optional[str]:
-        return os.path.join(self.directory, "dsd_figures") if self.directory is not None else None
+        else:
+            super().log_metrics({self._prefix + tag: value for tag, value in metrics.items()})
 
     def figure_saved(self, path: str) -> None:
         """Hand the figure, kept in the TensorBoard run's directory, to the runs of the Trainer's MLflow and W&B
@@ -605,7 +583,7 @@ class TrainerSink:
                 "DSDTrainerCallback could not find the transformers.Trainer that runs it, so its dsd/* scalars go"
                 " to TensorBoard only (if any), not through `Trainer.log` to the other integrations."
             )
-        if not self._histograms and wants_histograms:
+        if not self.has_histograms and wants_histograms:
             log.warn(
                 "DSDTrainerCallback skips weight histograms, TensorBoard notes and the figure: they need"
                 f" report_to to include 'tensorboard' (it is {self._report_to}). Scalars go through Trainer.log."
@@ -613,7 +591,7 @@ class TrainerSink:
 
     def close(self) -> None:
         if self._writer is not None:
-            self._writer.close()
+            self._writer.close()  # DSD's own writer (the Trainer's TensorBoardCallback has its own)
 
 
 class TrainPrefixedLayout:
@@ -674,7 +652,7 @@ def tracking_uploads(trainer: Optional[Trainer]) -> list[tuple[str, Callable[[st
 
 
 def _log_mlflow_artifact(client: Any, run_id: str, path: str) -> None:
-    client.log_artifact(run_id, path, artifact_path="dsd_figures")
+    client.log_artifact(run_id, path, artifact_path=FIGURE_FOLDER)
 
 
 def _save_wandb_file(run: Any, path: str) -> None:
