@@ -26,7 +26,7 @@ Tags (``<layer>`` is the parameter name, e.g. ``conv1.weight``):
 Where things go is the :class:`ReportSink`'s business: one :class:`~lightning_dsd.rules.sinks.WriterSink`
 over a ``SummaryWriter`` (``DSD``'s as it is; ``DSDCallback``'s with a Lightning ``Trainer``'s loggers,
 :class:`~lightning_dsd.doors.lightning.output.LoggerSink`; ``DSDTrainerCallback``'s with ``Trainer.log``,
-:class:`~lightning_dsd.doors.transformers.callback.TrainerLogSink`). Only rank zero writes, and only at
+:class:`~lightning_dsd.doors.transformers.output.TrainerLogSink`). Only rank zero writes, and only at
 transitions and epoch ends, never per step. Sharded weights (``DTensor``) are shown whole: every rank takes part
 in gathering them, one tensor at a time, and in counting zeros; a write that fails on rank zero fails only after
 every rank has left the gathers, so no rank is left waiting in a collective.

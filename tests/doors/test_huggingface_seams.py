@@ -30,7 +30,8 @@ from hf_helpers import (  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback  # noqa: E402
 
-from lightning_dsd.doors.transformers.callback import STATE_FILE, DSDTrainerCallback  # noqa: E402
+from lightning_dsd.doors.transformers import DSDTrainerCallback  # noqa: E402
+from lightning_dsd.doors.transformers.checkpoints import STATE_FILE  # noqa: E402
 from lightning_dsd.rules.state import CheckpointStateError  # noqa: E402
 
 
