@@ -9,8 +9,8 @@ does.
 
 How each event is used (the order is ``Trainer._inner_training_loop``'s):
 
-* ``on_init_end`` / ``on_train_begin``: refuse FSDP1 and DeepSpeed; find the Trainer that trains (up the call
-  stack); choose the targets in the model it trains; take the optimizer and scheduler it built
+* ``on_init_end`` / ``on_train_begin``: refuse FSDP1 and DeepSpeed; find the Trainer that trains (the bound one,
+  else up the call stack); choose the targets in the model it trains; take the optimizer and scheduler it built
   (accelerate's ``AcceleratedOptimizer`` and ``AcceleratedScheduler`` unwrapped, so the engine's hooks sit on the
   optimizer that steps); on a resume, read and check DSD's state from the checkpoint folder before anything
   trains (and refuse a weights-only checkpoint, ``save_only_model=True``, when ``lr_scale != 1``: see
@@ -37,8 +37,9 @@ How each event is used (the order is ``Trainer._inner_training_loop``'s):
   best checkpoint loaded and its phase, or the last step's; its exact zeros).
 
 The door's helpers, one job each: the ``TrainingArguments`` it refuses and how far they train
-(:mod:`.arguments`), which Trainer runs it (:mod:`.binding`), DSD's state in the checkpoint folders
-(:mod:`.checkpoints`), the Trainer's best-model record (:mod:`.best_model`) and where reports go (:mod:`.output`).
+(:mod:`.arguments`), which Trainer runs it (:mod:`.binding`: the one given to :meth:`DSDTrainerCallback.bind`,
+else the one up the call stack), DSD's state in the checkpoint folders (:mod:`.checkpoints`), the Trainer's
+best-model record (:mod:`.best_model`) and where reports go (:mod:`.output`).
 
 Examples:
     >>> dsd = DSDTrainerCallback(0.5, dense_epochs=1, sparse_epochs=1, redense_epochs=1, lr_scale=0.1)
@@ -72,7 +73,7 @@ from lightning_dsd.doors.transformers.best_model import (
     hold_best_model_record,
     say_how_the_best_model_is_chosen,
 )
-from lightning_dsd.doors.transformers.binding import calling_trainer
+from lightning_dsd.doors.transformers.binding import checked_binding, training_trainer
 from lightning_dsd.doors.transformers.checkpoints import (
     RECORD_KEY,
     STATE_FILE,
@@ -135,6 +136,9 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
     a ``SummaryWriter`` of DSD's own in that directory; scalars go through ``Trainer.log`` to every
     integration (TensorBoard shows them under ``train/dsd/...``, its callback's prefix). Figures are also
     saved under ``<that directory>/dsd_figures``.
+
+    The Trainer is the one given to :meth:`bind` (``dsd.bind(trainer)``), else the one whose callbacks hold this
+    callback up the call stack of each ``train()``.
     """
 
     def __init__(
@@ -168,6 +172,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
         self._started = False
         self._training = False
         self._trial: Any = None  # the hyperparameter-search trial of the last `train()`
+        self._bound: Optional[Trainer] = None  # the Trainer given to `bind`
         self._state_files = StateFiles()
 
     @property
@@ -194,6 +199,38 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
 
     # ------------------------------------------------------------------ set-up
 
+    def bind(self, trainer: Trainer) -> DSDTrainerCallback:
+        """Tell the callback which ``Trainer`` runs it, and return the callback.
+
+        ``transformers`` never hands callbacks the ``Trainer``; DSD needs it for ``Trainer.log`` (its ``dsd/*``
+        scalars reach every reporting integration and ``state.log_history``), the Trainer's TensorBoard
+        directory, its MLflow and W&B runs and its checkpoint folders. Unbound, the callback finds the Trainer up
+        the call stack at each ``train()``, which works whenever ``Trainer.train()`` runs the events; bind it where
+        a loop of your own drives the Trainer's callbacks, or to say it outright. A bound Trainer wins over that
+        search. Bind again to move the callback to another Trainer (one built to resume); a ``train()`` of a
+        Trainer other than the bound one is refused, before anything is written.
+
+        Args:
+            trainer: the ``transformers.Trainer`` that holds this callback (``Trainer(..., callbacks=[dsd])`` or
+                ``trainer.add_callback(dsd)``); another is refused.
+
+        Examples:
+            >>> import tempfile
+            >>> from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainingArguments
+            >>> model = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=8, n_head=2, vocab_size=16, n_positions=8))
+            >>> args = TrainingArguments(output_dir=tempfile.mkdtemp(), use_cpu=True, report_to="none")
+            >>> dsd = DSDTrainerCallback(0.5, 1, 1, 1)
+            >>> trainer = Trainer(model=model, args=args, callbacks=[dsd])
+            >>> dsd.bind(trainer) is dsd
+            True
+            >>> DSDTrainerCallback(0.5, 1, 1, 1).bind(trainer)  # doctest: +ELLIPSIS
+            Traceback (most recent call last):
+            ...
+            ValueError: DSDTrainerCallback.bind(trainer): this Trainer does not hold this callback ...
+        """
+        self._bound = checked_binding(trainer, self)
+        return self
+
     def on_init_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                     **kwargs: Any) -> None:
         check_training_arguments(args)
@@ -202,7 +239,7 @@ class DSDTrainerCallback(ReadsEngine, TrainerCallback):
     def on_train_begin(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                        **kwargs: Any) -> None:
         check_training_arguments(args)
-        self._trainer = calling_trainer(self)  # the Trainer that runs now (a resume may be a second one)
+        self._trainer = training_trainer(self._bound, self, state)  # a resume may run in a second Trainer
         resuming = state.global_step > 0
         trial = getattr(self._trainer, "_trial", None)  # set for each run of `hyperparameter_search`
         # A new trial of a search, or the training after it (which runs without a trial): a run of its own.
