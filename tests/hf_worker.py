@@ -13,7 +13,8 @@ import torch
 from torch.utils.data import Dataset
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments
 
-from lightning_dsd.doors.transformers.callback import STATE_FILE, DSDTrainerCallback
+from lightning_dsd.doors.transformers import DSDTrainerCallback
+from lightning_dsd.doors.transformers.checkpoints import STATE_FILE
 from lightning_dsd.rules.masks import unpack_mask
 from lightning_dsd.rules.sharding import local_part
 

@@ -19,7 +19,8 @@ peft = pytest.importorskip("peft")
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
 from lightning_dsd import DSD  # noqa: E402
-from lightning_dsd.doors.transformers.callback import STATE_FILE, DSDTrainerCallback  # noqa: E402
+from lightning_dsd.doors.transformers import DSDTrainerCallback  # noqa: E402
+from lightning_dsd.doors.transformers.checkpoints import STATE_FILE  # noqa: E402
 
 RANK_ZERO_LOGGER = "lightning_dsd"
 PREFIX = "base_model.model.model.layers"

@@ -31,10 +31,8 @@ Examples:
 
 from __future__ import annotations
 
-import os
 from typing import Any, Mapping, Optional, Sequence, Union
 
-import torch.distributed as dist
 from lightning.fabric.wrappers import _FabricModule
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
@@ -51,56 +49,8 @@ from lightning_dsd.rules.options import LengthsArgument, check_options, door_opt
 from lightning_dsd.rules.phases import Stage
 from lightning_dsd.rules.selection import LayerSpec, LayerType
 from lightning_dsd.rules.sharding import from_rank_zero
+from lightning_dsd.rules.sinks import WriterSink
 from lightning_dsd.rules.state import CheckpointStateError
-
-
-class WriterSink:
-    """A :class:`~lightning_dsd.rules.reporting.ReportSink` over a ``torch.utils.tensorboard.SummaryWriter`` (or
-    anything with its ``add_histogram``/``add_scalar``/``add_text``): rank zero writes, every rank gathers.
-    What is logged is rank zero's call (it has the writer; other ranks may pass ``None`` or their own), so
-    every rank joins the same gathers.
-
-    Examples:
-        >>> WriterSink(None, lambda: 0).has_loggers
-        False
-    """
-
-    def __init__(self, writer: Optional[Any], step: Any) -> None:
-        self._writer = writer
-        self._step = step
-        self._rank = dist.get_rank() if dist.is_initialized() else 0
-        self._logs, self._histograms = from_rank_zero((writer is not None, hasattr(writer, "add_histogram")))
-
-    @property
-    def is_rank_zero(self) -> bool:
-        return self._rank == 0
-
-    @property
-    def step(self) -> int:
-        return int(self._step())
-
-    @property
-    def has_loggers(self) -> bool:
-        return self._logs
-
-    @property
-    def has_histograms(self) -> bool:
-        return self._histograms
-
-    def tensorboard(self) -> Optional[Any]:
-        return self._writer if self.is_rank_zero and hasattr(self._writer, "add_histogram") else None
-
-    def log_metrics(self, metrics: dict[str, float]) -> None:
-        if self.is_rank_zero and self._writer is not None:
-            for tag, value in metrics.items():
-                self._writer.add_scalar(tag, value, self.step)
-
-    def figure_directory(self) -> Optional[str]:
-        log_dir = getattr(self._writer, "log_dir", None)
-        return os.path.join(log_dir, "dsd_figures") if log_dir else None
-
-    def figure_saved(self, path: str) -> None:
-        """Nothing more: the writer's directory is where the figure is kept."""
 
 
 class DSD(ReadsEngine):

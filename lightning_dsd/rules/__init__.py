@@ -8,6 +8,7 @@ keeping pruned weights at zero (:mod:`~lightning_dsd.rules.constraint`), the lea
 (:mod:`~lightning_dsd.rules.lr`), the re-dense restart (:mod:`~lightning_dsd.rules.redense`), distributed
 primitives (:mod:`~lightning_dsd.rules.sharding`), the checkpoint state (:mod:`~lightning_dsd.rules.state`),
 the checks before training (:mod:`~lightning_dsd.rules.preflight`), what is reported
-(:mod:`~lightning_dsd.rules.reporting`, :mod:`~lightning_dsd.rules.figure`) and how it is said
+(:mod:`~lightning_dsd.rules.reporting`, :mod:`~lightning_dsd.rules.figure`), where it goes
+(:mod:`~lightning_dsd.rules.sinks`) and how it is said
 (:mod:`~lightning_dsd.rules.log`).
 """

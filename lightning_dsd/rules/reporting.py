@@ -23,12 +23,13 @@ Tags (``<layer>`` is the parameter name, e.g. ``conv1.weight``):
   ``<output directory>/dsd_figures/cycle<c>_<layer>.png`` (and, under Lightning, handed to MLflow and W&B
   loggers as the run's files).
 
-Where things go is the :class:`ReportSink`'s business: the ``Trainer``'s loggers for ``DSDCallback``
-(:class:`lightning_dsd.doors.lightning.output.TrainerSink`), a ``SummaryWriter`` for ``DSD``
-(:class:`lightning_dsd.doors.loop.WriterSink`). Only rank zero writes, and only at transitions and epoch ends,
-never per step. Sharded weights (``DTensor``) are shown whole: every rank takes part in gathering them,
-one tensor at a time, and in counting zeros; a write that fails on rank zero fails only after every rank
-has left the gathers, so no rank is left waiting in a collective.
+Where things go is the :class:`ReportSink`'s business: one :class:`~lightning_dsd.rules.sinks.WriterSink`
+over a ``SummaryWriter`` (``DSD``'s as it is; ``DSDCallback``'s with a Lightning ``Trainer``'s loggers,
+:class:`~lightning_dsd.doors.lightning.output.LoggerSink`; ``DSDTrainerCallback``'s with ``Trainer.log``,
+:class:`~lightning_dsd.doors.transformers.output.TrainerLogSink`). Only rank zero writes, and only at
+transitions and epoch ends, never per step. Sharded weights (``DTensor``) are shown whole: every rank takes part
+in gathering them, one tensor at a time, and in counting zeros; a write that fails on rank zero fails only after
+every rank has left the gathers, so no rank is left waiting in a collective.
 """
 
 from __future__ import annotations

@@ -22,7 +22,8 @@ from lightning_dsd import DSD, DSDCallback, Phase
 transformers = pytest.importorskip("transformers")
 from transformers import GPT2Config, GPT2LMHeadModel, Trainer, TrainerCallback, TrainingArguments  # noqa: E402
 
-from lightning_dsd.doors.transformers.callback import STATE_FILE, DSDTrainerCallback  # noqa: E402
+from lightning_dsd.doors.transformers import DSDTrainerCallback  # noqa: E402
+from lightning_dsd.doors.transformers.checkpoints import STATE_FILE  # noqa: E402
 from lightning_dsd.rules.state import CheckpointStateError  # noqa: E402
 
 

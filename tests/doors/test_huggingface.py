@@ -40,12 +40,9 @@ from transformers import (  # noqa: E402
 )
 
 from lightning_dsd import DSDCallback  # noqa: E402
-from lightning_dsd.doors.transformers.callback import (  # noqa: E402
-    RECORD_KEY,
-    STATE_FILE,
-    DSDTrainerCallback,
-    check_training_arguments,
-)
+from lightning_dsd.doors.transformers import DSDTrainerCallback  # noqa: E402
+from lightning_dsd.doors.transformers.arguments import check_training_arguments  # noqa: E402
+from lightning_dsd.doors.transformers.checkpoints import RECORD_KEY, STATE_FILE  # noqa: E402
 from lightning_dsd.rules.state import CheckpointStateError  # noqa: E402
 
 IMPORTERS = """
@@ -59,7 +56,7 @@ class Spy:  # records the module that imports transformers (the innermost frame 
             importers.append(frames[-1].filename)
 sys.meta_path.insert(0, Spy())
 import lightning_dsd
-assert "lightning_dsd.doors.transformers.callback" not in sys.modules
+assert not [name for name in sys.modules if name.startswith("lightning_dsd.doors.transformers")]
 print(sorted(set(importers)))
 """
 

@@ -5,6 +5,7 @@ models, checked on the weights the returned model holds."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import warnings
@@ -30,7 +31,8 @@ from hf_helpers import (  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 from transformers import EarlyStoppingCallback, Trainer, TrainerCallback  # noqa: E402
 
-from lightning_dsd.doors.transformers.callback import STATE_FILE, DSDTrainerCallback  # noqa: E402
+from lightning_dsd.doors.transformers import DSDTrainerCallback  # noqa: E402
+from lightning_dsd.doors.transformers.checkpoints import STATE_FILE  # noqa: E402
 from lightning_dsd.rules.state import CheckpointStateError  # noqa: E402
 
 
@@ -244,6 +246,85 @@ def test_a_callback_reused_by_a_second_trainer_logs_into_that_trainer_at_its_ste
     events.Reload()
     assert "dsd_weights/transformer.wte.weight/2_after_pruning" in events.Tags()["histograms"]
     assert "train/dsd/phase" in events.Tags()["scalars"]
+    assert dsd.phase.value == "redense"
+
+
+# ------------------------------------------------------------------------------------ binding the Trainer
+
+
+def drive(trainer: Trainer, steps: int) -> None:
+    """A loop of one's own that drives the Trainer's callbacks: no Trainer method is on the call stack of an event,
+    so the stack walk finds no Trainer there."""
+    args, state, control, handler = trainer.args, trainer.state, trainer.control, trainer.callback_handler
+    model, loader = trainer.model, trainer.get_train_dataloader()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    handler.model, handler.optimizer, handler.train_dataloader = model, optimizer, loader
+    state.max_steps, state.global_step = steps, 0
+    handler.on_train_begin(args, state, control)
+    for batch in itertools.islice(loader, steps):
+        handler.on_step_begin(args, state, control)
+        model(**batch).loss.backward()
+        handler.on_pre_optimizer_step(args, state, control)
+        optimizer.step()
+        optimizer.zero_grad()
+        state.global_step += 1
+        state.epoch = state.global_step / len(loader)
+        handler.on_step_end(args, state, control)
+    handler.on_train_end(args, state, control)
+
+
+@pytest.mark.parametrize("bound", [True, False])
+def test_a_bound_trainer_gets_the_scalars_through_trainer_log_where_a_loop_of_ones_own_drives_its_callbacks(
+        tmp_path, monkeypatch, bound):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    dsd, integration = DSDTrainerCallback(0.5, 1, 1, 1, interval="step"), Recorder()
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path, report_to="tensorboard"), train_dataset=Tokens(),
+                      callbacks=[integration, dsd])
+    if bound:
+        assert dsd.bind(trainer) is dsd
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        drive(trainer, steps=3)
+    logged = {entry["step"]: entry["dsd/phase"] for entry in trainer.state.log_history if "dsd/phase" in entry}
+    not_found = [w for w in caught if "could not find the transformers.Trainer" in str(w.message)]
+    if bound:  # through Trainer.log: the Trainer's records and every integration
+        assert logged == {1: 1.0, 2: 2.0} and not not_found
+        assert [log["dsd/phase"] for log in integration.logs if "dsd/phase" in log] == [1.0, 2.0]
+    else:  # the stack walk found nothing: TensorBoard only, and said
+        assert logged == {} and len(not_found) == 1
+    assert dsd.phase.value == "redense"
+
+
+def test_binding_is_refused_for_a_trainer_that_does_not_hold_the_callback(tmp_path):
+    dsd = DSDTrainerCallback(0.5, 1, 1, 1)
+    trainer = Trainer(model=gpt2(), args=arguments(tmp_path), train_dataset=Tokens())
+    with pytest.raises(ValueError, match=r"this Trainer does not hold this callback .*`trainer.add_callback\(dsd\)`"):
+        dsd.bind(trainer)
+    with pytest.raises(TypeError, match="takes a transformers.Trainer; it was given str"):
+        dsd.bind("trainer")  # type: ignore[arg-type]
+    trainer.add_callback(dsd)
+    assert dsd.bind(trainer) is dsd
+
+
+def test_a_second_trainer_resuming_is_bound_explicitly_and_one_left_unbound_is_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    dsd = DSDTrainerCallback(0.5, 2, 2, 2, interval="step")
+    args = arguments(tmp_path, max_steps=6, save_strategy="steps", save_steps=2, report_to="tensorboard")
+    first = Trainer(model=gpt2(), args=args, train_dataset=Tokens(), callbacks=[dsd, StopAt(3)])
+    dsd.bind(first)
+    first.train()
+    before = [dict(entry) for entry in first.state.log_history]
+    assert {entry["step"]: entry["dsd/phase"] for entry in before if "dsd/phase" in entry}[2] == 1.0  # the bound one
+    second = Trainer(model=gpt2(), args=args, train_dataset=Tokens(), callbacks=[dsd])
+    with pytest.raises(RuntimeError, match=r"bound \(`dsd.bind\(trainer\)`\) to a Trainer that is not the one"
+                                           r" training now"):  # still bound to the first: refused, not written to
+        second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert first.state.log_history == before
+    dsd.bind(second)
+    second.train(resume_from_checkpoint=str(tmp_path / "checkpoint-2"))
+    assert first.state.log_history == before, "the first Trainer's records were written to"
+    logged = {entry["step"]: entry["dsd/phase"] for entry in second.state.log_history if "dsd/phase" in entry}
+    assert logged[2] == 1.0 and logged[4] == 2.0  # pruned before step 3, re-densed before step 5: its own steps
     assert dsd.phase.value == "redense"
 
 

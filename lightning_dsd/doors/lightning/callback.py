@@ -30,7 +30,8 @@ from lightning_dsd.doors.lightning.cli import SparsityValue
 from lightning_dsd.doors.lightning.export import export_sparse_model
 from lightning_dsd.doors.lightning.finetuning import BackboneRates
 from lightning_dsd.doors.lightning.limits import training_limit
-from lightning_dsd.doors.lightning.output import ProgressBarPhase, TrainerSink
+from lightning_dsd.doors.lightning.output import LoggerSink
+from lightning_dsd.doors.lightning.progress import ProgressBarPhase
 from lightning_dsd.rules import log
 from lightning_dsd.rules.engine import DSDEngine, MetricSource
 from lightning_dsd.rules.importance import Importance
@@ -125,7 +126,7 @@ class DSDCallback(ReadsEngine, Callback):
                              " `prune=False` (the LLR control) prunes nothing. Leave `export_sparse` out of this arm.")
         self.exported_sparse_models: list[dict[str, Any]] = []
         self._trainer: Optional[pl.Trainer] = None
-        self._sink: Optional[TrainerSink] = None
+        self._sink: Optional[LoggerSink] = None
         self._engine = DSDEngine(self.options, self, stop_at_end=check_bool("stop_at_end", stop_at_end))
         self._progress_bar = ProgressBarPhase()
         self._check_on_train_epoch_end = True
@@ -154,7 +155,7 @@ class DSDCallback(ReadsEngine, Callback):
         return [config.scheduler for config in self._trainer.lr_scheduler_configs] + finetuning
 
     @property
-    def sink(self) -> Optional[TrainerSink]:
+    def sink(self) -> Optional[LoggerSink]:
         return self._sink
 
     def sparse_phase_ending(self, cycle: int, targets: Mapping[str, Tensor]) -> None:
@@ -172,7 +173,7 @@ class DSDCallback(ReadsEngine, Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
-        self._trainer, self._sink = trainer, TrainerSink(trainer)
+        self._trainer, self._sink = trainer, LoggerSink(trainer)
         self._bound_this_fit = self._training_this_fit = False
         self._pending_state = None  # one left by a fit that failed before `on_fit_start` is not this fit's
         self._check_strategy(trainer)

@@ -6,7 +6,7 @@ Examples:
     >>> trainer = pl.Trainer(logger=False, default_root_dir="runs", enable_progress_bar=False)
     >>> output_directory(trainer)
     'runs'
-    >>> TrainerSink(trainer).has_loggers
+    >>> LoggerSink(trainer).has_loggers
     False
 """
 
@@ -14,12 +14,13 @@ from __future__ import annotations
 
 import glob
 import os
-from typing import Any, Callable, Optional
+from typing import Optional
 
 import lightning.pytorch as pl
 from lightning.pytorch.loggers import Logger, MLFlowLogger, TensorBoardLogger, WandbLogger
 
 from lightning_dsd.rules import log
+from lightning_dsd.rules.sinks import WriterSink
 
 
 def output_directory(trainer: "pl.Trainer") -> str:
@@ -81,77 +82,30 @@ def hand_to_loggers(trainer: "pl.Trainer", path: str, directory: str) -> None:
             )
 
 
-class ProgressBarPhase:
-    """``dsd=<phase>`` in the progress bar: added to what the bar's public ``get_metrics`` returns for the
-    length of a fit; a ``get_metrics`` the user set on the bar is left alone.
-
-    Examples:
-        >>> from lightning.pytorch.callbacks import TQDMProgressBar
-        >>> bar, shown = TQDMProgressBar(), ProgressBarPhase()
-        >>> shown.show(bar, lambda: "sparse"); "get_metrics" in vars(bar)
-        True
-        >>> shown.remove(bar); "get_metrics" in vars(bar)
-        False
-    """
-
-    def __init__(self) -> None:
-        self._installed: Optional[Any] = None
-
-    def show(self, bar: Optional[Any], label: Callable[[], str]) -> None:
-        if bar is None or "get_metrics" in vars(bar):
-            return
-        metrics_of_bar = bar.get_metrics
-
-        def get_metrics(trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> dict[str, Any]:
-            return {**metrics_of_bar(trainer, pl_module), "dsd": label()}
-
-        bar.get_metrics = get_metrics
-        self._installed = get_metrics
-
-    def remove(self, bar: Optional[Any]) -> None:
-        if bar is not None and self._installed is not None and vars(bar).get("get_metrics") is self._installed:
-            del vars(bar)["get_metrics"]
-        self._installed = None
-
-
-class TrainerSink:
-    """A :class:`~lightning_dsd.rules.reporting.ReportSink` over a ``Trainer``: histograms, text and figures to its
-    ``TensorBoardLogger``, scalars to every logger, at the ``global_step``; figures also as PNG files under
-    ``<output directory>/dsd_figures``, handed to MLflow and W&B loggers as the run's files
-    (:func:`hand_to_loggers`)."""
+class LoggerSink(WriterSink):
+    """The :class:`~lightning_dsd.rules.sinks.WriterSink` of a Lightning ``Trainer``: its writer is the
+    ``TensorBoardLogger``'s (histograms, text and figures), scalars go to every logger at the ``global_step``, and
+    figures, saved as PNG files under ``<output directory>/dsd_figures``, are handed to MLflow and W&B loggers as the
+    run's files (:func:`hand_to_loggers`)."""
 
     def __init__(self, trainer: "pl.Trainer") -> None:
         self.trainer = trainer
+        tensorboard = _tensorboard_logger(trainer)  # its writer exists from `setup` on (Lightning opens it first)
+        super().__init__(None if tensorboard is None else tensorboard.experiment, lambda: trainer.global_step,
+                         rank_zero=trainer.is_global_zero, logs=bool(trainer.loggers))
 
     @property
-    def is_rank_zero(self) -> bool:
-        return self.trainer.is_global_zero
-
-    @property
-    def step(self) -> int:
-        return self.trainer.global_step
-
-    @property
-    def has_loggers(self) -> bool:
-        return bool(self.trainer.loggers)
-
-    @property
-    def has_histograms(self) -> bool:
-        return _tensorboard_logger(self.trainer) is not None
-
-    def tensorboard(self) -> Optional[Any]:
-        logger = _tensorboard_logger(self.trainer)
-        return None if logger is None else logger.experiment
+    def directory(self) -> str:
+        """The run's :func:`output_directory`."""
+        return output_directory(self.trainer)
 
     def log_metrics(self, metrics: dict[str, float]) -> None:
+        """Scalars to every logger (each writes on rank zero only)."""
         for logger in self.trainer.loggers:
             logger.log_metrics(metrics, step=self.trainer.global_step)
 
-    def figure_directory(self) -> Optional[str]:
-        return os.path.join(output_directory(self.trainer), "dsd_figures")
-
     def figure_saved(self, path: str) -> None:
-        hand_to_loggers(self.trainer, path, output_directory(self.trainer))
+        hand_to_loggers(self.trainer, path, self.directory)
 
     def say_where_files_go(self) -> None:
         """Say once, at ``setup``, where figures and sparse exports are written, and which loggers get them."""
