@@ -173,11 +173,11 @@ class DSDCallback(ReadsEngine, Callback):
     def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         if stage != TrainerFn.FITTING:
             return
+        self._check_strategy(trainer)  # refusals first, before DSD reads or writes anything of this Trainer
+        self._check_other_callbacks(trainer)
         self._trainer, self._sink = trainer, LoggerSink(trainer)
         self._bound_this_fit = self._training_this_fit = False
         self._pending_state = None  # one left by a fit that failed before `on_fit_start` is not this fit's
-        self._check_strategy(trainer)
-        self._check_other_callbacks(trainer)
         self._sink.check_loggers(
             self.options.log_histograms, self.options.log_scalars, bool(self.options.figure_layers)
         )
