@@ -13,7 +13,7 @@ from typing import Any, Optional
 import lightning.pytorch as pl
 import pytest
 import torch
-from helpers import StepRecorder, make_loader, make_trainer, run_worker, seeded
+from helpers import ConvLSTMNet, StepRecorder, make_loader, make_trainer, run_worker, seeded
 from lightning.pytorch.callbacks import BackboneFinetuning, EarlyStopping, ModelCheckpoint
 from lightning.pytorch.loggers import Logger
 from torch import nn
@@ -314,6 +314,49 @@ def test_a_callback_left_mid_schedule_is_refused_by_a_new_trainer_naming_ckpt_pa
     with pytest.raises(RuntimeError, match=r"stopped in the sparse phase of cycle 0 .*another Trainer.*ckpt_path"):
         make_trainer([dsd], max_epochs=4).fit(model, make_loader())
     assert all(torch.equal(p, before[name]) for name, p in model.named_parameters())
+
+
+class StopAtEpochEnd(pl.Callback):
+    """Stops the fit at the end of epoch ``epoch``, once (a user's own stop, an EarlyStopping that fired)."""
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop, self.epoch = True, -1
+
+
+class LearningRates(pl.Callback):
+    """The learning rate each epoch trains at (read after DSD's transitions of that epoch start)."""
+
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+
+@pytest.mark.parametrize("stop_after", [1, 2])  # in the sparse phase; in the re-dense phase, after its drop
+def test_a_second_fit_of_the_same_trainer_goes_on_with_the_learning_rate_drops_already_made(stop_after, caplog):
+    # Lightning builds new optimizers (configure_optimizers) at every fit; the schedule goes on, and so must the
+    # re-dense drops: every epoch trains at the rate of the same schedule run in one fit.
+    caplog.set_level("INFO", logger="lightning_dsd")
+    options = dict(log_histograms=False, log_scalars=False, figure_layers=0)
+    whole = LearningRates()
+    make_trainer([DSDCallback((0.5, 0.5), 1, 1, 2, **options), whole], max_epochs=7).fit(ConvLSTMNet(), make_loader())
+    rates = LearningRates()
+    dsd = DSDCallback((0.5, 0.5), 1, 1, 2, **options)
+    trainer = make_trainer([dsd, StopAtEpochEnd(stop_after), rates], max_epochs=7)
+    model = ConvLSTMNet()
+    trainer.fit(model, make_loader())
+    assert trainer.current_epoch == stop_after + 1
+    trainer.fit(model, make_loader())
+    assert dsd.phase is Phase.REDENSE and dsd.cycle == 1
+    assert rates.rates == pytest.approx(whole.rates) and whole.rates == pytest.approx([0.1, 0.1, 0.01, 0.01, 0.01,
+                                                                                      0.001, 0.001])
+    carried = "their learning rates take the 1 re-dense drop(s) already made (x0.1): 0.1 -> 0.01."
+    assert (carried in caplog.text) is (stop_after == 2)
 
 
 # ------------------------------------------------------------------------- schedules that cannot fit, early stops

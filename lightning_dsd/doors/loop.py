@@ -195,10 +195,14 @@ class DSD(ReadsEngine):
         self._elapsed += 1  # reports of this epoch's end and of the transitions are filed under the new count
         if self.interval == "epoch":
             self._engine.epoch_ended(self._elapsed - 1)
+        schedule = self._engine.schedule
+        index = schedule.index
         try:
-            self._engine.advance_if_due(self._elapsed)  # refused: the engine leaves its schedule as it was
+            self._engine.advance_if_due(self._elapsed)  # a refused transition leaves the schedule as it found it
         except Exception:
-            self._elapsed -= 1  # and the refused call does not count
+            self._elapsed -= 1  # and the refused call does not count: a retry makes the refused transition
+            if schedule.index != index:  # at the same count; one made before it (a zero-length phase) stays made,
+                schedule.restart_at(self._elapsed)  # counted from here, so a state saved now resumes
             raise
         if self.finished:
             self._engine.finish(self._elapsed)

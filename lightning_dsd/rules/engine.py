@@ -45,6 +45,7 @@ Examples:
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol, Sequence, Union
 
@@ -183,6 +184,7 @@ class DSDEngine:
         self._completed = False  # the latest training finished the whole schedule
         self._stopping_said = False
         self._last_now = 0  # the latest count a door gave (`start`, `advance_if_due`, `finish`)
+        self._optimizers_seen: weakref.WeakSet[Optimizer] = weakref.WeakSet()  # those of the latest `start`
         self._constraint: Optional[SparseConstraint] = None
         self._restored_masks: Optional[dict[str, Tensor]] = None
         self._left_dense: dict[str, str] = {}  # targets the current sparse phase does not prune, with why
@@ -287,6 +289,7 @@ class DSDEngine:
         self._continue_or_join(now, run)
         warn_if_schedule_does_not_fit(self.schedule, limit)
         self._run, self._started, self._restored, self._completed = run, True, False, False
+        self._optimizers_seen = weakref.WeakSet(unwrapped_optimizer(o) for o in self.training.optimizers)
         self._stopping_said = False
         self._last_now = now
         self._start_reporting()
@@ -321,6 +324,28 @@ class DSDEngine:
                 f" {self.phase.value} phase of cycle {self.cycle}), so a new one from {unit} {now} would start in the"
                 f" middle of its schedule. To run DSD afresh, {terms.new}; to go on, {terms.resume}."
             )
+        else:
+            self._carry_learning_rate_drops()
+
+    def _carry_learning_rate_drops(self) -> None:
+        """The same training goes on (a second ``fit`` of the same Trainer): optimizers it built afresh
+        (Lightning calls ``configure_optimizers`` at every ``fit``) start from the configured rates, so they, and
+        the schedulers that drive them, get the re-dense drops already made, ``lr_scale`` once per re-dense
+        (exactly what those rates would be had the schedule run without the break). Optimizers the earlier
+        training already used keep their (scaled) rates."""
+        redenses = sum(stage.phase is Phase.REDENSE for stage in self.schedule.stages[1:self.schedule.index + 1])
+        fresh = [o for o in self.training.optimizers if unwrapped_optimizer(o) not in self._optimizers_seen]
+        if not redenses or not fresh or self.options.lr_scale == 1:
+            return
+        factor = self.options.lr_scale ** redenses
+        optimizers = [unwrapped_optimizer(o) for o in fresh]
+        driving = [scheduler for scheduler in self.training.schedulers
+                   if getattr(unwrapped_scheduler(scheduler), "optimizer", None) in optimizers]
+        before = current_learning_rates(optimizers)
+        scale_learning_rates(optimizers, driving, factor)
+        log.info(f"{self.owner} goes on in the {self.phase_label} phase of cycle {self.cycle} with optimizers built"
+                 f" afresh: their learning rates take the {redenses} re-dense drop(s) already made (x{factor:g}):"
+                 f" {_format_lrs(before)} -> {_format_lrs(current_learning_rates(optimizers))}.")
 
     def stop_now(self, now: int, stopping: bool = False) -> bool:
         """Whether the door should stop training at ``now``: ``stop_at_end`` is set, the last phase has run its

@@ -188,6 +188,11 @@ class Schedule:
             self.tracker.reset()
         return self.stage
 
+    def restart_at(self, now: int) -> None:
+        """Count the current stage from ``now``: a loop took back the count the stage was entered at (a refused
+        ``DSD.step``), and the stage, of length 0, is due again at ``now``."""
+        self.started_at = now
+
     def observe(self, value: float) -> None:
         """Feed one check of the monitored metric to the current stage's convergence tracker."""
         if self.tracker is not None and self.tracker.update(value) and self.stage_waits_for_metric:

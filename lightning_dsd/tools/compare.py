@@ -1,4 +1,4 @@
-"""``python -m lightning_dsd.tools.compare LOGDIR --metric val_acc --mode max``: does DSD help *this* model?
+"""``python -m lightning_dsd.compare LOGDIR --metric val_acc --mode max``: does DSD help *this* model?
 
 Every run that ``DSDCallback``, ``DSD`` or ``DSDTrainerCallback`` logs to TensorBoard keeps a record (``dsd/run``, see
 :mod:`lightning_dsd.rules.reporting`): its arm (``dsd``, ``llr`` for ``prune=False``, ``dense`` for ``prune=False,
@@ -311,7 +311,7 @@ def plot_path(report: Report, json_path: Optional[str], plot: Optional[str]) -> 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m lightning_dsd.tools.compare",
+        prog="python -m lightning_dsd.compare",
         description="Compare DSD with its controls (llr, dense), seed by seed, from the TensorBoard logs of the runs.",
     )
     parser.add_argument("logdir", help="the directory the runs logged to (every run below it is read)")

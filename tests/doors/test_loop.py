@@ -454,3 +454,30 @@ def test_the_loop_and_the_callback_refuse_a_bad_option_with_the_same_words(bad):
     with pytest.raises(ValueError) as from_loop:
         DSD(model, optimizer, **options)
     assert str(from_loop.value) == str(from_callback.value)
+
+
+def test_a_step_refused_after_a_zero_length_redense_keeps_it_made_once_and_its_state_resumes():
+    # Two cycles, the first re-dense of length 0: the step that ends cycle 0's sparse phase re-denses, then
+    # prunes again. A weight gone infinite refuses the prune; the re-dense stays made (x0.1 once), a state saved
+    # now loads, and the retry, after the weight is fixed, prunes at the count planned, without a second drop.
+    model, optimizer, _ = _model_and_optimizer()
+    dsd = DSD(model, optimizer, (0.5, 0.5), 1, 1, (0, 1), log_histograms=False, log_scalars=False, figure_layers=0)
+    dsd.step()
+    assert dsd.phase is Phase.SPARSE
+    with torch.no_grad():
+        model.head.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="NaN or infinite"):
+        dsd.step()
+    assert (dsd.phase, dsd.cycle, dsd.elapsed, dsd.masks) == (Phase.REDENSE, 0, 1, {})
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
+    saved = dsd.state_dict()
+    fresh_model, fresh_optimizer, _ = _model_and_optimizer()
+    resumed = DSD(fresh_model, fresh_optimizer, (0.5, 0.5), 1, 1, (0, 1), log_histograms=False, log_scalars=False,
+                  figure_layers=0)
+    resumed.load_state_dict(saved)
+    assert (resumed.phase, resumed.cycle, resumed.elapsed) == (Phase.REDENSE, 0, 1)
+    with torch.no_grad():
+        model.head.weight[0, 0] = 0.5
+    dsd.step()
+    assert (dsd.phase, dsd.cycle, dsd.elapsed, dsd._engine.schedule.started_at) == (Phase.SPARSE, 1, 2, 2)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01) and dsd.masks
