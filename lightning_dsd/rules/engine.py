@@ -194,6 +194,16 @@ class DSDEngine:
         self._due_scalars: Optional[tuple[dict[str, nn.Parameter], list[list[float]]]] = None
         self._window: Optional[GradientWindow] = None  # the gradient statistics of `importance`, while open
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Picklable (``ddp_spawn`` sends the callback to its processes; a copy has seen no optimizer)."""
+        state = dict(vars(self))
+        state["_optimizers_seen"] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        vars(self).update(state)
+        self._optimizers_seen = weakref.WeakSet()
+
     # ------------------------------------------------------------------ read-only state
 
     @property
