@@ -165,7 +165,6 @@ class DSDEngine:
         self.options = options
         self.training = training
         self.terms = terms
-        self.owner = terms.name
         self.stop_at_end = stop_at_end
         tracker = None
         if options.waits_for_metric:
@@ -205,6 +204,11 @@ class DSDEngine:
         self._optimizers_seen = weakref.WeakSet()
 
     # ------------------------------------------------------------------ read-only state
+
+    @property
+    def owner(self) -> str:
+        """The front door's name, as messages give it."""
+        return self.terms.name
 
     @property
     def phase(self) -> Phase:
