@@ -552,7 +552,7 @@ def _sharded_rank(
         constraint = SparseConstraint(targets, masks)
         constraint.attach([optimizer])
         sparse = statistics.median(step(constraint) for _ in range(steps))
-        constraint.detach([optimizer])
+        constraint.detach()
         after = statistics.median(step(None) for _ in range(steps))
         ratios.append(sparse / ((before + after) / 2))
         control.append(after / before)
